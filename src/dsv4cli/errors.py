@@ -1,0 +1,47 @@
+"""The exceptions dsv4 raises for problems a user can fix.
+
+Each carries a one-line message (what happened) and a hint (how to fix it);
+the CLI prints both on one line and exits with `exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class DsvError(Exception):
+    """Base class: a problem the user can act on."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(DsvError):
+    """Bad flags or arguments."""
+
+    exit_code = 2
+
+
+class ConfigError(DsvError):
+    """config.json is missing, malformed or inconsistent."""
+
+
+class CheckpointError(DsvError):
+    """A checkpoint file is missing, truncated, corrupt, or does not match the config."""
+
+
+class ModelNotFound(DsvError):
+    """No model at the given path or name."""
+
+
+class OutOfMemory(DsvError):
+    """Not enough host or device memory for what was asked."""
+
+
+class UnsupportedDevice(DsvError):
+    """The requested device or GPU cannot run dsv4."""
