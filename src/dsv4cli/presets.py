@@ -21,7 +21,7 @@ PRO = ModelArgs(
 _TINY_COMMON = dict(
     vocab_size=512, dim=256, moe_inter_dim=128, n_heads=4, n_routed_experts=8, n_activated_experts=2,
     q_lora_rank=128, head_dim=128, rope_head_dim=64, o_groups=2, o_lora_rank=128, window_size=8,
-    index_n_heads=4, index_head_dim=64, index_topk=4, original_seq_len=256, rope_factor=4.0,
+    index_n_heads=32, index_head_dim=64, index_topk=4, original_seq_len=256, rope_factor=4.0,
 )
 
 PRESETS: dict[str, ModelArgs] = {

@@ -1,0 +1,124 @@
+"""Plain PyTorch reference twins of every DeepSeek-V4 op (spec §6.1, §2.11).
+
+Readable, device-agnostic, and the oracle for the fast kernels' parity tests: each
+fast kernel keeps the signature of its twin here. Quantized ops dequantize the
+stored weight, optionally fake-quantize the activation exactly like the official
+`act_quant` (FP8 e4m3, power-of-two scale per 128 inputs), and multiply in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv4cli.formats import (
+    dequantize_fp4_rows,
+    dequantize_fp8_blocks,
+    fake_quant_fp4,
+    fake_quant_fp8,
+    hadamard_matrix,
+)
+
+ACT_QUANT_BLOCK = 128
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Stored weight -> float32 matrix, whatever its on-disk format."""
+    if weight.dtype == torch.float8_e4m3fn:
+        return dequantize_fp8_blocks(weight, scale)
+    if weight.dtype == torch.int8:
+        return dequantize_fp4_rows(weight, scale)
+    return weight.float()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           act_quant: bool = False) -> torch.Tensor:
+    """y = x @ W.T for any stored format; output in x's dtype.
+
+    FP8/FP4 weights: `act_quant` simulates the reference's FP8 activation quantization
+    (`fp8_gemm` / `fp4_gemm` inputs). Float weights: a plain `F.linear` in x's dtype.
+    """
+    if weight.dtype in (torch.float8_e4m3fn, torch.int8):
+        if act_quant:
+            x = fake_quant_fp8(x, ACT_QUANT_BLOCK)
+        return (x.float() @ dequantize_weight(weight, scale).T).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype))
+
+
+def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
+                  s2: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
+                  route_weight: torch.Tensor | None, swiglu_limit: float, act_quant: bool) -> torch.Tensor:
+    """One expert (spec §2.8): w2(clamp-SwiGLU(w1 x, w3 x) * route_weight), float32 out.
+
+    The gate is clamped from above only, the up projection on both sides; the routing
+    weight multiplies before w2, as in the reference.
+    """
+    gate = linear(x, w1, s1, act_quant).float()
+    up = linear(x, w3, s3, act_quant).float()
+    if swiglu_limit > 0:
+        gate = gate.clamp(max=swiglu_limit)
+        up = up.clamp(-swiglu_limit, swiglu_limit)
+    hidden = F.silu(gate) * up
+    if route_weight is not None:
+        hidden = hidden * route_weight
+    return linear(hidden.to(x.dtype), w2, s2, act_quant).float()
+
+
+def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
+                      iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC weights from the mixing logits (spec §2.2 step 3): pre [..,n], post [..,n], comb [..,n,n].
+
+    comb is pushed toward a doubly-stochastic matrix by `iters` Sinkhorn steps
+    (softmax over rows, then column / row normalisations).
+    """
+    n = hc_mult
+    mixes, scale, base = mixes.float(), scale.float(), base.float()
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
+    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                softmax_scale: float, max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """Attention of each query over the KV rows its index list names, with a sink (spec §2.3 step 5).
+
+    q [B,S,H,D], kv [B,N,D] (K = V), attn_sink [H] (a logit in the softmax denominator only),
+    topk_idxs [B,S,K] rows of kv, -1 = skip. Returns [B,S,H,D] in q's dtype. Queries are
+    processed in chunks so the gathered rows stay under `max_chunk_bytes`.
+    """
+    b, s, h, d = q.shape
+    k = topk_idxs.shape[-1]
+    out = torch.empty_like(q)
+    step = max(1, max_chunk_bytes // max(1, b * k * d * 4))
+    sink = attn_sink.float().view(1, 1, h)
+    for start in range(0, s, step):
+        idx = topk_idxs[:, start:start + step]
+        valid = idx >= 0
+        rows = torch.gather(kv.float(), 1, idx.clamp(min=0).flatten(1)[..., None].expand(-1, -1, d))
+        rows = rows.view(b, idx.shape[1], k, d)
+        logits = torch.einsum("bshd,bskd->bshk", q[:, start:start + step].float(), rows) * softmax_scale
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        peak = torch.maximum(logits.amax(-1), sink)
+        probs = torch.exp(logits - peak[..., None])
+        denom = probs.sum(-1) + torch.exp(sink - peak)
+        o = torch.einsum("bshk,bskd->bshd", probs, rows) / denom[..., None]
+        out[:, start:start + step] = o.to(q.dtype)
+    return out
+
+
+def kv_fp8_quant(x: torch.Tensor, rope_head_dim: int) -> torch.Tensor:
+    """FP8 fake-quant of the non-RoPE dims of KV rows (block 64); RoPE dims stay as they are."""
+    nope = fake_quant_fp8(x[..., :-rope_head_dim], 64)
+    return torch.cat([nope, x[..., -rope_head_dim:]], dim=-1)
+
+
+def indexer_fp4_quant(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Hadamard rotation of the last dim, then FP4 fake-quant (block 32) (spec §2.5)."""
+    h = hadamard_matrix(x.shape[-1], device=x.device)
+    return fake_quant_fp4((x.float() @ h).to(x.dtype), 32)

@@ -1,0 +1,214 @@
+"""DeepSeek-V4 attention: shared K=V single head over a sliding window plus compressed entries
+(spec §2.3), the compressor for CSA (ratio 4, overlapping) and HCA (ratio 128) (§2.4), and
+the lightning indexer that picks the CSA entries each query reads (§2.5).
+
+Every call processes a chunk of S new tokens starting at `start_pos` against a
+`LayerCache`, so a prefill in one call, a prefill in chunks, and token-by-token
+decoding all compute the same thing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4cli import kernels
+from dsv4cli.kernels.ref import dequantize_weight
+from dsv4cli.model.args import CSA, SWA, ModelArgs
+from dsv4cli.model.cache import CompressorState, LayerCache
+from dsv4cli.model.layers import (
+    Linear,
+    Numerics,
+    RMSNorm,
+    Rotary,
+    _frozen,
+    apply_rope,
+    rms_normalize,
+    rope_inv_freq,
+    softmax_scale,
+)
+
+
+class Compressor(nn.Module):
+    """Pools every window of `ratio` tokens into one KV entry by a per-channel softmax (spec §2.4).
+
+    CSA (ratio 4) overlaps: entry w pools the first channel half ("Ca") of window w-1
+    and the second half ("Cb") of window w, 8 slots in all. HCA (ratio 128) pools its
+    own window. Entries are RMS-normed, RoPE'd at position w*ratio and, as in the
+    reference, FP8 fake-quantized (main) or Hadamard + FP4 fake-quantized (`rotate`,
+    the indexer's keys).
+    """
+
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, rotate: bool, numerics: Numerics):
+        super().__init__()
+        self.args, self.ratio, self.head_dim, self.rotate = args, ratio, head_dim, rotate
+        self.overlap = ratio == CSA
+        self.numerics = numerics
+        width = (2 if self.overlap else 1) * head_dim
+        self.ape = _frozen(ratio, width, dtype=torch.float32)
+        self.wkv = Linear(args.dim, width, "bf16")
+        self.wgate = Linear(args.dim, width, "bf16")
+        self.norm = RMSNorm(head_dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, rotary: Rotary) -> int:
+        """Feed tokens x [B,S,D] at positions start_pos.. ; write every window they close into
+        `state.pool`. Returns the number of entries now in the pool."""
+        batch, seq, _ = x.shape
+        m, d = self.ratio, self.head_dim
+        positions = torch.arange(start_pos, start_pos + seq, device=x.device)
+        kv = self.wkv(x.float())
+        score = self.wgate(x.float()) + self.ape[positions % m]
+        n_pending = start_pos % m
+        kv = torch.cat([state.pending_kv[:, :n_pending], kv], dim=1)
+        score = torch.cat([state.pending_score[:, :n_pending], score], dim=1)
+        n_windows = kv.shape[1] // m
+        closed = n_windows * m
+        rest = kv.shape[1] - closed
+        state.pending_kv[:, :rest] = kv[:, closed:]
+        state.pending_score[:, :rest] = score[:, closed:]
+        first = start_pos // m
+        if n_windows == 0:
+            return first
+        kv = kv[:, :closed].view(batch, n_windows, m, -1)
+        score = score[:, :closed].view(batch, n_windows, m, -1)
+        if self.overlap:
+            prev_kv = torch.cat([state.prev_kv[:, None], kv[:, :-1, :, :d]], dim=1)
+            prev_score = torch.cat([state.prev_score[:, None], score[:, :-1, :, :d]], dim=1)
+            state.prev_kv.copy_(kv[:, -1, :, :d])
+            state.prev_score.copy_(score[:, -1, :, :d])
+            kv = torch.cat([prev_kv, kv[..., d:]], dim=2)
+            score = torch.cat([prev_score, score[..., d:]], dim=2)
+        entries = (kv * score.softmax(dim=2)).sum(dim=2)
+        entries = self.norm(entries.to(x.dtype))
+        cos, sin = rotary.at((first + torch.arange(n_windows, device=x.device)) * m)
+        entries = apply_rope(entries, cos, sin)
+        if self.rotate and self.numerics.indexer_fp4_quant:
+            entries = kernels.indexer_fp4_quant(entries)
+        elif not self.rotate and self.numerics.kv_fp8_quant:
+            entries = kernels.kv_fp8_quant(entries, self.args.rope_head_dim)
+        state.pool[:, first:first + n_windows] = entries.to(state.pool.dtype)
+        return first + n_windows
+
+
+class Indexer(nn.Module):
+    """Lightning indexer (spec §2.5): scores every visible CSA entry for each query,
+    sum_h w_h * relu(q_h . k), and keeps the `index_topk` best (-1 where fewer are visible)."""
+
+    def __init__(self, args: ModelArgs, numerics: Numerics):
+        super().__init__()
+        self.args, self.numerics = args, numerics
+        self.n_heads, self.head_dim = args.index_n_heads, args.index_head_dim
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, args.dtype, numerics.fp8_act_quant)
+        self.weights_proj = Linear(args.dim, self.n_heads, "bf16")
+        self.compressor = Compressor(args, CSA, self.head_dim, rotate=True, numerics=numerics)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, state: CompressorState,
+                rotary: Rotary) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        positions = torch.arange(start_pos, start_pos + seq, device=x.device)
+        cos, sin = rotary.at(positions)
+        q = self.wq_b(qr).view(batch, seq, self.n_heads, self.head_dim)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        if self.numerics.indexer_fp4_quant:
+            q = kernels.indexer_fp4_quant(q)
+        n_entries = self.compressor(x, start_pos, state, rotary)
+        weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        visible_count = (positions + 1) // CSA  # query t sees entries w < (t+1)//4
+        keys = state.pool[:, :n_entries].float()
+        top = min(self.args.index_topk, n_entries)
+        out = torch.full((batch, seq, top), -1, dtype=torch.long, device=x.device)
+        step = max(1, (1 << 26) // max(1, batch * self.n_heads * n_entries))
+        for s0 in range(0, seq, step):
+            s1 = min(seq, s0 + step)
+            scores = torch.relu(torch.einsum("bshd,btd->bsht", q[:, s0:s1].float(), keys))
+            scores = (scores * weights[:, s0:s1, :, None]).sum(2)
+            hidden = torch.arange(n_entries, device=x.device)[None, :] >= visible_count[s0:s1, None]
+            scores = scores.masked_fill(hidden, float("-inf"))
+            # A stable sort breaks ties (e.g. all heads relu'd to 0) toward earlier entries, so
+            # the choice does not depend on how the sequence was chunked.
+            picked = scores.sort(dim=-1, descending=True, stable=True).indices[..., :top]
+            out[:, s0:s1] = torch.where(picked < visible_count[s0:s1, None], picked, -1)
+        return out
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, numerics: Numerics):
+        super().__init__()
+        self.args, self.numerics = args, numerics
+        self.ratio = args.layer_ratio(layer_id)
+        h, hd, fmt, aq = args.n_heads, args.head_dim, args.dtype, numerics.fp8_act_quant
+        self.attn_sink = _frozen(h, dtype=torch.float32)
+        self.wq_a = Linear(args.dim, args.q_lora_rank, fmt, aq)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+        self.wq_b = Linear(args.q_lora_rank, h * hd, fmt, aq)
+        self.wkv = Linear(args.dim, hd, fmt, aq)
+        self.kv_norm = RMSNorm(hd, args.norm_eps)
+        # The reference runs wo_a in bf16 (convert.py dequantizes it): no activation quant.
+        self.wo_a = Linear(h * hd // args.o_groups, args.o_groups * args.o_lora_rank, fmt, act_quant=False)
+        self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, fmt, aq)
+        if self.ratio != SWA:
+            self.compressor = Compressor(args, self.ratio, hd, rotate=False, numerics=numerics)
+        if self.ratio == CSA:
+            self.indexer = Indexer(args, numerics)
+        with torch.device("cpu"):
+            self.rotary = Rotary(rope_inv_freq(args, compressed=self.ratio != SWA))
+
+    def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache) -> torch.Tensor:
+        """x [B,S,D] (normed block input) at positions start_pos.. -> [B,S,D]."""
+        args = self.args
+        batch, seq, _ = x.shape
+        positions = torch.arange(start_pos, start_pos + seq, device=x.device)
+        cos, sin = self.rotary.at(positions)
+
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(batch, seq, args.n_heads, args.head_dim)
+        q = rms_normalize(q, args.norm_eps).to(x.dtype)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if self.numerics.kv_fp8_quant:
+            kv = kernels.kv_fp8_quant(kv, args.rope_head_dim)
+
+        local_kv, window_idx = self._window(kv, start_pos, cache)
+        kv_rows, index = local_kv, window_idx.expand(batch, -1, -1)
+        if self.ratio != SWA:
+            n_entries = self.compressor(x, start_pos, cache.compressor, self.rotary)
+            if self.ratio == CSA:
+                picked = self.indexer(x, qr, start_pos, cache.indexer, self.rotary)
+            else:
+                entries = torch.arange(n_entries, device=x.device).expand(seq, -1)
+                picked = torch.where(entries < ((positions + 1) // self.ratio)[:, None], entries, -1)
+                picked = picked.expand(batch, -1, -1)
+            picked = torch.where(picked >= 0, picked + local_kv.shape[1], -1)
+            kv_rows = torch.cat([local_kv, cache.compressor.pool[:, :n_entries].to(kv.dtype)], dim=1)
+            index = torch.cat([index, picked], dim=-1)
+
+        o = kernels.sparse_attn(q, kv_rows, self.attn_sink, index, softmax_scale(args.head_dim))
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        return self._project_out(o)
+
+    def _window(self, kv: torch.Tensor, start_pos: int, cache: LayerCache
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV rows the window can reach (earlier tokens from the ring, then this chunk) and each
+        query's window indices into them [1,S,win] (-1 = nothing there); updates the ring."""
+        win = self.args.window_size
+        seq = kv.shape[1]
+        n_prev = min(start_pos, win - 1)
+        first = start_pos - n_prev
+        earlier = torch.arange(first, start_pos, device=kv.device)
+        local = torch.cat([cache.window[:, earlier % win].to(kv.dtype), kv], dim=1)
+        keep = min(seq, win)
+        written = torch.arange(start_pos + seq - keep, start_pos + seq, device=kv.device)
+        cache.window[:, written % win] = kv[:, -keep:].to(cache.window.dtype)
+        query_pos = torch.arange(start_pos, start_pos + seq, device=kv.device)
+        key_pos = query_pos[:, None] - win + 1 + torch.arange(win, device=kv.device)
+        index = torch.where(key_pos >= first, key_pos - first, -1)
+        return local, index[None]
+
+    def _project_out(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped low-rank output projection (spec §2.3 step 7)."""
+        args = self.args
+        batch, seq = o.shape[:2]
+        groups = o.reshape(batch, seq, args.o_groups, -1)
+        wo_a = dequantize_weight(self.wo_a.weight, self.wo_a.scale).to(o.dtype)
+        z = torch.einsum("bsgd,grd->bsgr", groups, wo_a.view(args.o_groups, args.o_lora_rank, -1))
+        return self.wo_b(z.flatten(2))

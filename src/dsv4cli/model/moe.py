@@ -1,0 +1,94 @@
+"""Mixture of experts: router (learned or hash), routed FP4 experts, shared expert (spec §2.8)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4cli import kernels
+from dsv4cli.model.args import ModelArgs
+from dsv4cli.model.layers import Linear, Numerics, _frozen
+
+
+class Gate(nn.Module):
+    """Scores every expert (float32) and picks `n_activated_experts` of them.
+
+    Learned layers select by score + bias (the bias only steers selection); hash
+    layers select by the token-id table `tid2eid`. Weights are the selected scores,
+    renormalised (non-softmax scoring) and multiplied by `route_scale`.
+    """
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.args = args
+        self.is_hash = layer_id < args.n_layers and args.is_hash_layer(layer_id)
+        self.weight = _frozen(args.n_routed_experts, args.dim, dtype=torch.bfloat16)
+        if self.is_hash:
+            self.tid2eid = _frozen(args.vocab_size, args.n_activated_experts, dtype=torch.int64)
+        else:
+            self.bias = _frozen(args.n_routed_experts, dtype=torch.float32)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.weight.float())
+        if self.args.score_func == "softmax":
+            return logits.softmax(-1)
+        if self.args.score_func == "sigmoid":
+            return logits.sigmoid()
+        return F.softplus(logits).sqrt()
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N,D], token_ids [N] -> (weights [N,k] float32, expert indices [N,k])."""
+        scores = self.scores(x)
+        if self.is_hash:
+            indices = self.tid2eid[token_ids].long()
+        else:
+            indices = (scores + self.bias.float()).topk(self.args.n_activated_experts, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.args.score_func != "softmax":
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.args.route_scale, indices
+
+
+class Expert(nn.Module):
+    """SwiGLU feed-forward with the clamp (`swiglu_limit`) on gate and up projections."""
+
+    def __init__(self, args: ModelArgs, fmt: str, numerics: Numerics):
+        super().__init__()
+        self.swiglu_limit = args.swiglu_limit
+        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt, numerics.fp8_act_quant)
+        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt, numerics.fp8_act_quant)
+        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt, numerics.fp8_act_quant)
+
+    def forward(self, x: torch.Tensor, route_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N,D] -> float32 [N,D]; `route_weight` [N,1] scales the hidden state before w2."""
+        return kernels.swiglu_expert(x, self.w1.weight, self.w1.scale, self.w2.weight, self.w2.scale,
+                                     self.w3.weight, self.w3.scale, route_weight, self.swiglu_limit,
+                                     self.w1.act_quant)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, numerics: Numerics):
+        super().__init__()
+        self.gate = Gate(args, layer_id)
+        self.experts = nn.ModuleList(Expert(args, args.expert_dtype, numerics)
+                                     for _ in range(args.n_routed_experts))
+        self.shared_experts = Expert(args, args.dtype, numerics)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(flat, token_ids.reshape(-1))
+        out = self.routed(flat, weights, indices) + self.shared_experts(flat)
+        return out.to(x.dtype).view(shape)
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sum of the selected experts' outputs (float32), one batched call per used expert."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            token, slot = torch.where(indices == expert_id)
+            out.index_add_(0, token, self.experts[expert_id](x[token], weights[token, slot, None]))
+        return out
