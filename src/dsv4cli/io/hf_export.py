@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
 from dsv4cli.io.schema import checkpoint_specs
+from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 from dsv4cli.kernels.ref import dequantize_weight
 from dsv4cli.model.args import ModelArgs
 
@@ -112,3 +114,14 @@ def _stacked_experts(args: ModelArgs, prefix: str, layer: str, dense: Callable[[
                                       dense(f"{prefix}experts.{e}.w3.weight")]) for e in experts])
     yield f"{layer}mlp.experts.gate_up_proj", gate_up
     yield f"{layer}mlp.experts.down_proj", torch.stack([dense(f"{prefix}experts.{e}.w2.weight") for e in experts])
+
+
+def write_transformers_checkpoint(args: ModelArgs, get_tensor: Callable[[str], torch.Tensor], out_dir: str | Path,
+                                  *, dtype: torch.dtype = torch.bfloat16,
+                                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                                  tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a dequantized checkpoint that `DeepseekV4ForCausalLM.from_pretrained` loads,
+    streaming layer by layer (atomic, sharded like the official files)."""
+    return write_checkpoint(transformers_tensors(args, get_tensor, dtype), args, out_dir, validate=False,
+                            config=transformers_config(args), max_shard_bytes=max_shard_bytes,
+                            overwrite=overwrite, tokenizer_dir=tokenizer_dir)

@@ -65,20 +65,21 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
                      args: ModelArgs, out_dir: str | Path, *,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                      tokenizer_dir: str | Path | None = None, validate: bool = True,
-                     progress: Progress | None = None) -> Path:
+                     progress: Progress | None = None, config: dict[str, Any] | None = None) -> Path:
     """Write given tensors as an official-format checkpoint in `out_dir` (atomically).
 
     A mapping is written in checkpoint order (MTP last); an iterable of (name, tensor)
     is streamed in the order given. With `validate`, every tensor must match
     `checkpoint_specs(args)` and all must be present (MTP all or none).
-    `progress(name, bytes_so_far)` is called after each tensor.
+    `progress(name, bytes_so_far)` is called after each tensor. `config` replaces the
+    config.json written from `args` (e.g. for transformers-named exports).
     """
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
     items = _ordered_items(tensors, args) if isinstance(tensors, Mapping) else tensors
     out_dir = Path(out_dir).absolute()
     tokenizer_sources = _tokenizer_sources(tokenizer_dir)
-    with _atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         checker = _SpecChecker(args) if validate else None
         shards = _ShardWriter(tmp, max_shard_bytes)
         for name, tensor in items:
@@ -92,7 +93,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
         weight_map = shards.finish()
         _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": shards.total_bytes},
                                        "weight_map": weight_map}, sort_keys=True)
-        _write_json(tmp / CONFIG_NAME, args.to_hf_config())
+        _write_json(tmp / CONFIG_NAME, config if config is not None else args.to_hf_config())
         _write_json(tmp / GENERATION_CONFIG_NAME, generation_config(args))
         for source in tokenizer_sources:
             shutil.copyfile(source, tmp / source.name)
@@ -372,7 +373,7 @@ def _tokenizer_sources(tokenizer_dir: str | Path | None) -> list[Path]:
 
 
 @contextmanager
-def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir`; on success move it into place, else delete it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir} exists and is not a directory", "choose another output path")

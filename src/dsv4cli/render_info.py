@@ -1,0 +1,47 @@
+"""Terminal rendering of `dsv4 info` (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from dsv4cli.describe import ModelSummary
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def render_summary(name: str, s: ModelSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"DeepSeek-V4 model: {name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("layers", f"{s.layers} ({s.sliding_layers} sliding, {s.csa_layers} CSA, {s.hca_layers} HCA; "
+                   f"{s.hash_layers} hash-routed) + {s.mtp_layers} MTP"),
+        ("hidden / heads", f"{s.hidden_size} / {s.heads}"),
+        ("experts", f"{s.routed_experts} routed ({s.expert_dtype}), {s.experts_per_token} per token, 1 shared"),
+        ("parameters", f"{human_count(s.params_total)} total, {human_count(s.params_trunk)} without MTP, "
+                       f"{human_count(s.params_active)} active per token"),
+        ("checkpoint", f"{s.tensors:,} tensors, {human_bytes(s.bytes_total)} "
+                       f"({human_bytes(s.bytes_routed_experts)} routed experts)"),
+        ("by dtype", ", ".join(f"{k} {human_bytes(v)}" for k, v in s.bytes_by_dtype.items())),
+        ("decode reads", f"{human_bytes(s.routed_expert_bytes_per_token)} of routed experts per token"),
+        ("KV cache", f"{s.cache_bytes_per_token:,.0f} B per token of context "
+                     f"({human_bytes(s.cache_bytes_per_token * 1_048_576)} at 1M tokens)"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

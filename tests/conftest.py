@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random models in the official format (built once per session)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from dsv4cli.io.writer import random_tensors, write_random_checkpoint
+from dsv4cli.loader import build_model
+from dsv4cli.model.layers import Numerics
+from dsv4cli.presets import PRESETS
+
+
+@functools.cache
+def tiny_tensors(preset: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Official-format random tensors of a preset, in memory."""
+    return dict(random_tensors(PRESETS[preset], seed))
+
+
+def tiny_model(preset: str, numerics: Numerics, seed: int = 0):
+    return build_model(PRESETS[preset], tiny_tensors(preset, seed).__getitem__, numerics)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The `tiny` preset written to disk in the official layout."""
+    return write_random_checkpoint(PRESETS["tiny"], tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
