@@ -46,6 +46,10 @@ class CompressorState:
         return [t for t in (self.pending_kv, self.pending_score, self.pool, self.prev_kv, self.prev_score)
                 if t is not None]
 
+    def running_state(self) -> list[torch.Tensor]:
+        """The tensors a snapshot must copy: everything but the append-only pool."""
+        return [t for t in (self.pending_kv, self.pending_score, self.prev_kv, self.prev_score) if t is not None]
+
 
 @dataclass
 class LayerCache:
@@ -72,6 +76,27 @@ class LayerCache:
                 out += state.tensors()
         return out
 
+    def running_state(self) -> list[torch.Tensor]:
+        out = [self.window]
+        for state in (self.compressor, self.indexer):
+            if state is not None:
+                out += state.running_state()
+        return out
+
+
+@dataclass
+class CacheSnapshot:
+    """The cache at one position: copies of the rings and compressor states. Pool entries below
+    `pos // ratio` are final once written, so the pools themselves are not copied."""
+
+    pos: int
+    mtp_pos: int
+    tensors: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
 
 @dataclass
 class ModelCache:
@@ -97,6 +122,32 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers + self.mtp for t in layer.tensors())
+
+    def _running_state(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers + self.mtp for t in layer.running_state()]
+
+    def snapshot(self) -> CacheSnapshot:
+        """Copy what later tokens overwrite, so decoding can resume from `pos` later."""
+        return CacheSnapshot(self.pos, self.mtp_pos, [t.clone() for t in self._running_state()])
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Go back to a snapshot taken on this cache. Snapshots taken after it (at a larger
+        position, in the abandoned timeline) become invalid: later tokens rewrite their pool entries."""
+        for live, saved in zip(self._running_state(), snap.tensors, strict=True):
+            live.copy_(saved)
+        self.pos, self.mtp_pos = snap.pos, snap.mtp_pos
+
+    def reset(self) -> None:
+        """Back to an empty context (pool contents are rewritten before they are read again)."""
+        for state in self._running_state():
+            state.zero_()
+        for layer in self.layers + self.mtp:
+            for comp in (layer.compressor, layer.indexer):
+                if comp is not None:
+                    comp.pending_score.fill_(float("-inf"))
+                    if comp.prev_score is not None:
+                        comp.prev_score.fill_(float("-inf"))
+        self.pos = self.mtp_pos = 0
 
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype_bytes: int = 2) -> float:

@@ -1,0 +1,176 @@
+"""Generation engine: chunked prefill, decode loop, sampling, prompt cache, reasoning budget, cancellation.
+
+The engine never prints: it yields `TokenEvent`s and finally one `GenerationStats`, so a
+REPL, a one-shot pipe and a future server drive it the same way.
+
+Prompt cache. V4's state is not a plain KV list: the 128-token window is a ring and the
+compressors carry running state, so the cache cannot be cut back to an arbitrary
+position. The engine therefore keeps snapshots at safe boundaries (the end of each
+prompt, and the token before it, where the next turn's encoding usually diverges once
+earlier reasoning is dropped) and resumes from the longest snapshot that is a prefix of
+the new prompt; `GenerationStats.cached_tokens` says how many tokens were reused.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dsv4cli.errors import UsageError
+from dsv4cli.events import GenerationStats, TokenEvent
+from dsv4cli.model.cache import CacheSnapshot, ModelCache
+from dsv4cli.model.transformer import Transformer
+from dsv4cli.sampling import SamplingParams, make_sampler
+
+MAX_SNAPSHOTS = 8
+
+
+@dataclass
+class _Snapshot:
+    ids: tuple[int, ...]  # the tokens whose state it holds
+    state: CacheSnapshot
+
+
+class Engine:
+    def __init__(self, model: Transformer, max_context: int = 4096, prefill_chunk: int = 256):
+        if max_context < 2:
+            raise UsageError(f"context size must be at least 2 tokens, got {max_context}")
+        self.model = model
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.cache: ModelCache = model.new_cache(1, max_context)
+        self.cached_ids: list[int] = []  # tokens whose state the live cache holds
+        self._snapshots: list[_Snapshot] = []
+
+    # ------------------------------------------------------------ prompt cache
+    def reset(self) -> None:
+        """Forget all context (e.g. `/clear`)."""
+        self.cache.reset()
+        self.cached_ids = []
+        self._snapshots = []
+
+    def _reuse(self, prompt: list[int]) -> int:
+        """Bring the cache to the longest reusable prefix of `prompt`; return its length."""
+        n = len(self.cached_ids)
+        if n <= len(prompt) and self.cached_ids == prompt[:n] and n < len(prompt):
+            return n  # the prompt extends what is cached: keep going
+        best = None
+        for snap in self._snapshots:
+            k = len(snap.ids)
+            if k < len(prompt) and tuple(prompt[:k]) == snap.ids and (best is None or k > len(best.ids)):
+                best = snap
+        if best is None:
+            self.reset()
+            return 0
+        self.cache.restore(best.state)
+        self.cached_ids = list(best.ids)
+        self._snapshots = [s for s in self._snapshots if len(s.ids) <= len(best.ids)]
+        return len(best.ids)
+
+    def _take_snapshot(self) -> None:
+        ids = tuple(self.cached_ids)
+        if any(s.ids == ids for s in self._snapshots):
+            return
+        self._snapshots.append(_Snapshot(ids, self.cache.snapshot()))
+        if len(self._snapshots) > MAX_SNAPSHOTS:
+            self._snapshots.pop(0)
+
+    # --------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def _feed(self, ids: list[int], cancel: threading.Event | None) -> torch.Tensor | None:
+        """Run `ids` through the model in chunks; logits of the last one (None if cancelled)."""
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            if cancel is not None and cancel.is_set():
+                return None
+            chunk = ids[start:start + self.prefill_chunk]
+            logits = self.model(torch.tensor([chunk], device=self.model.device), self.cache)[0]
+            self.cached_ids.extend(chunk)
+        return logits
+
+    def _prefill(self, prompt: list[int], cancel: threading.Event | None) -> tuple[torch.Tensor | None, int]:
+        reused = self._reuse(prompt)
+        rest = prompt[reused:]
+        if len(rest) > 1:
+            if self._feed(rest[:-1], cancel) is None:
+                return None, reused
+            self._take_snapshot()
+        logits = self._feed(rest[-1:], cancel)
+        if logits is not None:
+            self._take_snapshot()
+        return logits, reused
+
+    # -------------------------------------------------------------- generate
+    def generate(self, prompt_ids: list[int], sampling: SamplingParams | None = None, max_tokens: int = 512,
+                 stop: Iterable[int] = (), cancel: threading.Event | None = None, *,
+                 reasoning: bool = False, think_end_id: int | None = None, reasoning_budget: int | None = None,
+                 ) -> Iterator[TokenEvent | GenerationStats]:
+        """Yield one `TokenEvent` per generated token, then a final `GenerationStats`.
+
+        `reasoning`: the prompt opened a thinking trace, so tokens up to `think_end_id` are
+        reasoning; after `reasoning_budget` reasoning tokens the engine emits `think_end_id`
+        itself (marked `forced`). Stop tokens are yielded, not fed back to the model.
+        """
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise UsageError("empty prompt")
+        if len(prompt) >= self.max_context:
+            raise UsageError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context}",
+                             "raise --ctx or shorten the conversation (/clear)")
+        if reasoning_budget is not None and think_end_id is None:
+            raise UsageError("a reasoning budget needs the </think> token id")
+        max_tokens = min(max_tokens, self.max_context - len(prompt))
+        stop_ids = set(stop)
+        sample = make_sampler(sampling or SamplingParams())
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        started = time.perf_counter()
+        logits, stats.cached_tokens = self._prefill(prompt, cancel)
+        stats.prefill_seconds = time.perf_counter() - started
+        if logits is None:
+            stats.finish_reason = "cancelled"
+            yield self._finish(stats)
+            return
+        in_reasoning = reasoning
+        decode_started = time.perf_counter()
+        stats.finish_reason = "length"
+        for index in range(max_tokens):
+            forced = in_reasoning and reasoning_budget is not None and stats.reasoning_tokens >= reasoning_budget
+            token = think_end_id if forced else sample(logits)
+            if index == 0:
+                stats.time_to_first_token = time.perf_counter() - started
+            stats.generated_tokens += 1
+            if in_reasoning:
+                if token == think_end_id:
+                    in_reasoning = False
+                    stats.reasoning_seconds = time.perf_counter() - started
+                else:
+                    stats.reasoning_tokens += 1
+            yield TokenEvent(token, index, forced)
+            if token in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                break
+            if index + 1 < max_tokens:
+                logits = self._feed([token], None)
+        stats.decode_seconds = time.perf_counter() - decode_started
+        yield self._finish(stats)
+
+    def _finish(self, stats: GenerationStats) -> GenerationStats:
+        stats.peak_memory_bytes = peak_memory_bytes(self.model.device)
+        return stats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: device memory on CUDA, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,86 @@
+"""Next-token sampling: temperature, top-k, top-p, min-p, seeded; greedy at temperature 0.
+
+Defaults follow DeepSeek's recommendation for V4 (temperature 1.0, top-p 1.0, spec §5).
+The draw is the exponential race `argmax(p / Exp(1))` the reference uses, which needs
+no cumulative sum and gives the same distribution as multinomial sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from dsv4cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off; keep tokens with p >= min_p * p_max
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise UsageError(f"min_p must be in [0, 1), got {self.min_p}")
+
+    def with_value(self, name: str, text: str) -> SamplingParams:
+        """A copy with field `name` parsed from `text` (for `/set temperature 0.7`)."""
+        kinds = {f.name: f.type for f in fields(self)}
+        if name not in kinds:
+            raise UsageError(f"unknown sampling parameter {name!r}", f"one of: {', '.join(kinds)}")
+        try:
+            if name == "seed":
+                value = None if text.lower() in ("none", "off", "random") else int(text)
+            elif name == "top_k":
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            raise UsageError(f"{name} needs a number, got {text!r}") from None
+        return replace(self, **{name: value})
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled logits [V] with everything outside top-k / top-p / min-p set to -inf."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def make_sampler(params: SamplingParams) -> Callable[[torch.Tensor], int]:
+    """A function logits [V] -> token id. Reproducible for a given seed."""
+    if params.temperature == 0:
+        return lambda logits: int(logits.argmax())
+    generator = torch.Generator()
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+
+    def sample(logits: torch.Tensor) -> int:
+        probs = filter_logits(logits.cpu(), params).softmax(-1)
+        race = torch.empty_like(probs).exponential_(1, generator=generator)
+        return int((probs / race).argmax())
+
+    return sample

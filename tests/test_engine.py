@@ -1,0 +1,131 @@
+"""Generation engine on the tiny model: greedy decoding, prompt cache reuse, budget, stops, cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from dsv4cli.engine import Engine
+from dsv4cli.errors import UsageError
+from dsv4cli.events import GenerationStats, TokenEvent
+from dsv4cli.model.layers import Numerics
+from dsv4cli.sampling import SamplingParams
+from tests.conftest import tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("tiny", Numerics.plain(torch.float32))
+
+
+def run(engine: Engine, prompt: list[int], **kwargs) -> tuple[list[TokenEvent], GenerationStats]:
+    events = list(engine.generate(prompt, **kwargs))
+    assert isinstance(events[-1], GenerationStats)
+    return events[:-1], events[-1]
+
+
+def ids(events: list[TokenEvent]) -> list[int]:
+    return [e.token_id for e in events]
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model.full_logits(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def prompt_of(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_greedy_generation_matches_full_recompute(model):
+    engine = Engine(model, max_context=256, prefill_chunk=16)
+    prompt = prompt_of(37)
+    events, stats = run(engine, prompt, sampling=GREEDY, max_tokens=12)
+    assert ids(events) == greedy_reference(model, prompt, 12)
+    assert [e.index for e in events] == list(range(12))
+    assert stats.prompt_tokens == 37 and stats.generated_tokens == 12 and stats.finish_reason == "length"
+    assert stats.cached_tokens == 0 and stats.time_to_first_token > 0 and stats.peak_memory_bytes > 0
+
+
+def test_next_turn_extending_the_conversation_reuses_the_cache(model):
+    engine = Engine(model, max_context=256)
+    first = prompt_of(30)
+    events, _ = run(engine, first, sampling=GREEDY, max_tokens=5)
+    second = first + ids(events) + prompt_of(10, seed=1)
+    events2, stats = run(engine, second, sampling=GREEDY, max_tokens=6)
+    assert stats.cached_tokens == 30 + 4  # prompt + generated tokens fed back (the last one was not)
+    assert ids(events2) == greedy_reference(model, second, 6)
+
+
+def test_diverging_prompt_resumes_from_a_snapshot(model):
+    engine = Engine(model, max_context=256)
+    first = prompt_of(40)
+    run(engine, first, sampling=GREEDY, max_tokens=8)
+    # the next prompt rewrites the end of the last one (as dropping earlier reasoning does)
+    second = first[:-1] + prompt_of(20, seed=2)
+    events, stats = run(engine, second, sampling=GREEDY, max_tokens=6)
+    assert stats.cached_tokens == 39
+    assert ids(events) == greedy_reference(model, second, 6)
+    third = prompt_of(15, seed=3)  # unrelated: starts over
+    events, stats = run(engine, third, sampling=GREEDY, max_tokens=4)
+    assert stats.cached_tokens == 0 and ids(events) == greedy_reference(model, third, 4)
+
+
+def test_regenerate_same_prompt_with_seed_is_identical(model):
+    engine = Engine(model, max_context=256)
+    prompt = prompt_of(25)
+    a, _ = run(engine, prompt, sampling=SamplingParams(seed=11), max_tokens=10)
+    b, stats = run(engine, prompt, sampling=SamplingParams(seed=11), max_tokens=10)
+    assert ids(a) == ids(b) and stats.cached_tokens == 24
+
+
+def test_reasoning_budget_forces_think_end(model):
+    engine = Engine(model, max_context=256)
+    think_end = 499
+    events, stats = run(engine, prompt_of(10), sampling=SamplingParams(seed=0), max_tokens=12, reasoning=True,
+                        think_end_id=think_end, reasoning_budget=4)
+    assert events[4].token_id == think_end and events[4].forced
+    assert not any(e.forced for e in events[:4] + events[5:])
+    assert stats.reasoning_tokens == 4
+
+
+def test_stop_token_ends_generation(model):
+    engine = Engine(model, max_context=256)
+    prompt = prompt_of(20)
+    expected = greedy_reference(model, prompt, 6)
+    events, stats = run(engine, prompt, sampling=GREEDY, max_tokens=20, stop=[expected[2]])
+    assert ids(events) == expected[: expected.index(expected[2]) + 1]
+    assert stats.finish_reason == "stop"
+
+
+def test_cancel_between_decode_steps(model):
+    engine = Engine(model, max_context=256)
+    cancel = threading.Event()
+    seen = []
+    for event in engine.generate(prompt_of(12), sampling=GREEDY, max_tokens=50, cancel=cancel):
+        seen.append(event)
+        if isinstance(event, TokenEvent) and event.index == 2:
+            cancel.set()
+    assert isinstance(seen[-1], GenerationStats) and seen[-1].finish_reason == "cancelled"
+    assert len(seen) == 4
+    cancel_before = threading.Event()
+    cancel_before.set()
+    events, stats = run(engine, prompt_of(12), cancel=cancel_before)
+    assert events == [] and stats.finish_reason == "cancelled"
+
+
+def test_context_limits(model):
+    engine = Engine(model, max_context=32)
+    with pytest.raises(UsageError, match="does not fit"):
+        run(engine, prompt_of(40))
+    events, stats = run(engine, prompt_of(28), sampling=GREEDY, max_tokens=100)
+    assert len(events) == 4 and stats.finish_reason == "length"
+    with pytest.raises(UsageError, match="empty"):
+        run(engine, [])
