@@ -95,6 +95,86 @@ def synth(
     typer.echo(str(path))
 
 
+MODES = ["non-think", "think-high", "think-max"]
+
+
+@app.command()
+def chat(
+    model: str | None = typer.Argument(None, help="Model directory. Omit to use the built-in demo model."),
+    prompt: str | None = typer.Option(None, "-p", "--prompt", help="One-shot prompt (stdin, if piped, comes first)."),
+    mode: str = typer.Option("think-high", "--mode", "-m", help="Reasoning mode: non-think, think-high, think-max."),
+    nothink: bool = typer.Option(False, "--nothink", help="Shortcut for --mode non-think."),
+    think_max: bool = typer.Option(False, "--think-max", help="Shortcut for --mode think-max."),
+    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep only the k most likely tokens (0 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
+    seed: int | None = typer.Option(None, help="Random seed for reproducible sampling."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Most tokens to generate per reply."),
+    ctx: int = typer.Option(16384, "--ctx", help="Context size in tokens."),
+    reasoning_budget: int | None = typer.Option(None, "--reasoning-budget",
+                                                help="Force </think> after this many thinking tokens."),
+    show_thinking: bool = typer.Option(False, "--show-thinking", help="One-shot: copy the thinking trace to stderr."),
+    thinking_view: str = typer.Option("collapse", "--thinking", help="REPL: collapse, keep or hide the trace."),
+    as_json: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (content, reasoning, usage)."),
+    no_markdown: bool = typer.Option(False, "--no-markdown", help="REPL: print the answer as plain text."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print the stats line to stderr."),
+    no_history: bool = typer.Option(False, "--no-history", help="REPL: do not read or write the history file."),
+) -> None:
+    """Chat with a model: a REPL on a terminal, one-shot with -p or piped stdin."""
+    from dsv4cli.chat import new_session, open_model, run_prompt
+    from dsv4cli.encoding import ThinkMode
+    from dsv4cli.render import make_renderer
+    from dsv4cli.sampling import SamplingParams
+    from dsv4cli.session import ChatSettings
+
+    if nothink and think_max:
+        raise UsageError("--nothink and --think-max contradict each other")
+    chosen = "non-think" if nothink else "think-max" if think_max else mode
+    try:
+        think = ThinkMode.parse(chosen)
+    except ValueError:
+        raise UsageError(f"unknown mode {chosen!r}", f"choose one of: {', '.join(MODES)}") from None
+    if thinking_view not in ("collapse", "keep", "hide"):
+        raise UsageError(f"--thinking must be collapse, keep or hide, not {thinking_view!r}")
+    if ctx < 16:
+        raise UsageError("--ctx must be at least 16 tokens")
+    text = _one_shot_text(prompt)
+    interactive = text is None
+    if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    opened = open_model(model)
+    settings = ChatSettings(mode=think, system=system, sampling=sampling,
+                            max_tokens=max_tokens or (256 if opened.is_demo else 8192),
+                            reasoning_budget=reasoning_budget if reasoning_budget is not None else
+                            (64 if opened.is_demo else None))
+    session = new_session(opened, settings, ctx)
+    if interactive:
+        from dsv4cli.repl import run_repl
+
+        renderer = make_renderer("tty", show_thinking=thinking_view, markdown=not no_markdown)
+        raise typer.Exit(run_repl(session, renderer, banner=opened.label, use_history=not no_history))
+    renderer = make_renderer("json") if as_json else make_renderer("plain", show_thinking=show_thinking,
+                                                                      verbose=verbose)
+    warning = session.think_max_warning()
+    if warning:
+        renderer.warning(warning)
+    if opened.is_demo and not as_json:
+        renderer.notice(f"using the {opened.label}")
+    raise typer.Exit(run_prompt(session, text, renderer))
+
+
+def _one_shot_text(prompt: str | None) -> str | None:
+    """Piped stdin, then -p text (joined by a blank line); None means interactive."""
+    piped = None if sys.stdin.isatty() else sys.stdin.read()
+    parts = [p for p in (piped.strip() if piped else None, prompt) if p]
+    if piped is not None and not parts:
+        raise UsageError("empty prompt on stdin", "pipe some text or pass -p TEXT")
+    return "\n\n".join(parts) if parts else None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn known failures into one line on stderr and an exit code."""
     try:

@@ -122,7 +122,7 @@ class Engine:
             raise UsageError("empty prompt")
         if len(prompt) >= self.max_context:
             raise UsageError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context}",
-                             "raise --ctx or shorten the conversation (/clear)")
+                             "raise --ctx, or start over with /clear")
         if reasoning_budget is not None and think_end_id is None:
             raise UsageError("a reasoning budget needs the </think> token id")
         max_tokens = min(max_tokens, self.max_context - len(prompt))

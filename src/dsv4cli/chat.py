@@ -1,0 +1,84 @@
+"""`dsv4 chat` as a service: open a model, build a session, run one prompt or the REPL."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsv4cli.demo import DEMO_LABEL, demo_model_dir
+from dsv4cli.engine import Engine
+from dsv4cli.errors import ModelNotFound
+from dsv4cli.io.checkpoint import Checkpoint
+from dsv4cli.loader import load_model
+from dsv4cli.model.layers import Numerics
+from dsv4cli.model.transformer import Transformer
+from dsv4cli.session import ChatSession, ChatSettings
+from dsv4cli.tokenizer import Tokenizer
+
+
+@dataclass
+class OpenModel:
+    model: Transformer
+    checkpoint: Checkpoint
+    tokenizer: Tokenizer
+    path: Path
+    label: str
+    is_demo: bool
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+def resolve_model_dir(model: str | None) -> tuple[Path, bool]:
+    """The checkpoint directory for a `chat`/`bench` MODEL argument, and whether it is the demo."""
+    if model is None:
+        return demo_model_dir(), True
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, False
+    raise ModelNotFound(f"no model directory at {model}",
+                        "give the path of a downloaded checkpoint, or omit MODEL to use the built-in demo")
+
+
+def open_model(model: str | None, numerics: Numerics | None = None) -> OpenModel:
+    path, is_demo = resolve_model_dir(model)
+    tokenizer = Tokenizer.from_dir(path)
+    net, checkpoint = load_model(path, numerics)
+    if tokenizer.vocab_size > net.args.vocab_size:
+        checkpoint.close()
+        raise ModelNotFound(f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
+                            f"{net.args.vocab_size}", "use the tokenizer.json that came with the checkpoint")
+    label = DEMO_LABEL if is_demo else f"{path.name} ({net.args.n_layers} layers, {net.args.n_routed_experts} experts)"
+    return OpenModel(net, checkpoint, tokenizer, path, label, is_demo)
+
+
+def new_session(opened: OpenModel, settings: ChatSettings, context: int) -> ChatSession:
+    torch.set_grad_enabled(False)
+    return ChatSession(Engine(opened.model, max_context=context), opened.tokenizer, settings)
+
+
+@contextmanager
+def sigint_cancels(cancel: threading.Event) -> Iterator[threading.Event]:
+    """While active, Ctrl-C sets `cancel` (the engine stops after the current step) instead of
+    raising KeyboardInterrupt in the middle of a tensor op. Outside the main thread, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_prompt(session: ChatSession, text: str, renderer) -> int:
+    """One-shot: answer `text`; exit status 0, or 130 when interrupted."""
+    with sigint_cancels(threading.Event()) as cancel:
+        result = session.send(text, renderer, cancel)
+    return 130 if result.interrupted else 0

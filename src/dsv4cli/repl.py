@@ -1,0 +1,358 @@
+"""The interactive `dsv4 chat` REPL: a prompt_toolkit prompt wired to a ChatSession and a renderer.
+
+Input: Enter sends; Esc-Enter inserts a newline; a line starting with \"\"\" opens a block that runs
+until a line ending with \"\"\"; Ctrl-G edits the input in $EDITOR; Tab completes /commands.
+Lines starting with / are commands (see COMMANDS); a line starting with // is sent with one slash.
+Ctrl-C while a reply streams stops it (the partial answer is kept, marked interrupted; the partial
+thinking is dropped); Ctrl-C at the prompt prints a hint; Ctrl-D at an empty prompt quits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+
+from dsv4cli import paths
+from dsv4cli.chat import sigint_cancels
+from dsv4cli.encoding import ThinkMode
+from dsv4cli.errors import DsvError, UsageError
+from dsv4cli.render import format_stats
+from dsv4cli.session import ChatSession, mode_label
+
+BLOCK = '"""'
+QUIT_HINT = "Ctrl-D or /exit to quit"
+MODES = [mode_label(mode) for mode in ThinkMode]
+SAMPLING_PARAMS = ["temperature", "top_p", "top_k", "min_p", "seed"]
+LIMIT_PARAMS = ["max_tokens", "reasoning_budget"]
+KEYS_HELP = 'Esc-Enter: new line · """ ... """: multi-line block · Ctrl-G: $EDITOR · Ctrl-C: stop reply · Ctrl-D: quit'
+
+
+class Repl:
+    """Turns accepted input into commands or chat turns; `done` becomes True on /exit."""
+
+    def __init__(self, session: ChatSession, renderer):
+        self.session = session
+        self.renderer = renderer
+        self.done = False
+
+    def handle(self, text: str) -> None:
+        """Run one accepted input; any error becomes one error line."""
+        try:
+            self._dispatch(text)
+        except DsvError as err:
+            self.renderer.error(err.one_line())
+        except (ValueError, OSError) as err:
+            self.renderer.error(str(err))
+
+    def _dispatch(self, text: str) -> None:
+        line = text.strip()
+        if line.startswith(BLOCK):
+            line = unwrap_block(line)
+        elif line.startswith("//"):
+            line = line[1:]
+        elif line.startswith("/"):
+            name, _, arg = line[1:].partition(" ")
+            command = COMMANDS.get(name.lower())
+            if command is None:
+                raise UsageError(f"unknown command /{name}", "/help lists the commands; start with // to send a /")
+            if arg.strip() and not command.takes_args:
+                raise UsageError(f"/{name} takes no arguments", "see /help")
+            command.run(self, arg.strip())
+            return
+        if line:
+            self.send(line)
+
+    def send(self, text: str) -> None:
+        self._turn(lambda cancel: self.session.send(text, self.renderer, cancel))
+
+    def regenerate(self) -> None:
+        self._turn(lambda cancel: self.session.regenerate(self.renderer, cancel))
+
+    def _turn(self, run) -> None:
+        try:
+            with sigint_cancels(threading.Event()) as cancel:
+                result = run(cancel)
+        finally:
+            self.renderer.close()  # a turn that failed half way must not leave the live display running
+        if result.interrupted:
+            self.renderer.notice("interrupted: partial answer kept" if result.content else
+                                 "interrupted before the answer began: the message was dropped")
+
+
+def unwrap_block(text: str) -> str:
+    """The message inside a \"\"\" block (either quote line may also carry text)."""
+    body = text.strip()[len(BLOCK):]
+    if body.rstrip().endswith(BLOCK):
+        body = body.rstrip()[: -len(BLOCK)]
+    return body.strip()
+
+
+def block_is_open(text: str) -> bool:
+    """True while the input starts a \"\"\" block that no later \"\"\" has closed yet."""
+    stripped = text.strip()
+    return stripped.startswith(BLOCK) and (len(stripped) < 2 * len(BLOCK) or not stripped.endswith(BLOCK))
+
+
+def transcript_path(name: str) -> Path:
+    """/save and /load NAME: a bare name lives in the sessions dir; a path (has / or .json) is used as is."""
+    if "/" in name or os.sep in name or name.endswith(".json") or name.startswith("~"):
+        return Path(name).expanduser()
+    return paths.sessions_dir() / f"{name}.json"
+
+
+def saved_names() -> list[str]:
+    folder = paths.sessions_dir()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+# ------------------------------------------------------------------ commands
+def _warn(renderer, warning: str | None) -> None:
+    if warning:
+        renderer.warning(warning)
+
+
+def _switch_mode(repl: Repl, name: str) -> None:
+    warning = repl.session.set_mode(name)
+    repl.renderer.notice(f"mode: {mode_label(repl.session.settings.mode)}")
+    _warn(repl.renderer, warning)
+
+
+def _think(repl: Repl, arg: str) -> None:
+    level = arg.lower() or "high"
+    if level not in ("high", "max"):
+        raise UsageError(f"/think takes high or max, not {arg!r}", "use /nothink to turn thinking off")
+    _switch_mode(repl, f"think-{level}")
+
+
+def _nothink(repl: Repl, arg: str) -> None:
+    _switch_mode(repl, "non-think")
+
+
+def _mode(repl: Repl, arg: str) -> None:
+    if arg:
+        _switch_mode(repl, arg)
+    else:
+        repl.renderer.notice(f"mode: {mode_label(repl.session.settings.mode)} (choose from {', '.join(MODES)})")
+
+
+def _system(repl: Repl, arg: str) -> None:
+    settings = repl.session.settings
+    if not arg:
+        repl.renderer.notice(f"system prompt: {settings.system}" if settings.system else
+                             "no system prompt (set one with /system TEXT)")
+    elif arg == "clear":
+        settings.system = None
+        repl.renderer.notice("system prompt removed")
+    else:
+        settings.system = arg
+        repl.renderer.notice("system prompt set")
+
+
+def parse_limit(name: str, value: str) -> int | None:
+    """max_tokens (>= 1) or reasoning_budget (>= 0, or off/none for no budget)."""
+    if name == "reasoning_budget" and value.lower() in ("off", "none"):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{name} needs a whole number, got {value!r}") from None
+    minimum = 1 if name == "max_tokens" else 0
+    if number < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def _set(repl: Repl, arg: str) -> None:
+    name, _, value = arg.partition(" ")
+    name, value = name.lower().replace("-", "_"), value.strip()
+    if name not in SAMPLING_PARAMS + LIMIT_PARAMS or not value:
+        raise UsageError("usage: /set PARAM VALUE", f"PARAM is one of {', '.join(SAMPLING_PARAMS + LIMIT_PARAMS)}")
+    if name in LIMIT_PARAMS:
+        setattr(repl.session.settings, name, parse_limit(name, value))
+    else:
+        repl.session.set_sampling(name, value)
+    repl.renderer.notice(f"{name} = {_current_value(repl.session, name)}")
+
+
+def _current_value(session: ChatSession, name: str) -> object:
+    value = getattr(session.settings, name) if name in LIMIT_PARAMS else getattr(session.settings.sampling, name)
+    return "off" if value is None else value
+
+
+def _show(repl: Repl, arg: str) -> None:
+    session = repl.session
+    settings = session.settings
+    lines = [
+        f"mode {mode_label(settings.mode)} · context {session.engine.max_context:,} tokens · "
+        f"{len(session.messages)} messages",
+        f"system: {settings.system or '(none)'}",
+        " · ".join(f"{name} {_current_value(session, name)}" for name in SAMPLING_PARAMS + LIMIT_PARAMS),
+    ]
+    for line in lines:
+        repl.renderer.notice(line)
+
+
+def _clear(repl: Repl, arg: str) -> None:
+    repl.session.clear()
+    repl.renderer.notice("new conversation")
+
+
+def _read(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise UsageError("usage: /read FILE", "sends the file's text as your message")
+    repl.send(Path(arg).expanduser().read_text(encoding="utf-8"))
+
+
+def _save(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise UsageError("usage: /save NAME", f"NAME is saved as {paths.sessions_dir()}/NAME.json")
+    path = repl.session.save(transcript_path(arg))
+    repl.renderer.notice(f"saved {len(repl.session.messages)} messages to {path}")
+
+
+def _load(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise UsageError("usage: /load NAME", f"saved: {', '.join(saved_names()) or 'none yet'}")
+    path = transcript_path(arg)
+    repl.session.load(path)
+    mode = mode_label(repl.session.settings.mode)
+    repl.renderer.notice(f"loaded {len(repl.session.messages)} messages from {path} (mode {mode})")
+    _warn(repl.renderer, repl.session.think_max_warning())
+
+
+def _stats(repl: Repl, arg: str) -> None:
+    stats = repl.session.last_stats
+    repl.renderer.notice(format_stats(stats) if stats is not None else "no reply yet")
+
+
+def _help(repl: Repl, arg: str) -> None:
+    for command in dict.fromkeys(COMMANDS.values()):
+        repl.renderer.notice(f"{command.usage:<26} {command.help}")
+    repl.renderer.notice(KEYS_HELP)
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[Repl, str], None]
+    usage: str
+    help: str
+    choices: Callable[[], Iterable[str]] | None = None  # completions of the first argument
+    takes_args: bool = True
+
+
+def _stop(repl: Repl, arg: str) -> None:
+    repl.done = True
+
+
+_EXIT = Command(_stop, "/exit, /bye", "quit (or Ctrl-D)", takes_args=False)
+COMMANDS: dict[str, Command] = {
+    "think": Command(_think, "/think [high|max]", "think before answering (default high)", lambda: ["high", "max"]),
+    "nothink": Command(_nothink, "/nothink", "answer directly, no thinking", takes_args=False),
+    "mode": Command(_mode, "/mode [MODE]", f"show or set the mode: {', '.join(MODES)}", lambda: MODES),
+    "system": Command(_system, "/system [TEXT|clear]", "show, set or remove the system prompt", lambda: ["clear"]),
+    "set": Command(_set, "/set PARAM VALUE", "set temperature, top_p, top_k, min_p, seed, max_tokens, "
+                   "reasoning_budget (off)", lambda: SAMPLING_PARAMS + LIMIT_PARAMS),
+    "show": Command(_show, "/show", "show the current settings", takes_args=False),
+    "clear": Command(_clear, "/clear", "start a new conversation", takes_args=False),
+    "regen": Command(lambda repl, _: repl.regenerate(), "/regen", "answer the last message again", takes_args=False),
+    "read": Command(_read, "/read FILE", "send the text of FILE"),
+    "save": Command(_save, "/save NAME", "save the conversation (JSON)", saved_names),
+    "load": Command(_load, "/load NAME", "load a saved conversation", saved_names),
+    "stats": Command(_stats, "/stats", "speed and size of the last reply", takes_args=False),
+    "help": Command(_help, "/help", "this list", takes_args=False),
+    "exit": _EXIT,
+    "bye": _EXIT,
+}
+
+
+class SlashCompleter(Completer):
+    """Tab completion of /command names and of their first argument."""
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/") or "\n" in text:
+            return
+        name, space, arg = text[1:].partition(" ")
+        command = COMMANDS.get(name.lower())
+        if not space:
+            candidates, word = [f"/{n}" for n in COMMANDS], text
+        elif command is not None and command.choices is not None and " " not in arg:
+            candidates, word = list(command.choices()), arg
+        else:
+            return
+        for candidate in candidates:
+            if candidate.startswith(word):
+                yield Completion(candidate, start_position=-len(word))
+
+
+# ---------------------------------------------------------------------- loop
+def open_history(use_history: bool, renderer) -> History:
+    """FileHistory in the XDG state dir, or in-memory with --no-history / DSV4_NO_HISTORY."""
+    if not use_history or os.environ.get("DSV4_NO_HISTORY"):
+        return InMemoryHistory()
+    path = paths.history_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(mode=0o600, exist_ok=True)
+    except OSError as err:
+        renderer.warning(f"history off: cannot write {path} ({err})")
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+def _key_bindings() -> KeyBindings:
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @bindings.add("c-g")
+    def _editor(event) -> None:
+        event.current_buffer.open_in_editor()
+
+    return bindings
+
+
+def _prompt_session(history: History, input=None, output=None) -> PromptSession:
+    in_block = Condition(lambda: block_is_open(get_app().current_buffer.text))
+    return PromptSession(history=history, completer=SlashCompleter(), complete_while_typing=False,
+                         key_bindings=_key_bindings(), multiline=in_block, prompt_continuation="... ",
+                         input=input, output=output)
+
+
+def _show_banner(session: ChatSession, renderer, banner: str) -> None:
+    renderer.notice(f"dsv4 · {banner}")
+    renderer.notice(f"mode {mode_label(session.settings.mode)} · context {session.engine.max_context:,} tokens")
+    renderer.notice("/help for commands, Ctrl-D to quit")
+    _warn(renderer, session.think_max_warning())
+
+
+def run_repl(session: ChatSession, renderer, banner: str, use_history: bool = True, input=None, output=None) -> int:
+    """Read-eval-print until /exit or Ctrl-D; returns the exit status (0)."""
+    repl = Repl(session, renderer)
+    prompt = _prompt_session(open_history(use_history, renderer), input, output)
+    _show_banner(session, renderer, banner)
+    while not repl.done:
+        try:
+            text = prompt.prompt(f"{mode_label(session.settings.mode)}> ")
+        except KeyboardInterrupt:
+            renderer.notice(QUIT_HINT)
+            continue
+        except EOFError:
+            return 0
+        try:
+            repl.handle(text)
+        except KeyboardInterrupt:  # Ctrl-C outside a reply (e.g. while a command runs)
+            renderer.notice("interrupted")
+    return 0
