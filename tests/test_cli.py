@@ -62,3 +62,63 @@ def test_synth_writes_a_loadable_official_checkpoint(tmp_path):
 def test_chat_usage_errors(args):
     result = dsv4(*args)
     assert result.returncode == 2 and result.stdout == ""
+
+
+# ------------------------------------------------------------------ chat one-shot
+
+
+@pytest.fixture(scope="module")
+def xdg(tmp_path_factory):
+    """XDG dirs shared by this module's chat runs (the demo model is generated once)."""
+    root = tmp_path_factory.mktemp("xdg")
+    return {f"XDG_{kind}_HOME": str(root / kind.lower()) for kind in ("CACHE", "STATE", "DATA", "CONFIG")}
+
+
+def test_piped_one_shot_prints_only_the_answer(xdg):
+    result = dsv4("chat", "--seed", "1", "-n", "24", "--reasoning-budget", "8", stdin="What is 2+2?\n", env=xdg)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b[" not in result.stdout and result.stdout.endswith("\n")
+    assert "demo model" in result.stderr
+    traced = dsv4("chat", "--seed", "1", "-n", "24", "--reasoning-budget", "8", "--show-thinking",
+                  stdin="What is 2+2?\n", env=xdg)
+    assert traced.stdout == result.stdout  # the trace never reaches stdout
+    assert len(traced.stderr) > len(result.stderr)
+
+
+def test_json_one_shot(xdg):
+    result = dsv4("chat", "-p", "hi", "--json", "--seed", "3", "-n", "16", "--mode", "non-think", env=xdg)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) >= {"content", "reasoning", "tool_calls", "usage", "timings", "finish_reason"}
+    assert data["usage"]["completion_tokens"] == 16 and data["reasoning"] == ""
+    assert data["usage"]["prompt_tokens"] == 5  # BOS, <｜User｜>, "hi", <｜Assistant｜>, </think>
+
+
+def test_stdin_and_prompt_are_joined_and_empty_stdin_is_a_usage_error(xdg):
+    both = dsv4("chat", "-p", "question", "--json", "-n", "1", stdin="context\n", env=xdg)
+    assert json.loads(both.stdout)["usage"]["prompt_tokens"] > 5
+    empty = dsv4("chat", stdin="   \n", env=xdg)
+    assert empty.returncode == 2 and "empty prompt" in empty.stderr
+
+
+def test_broken_pipe_is_quiet(xdg):
+    cmd = f"{sys.executable} -m dsv4cli chat -p story -n 400 --mode non-think --seed 5 | head -c 1"
+    result = subprocess.run(["bash", "-c", cmd], capture_output=True, env={**os.environ, **xdg}, timeout=120)
+    assert len(result.stdout) == 1
+    assert b"Traceback" not in result.stderr and b"BrokenPipe" not in result.stderr
+
+
+def test_ctrl_c_exits_130(xdg):
+    import signal
+    import time
+
+    env = {**os.environ, **xdg, "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4cli", "chat", "-p", "story", "-n", "100000",
+                             "--mode", "non-think"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert "demo model" in proc.stderr.readline()  # printed once the model is loaded
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "[interrupted]" in err

@@ -178,7 +178,7 @@ def _one_shot_text(prompt: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn known failures into one line on stderr and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code instead of raising
     except DsvError as err:
         _fail(err.one_line(), err.exit_code)
     except typer.Exit as done:
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except MemoryError:
         _fail("out of memory", 1, "use a smaller model, fewer layers, or more swap")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _fail(message: str, code: int, hint: str = "") -> None:

@@ -134,7 +134,7 @@ class ChatSession:
         parsed = parser.finish()
         interrupted = stats.finish_reason == "cancelled"
         result = TurnResult(content=parsed.content, reasoning=parsed.reasoning_content,
-                            tool_calls=parsed.tool_calls, malformed=parsed.malformed and not interrupted,
+                            tool_calls=parsed.tool_calls, malformed=parsed.malformed and stats.finish_reason == "stop",
                             problems=parsed.problems, interrupted=interrupted, stats=stats)
         self._record(result)
         self.last_stats = stats

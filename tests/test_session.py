@@ -1,0 +1,153 @@
+"""Chat sessions on a V4-architecture model with the real tokenizer: turns, prompt cache, policies, transcripts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from dsv4cli.demo import DEMO_ARGS, packaged_tokenizer_dir
+from dsv4cli.encoding import ThinkMode
+from dsv4cli.engine import Engine
+from dsv4cli.errors import UsageError
+from dsv4cli.events import TurnResult
+from dsv4cli.io.writer import random_tensors
+from dsv4cli.loader import build_model
+from dsv4cli.model.layers import Numerics
+from dsv4cli.sampling import SamplingParams
+from dsv4cli.session import ChatSession, ChatSettings
+from dsv4cli.tokenizer import Tokenizer
+
+
+class Recorder:
+    """A renderer that remembers what it was given."""
+
+    def __init__(self, cancel_after: int | None = None, cancel: threading.Event | None = None):
+        self.reasoning_text, self.content_text, self.results, self.notices = "", "", [], []
+        self.cancel_after, self.cancel, self.deltas = cancel_after, cancel, 0
+
+    def begin_turn(self, mode_label):
+        self.mode = mode_label
+
+    def _count(self):
+        self.deltas += 1
+        if self.cancel_after is not None and self.deltas >= self.cancel_after:
+            self.cancel.set()
+
+    def reasoning(self, text):
+        self.reasoning_text += text
+        self._count()
+
+    def content(self, text):
+        self.content_text += text
+        self._count()
+
+    def end_turn(self, result: TurnResult):
+        self.results.append(result)
+
+    def notice(self, message):
+        self.notices.append(message)
+
+    warning = error = notice
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    tokenizer = Tokenizer.from_dir(packaged_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+    tensors = dict(random_tensors(DEMO_ARGS, seed=3))
+    model = build_model(DEMO_ARGS, tensors.__getitem__, Numerics())
+    return model, tokenizer
+
+
+def session(parts, **settings) -> ChatSession:
+    model, tokenizer = parts
+    torch.set_grad_enabled(False)
+    base = dict(sampling=SamplingParams(seed=0), max_tokens=24, reasoning_budget=8)
+    return ChatSession(Engine(model, max_context=2048), tokenizer, ChatSettings(**{**base, **settings}))
+
+
+def test_thinking_turn_splits_reasoning_and_content_and_streams_what_it_returns(parts):
+    chat = session(parts)
+    r = Recorder()
+    result = chat.send("What is 2+2?", r)
+    assert r.mode == "think-high"
+    assert result.stats.reasoning_tokens == 8  # the budget forced </think>
+    assert r.reasoning_text == result.reasoning and r.content_text == result.content
+    assert chat.messages[-1]["role"] == "assistant" and chat.messages[-1]["content"] == result.content
+    assert chat.prompt_text().startswith("<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜>")
+
+
+def test_second_turn_reuses_the_prompt_cache(parts):
+    chat = session(parts, mode=ThinkMode.NON_THINK)
+    chat.send("hello", Recorder())
+    second = chat.send("and again", Recorder())
+    assert second.stats.cached_tokens > 5
+    thinking = session(parts)  # earlier reasoning is dropped: resume from the snapshot before it
+    first = thinking.send("hello", Recorder())
+    second = thinking.send("and again", Recorder())
+    assert second.stats.cached_tokens == first.stats.prompt_tokens - 1
+
+
+def test_system_prompt_and_modes(parts):
+    chat = session(parts, system="Be brief.")
+    assert chat.prompt_text() == "<｜begin▁of▁sentence｜>Be brief."
+    assert chat.set_mode("max") is not None  # 2048-token context < 384K: warning, mode still switched
+    assert chat.settings.mode is ThinkMode.THINK_MAX
+    chat.messages.append({"role": "user", "content": "x"})
+    assert chat.prompt_text().startswith("<｜begin▁of▁sentence｜>Reasoning Effort: Absolute maximum")
+    assert chat.set_mode("non-think") is None
+
+
+def test_interrupted_answer_is_kept_and_reasoning_dropped(parts):
+    chat = session(parts, mode=ThinkMode.NON_THINK, max_tokens=200)
+    cancel = threading.Event()
+    result = chat.send("tell me a story", Recorder(cancel_after=3, cancel=cancel), cancel)
+    assert result.interrupted and result.stats.finish_reason == "cancelled"
+    assert chat.messages[-1] == {"role": "assistant", "content": result.content, "interrupted": True}
+    assert "interrupted" not in chat.prompt_text()
+
+
+def test_interrupt_before_any_answer_drops_the_turn(parts):
+    chat = session(parts, max_tokens=200, reasoning_budget=100)
+    cancel = threading.Event()
+    result = chat.send("think hard", Recorder(cancel_after=2, cancel=cancel), cancel)
+    assert result.interrupted and result.content == "" and chat.messages == []
+
+
+def test_failed_turn_leaves_no_user_message(parts):
+    model, tokenizer = parts
+    chat = ChatSession(Engine(model, max_context=8), tokenizer, ChatSettings())
+    with pytest.raises(UsageError, match="does not fit"):
+        chat.send("a message far too long for eight tokens of context", Recorder())
+    assert chat.messages == []
+
+
+def test_regenerate_with_a_seed_gives_a_new_reproducible_answer(parts):
+    chat = session(parts, mode=ThinkMode.NON_THINK)
+    first = chat.send("hi", Recorder()).content
+    second = chat.regenerate(Recorder()).content
+    assert second != first and len(chat.messages) == 2
+    again = session(parts, mode=ThinkMode.NON_THINK)
+    again.send("hi", Recorder())
+    assert again.regenerate(Recorder()).content == second
+    with pytest.raises(UsageError):
+        session(parts).regenerate(Recorder())
+
+
+def test_save_and_load_round_trip(parts, tmp_path):
+    chat = session(parts, system="sys", mode=ThinkMode.NON_THINK)
+    chat.set_sampling("temperature", "0.5")
+    chat.send("hi", Recorder())
+    path = chat.save(tmp_path / "s" / "t.json")
+    other = session(parts)
+    other.load(path)
+    assert other.messages == chat.messages and other.settings.system == "sys"
+    assert other.settings.mode is ThinkMode.NON_THINK and other.settings.sampling.temperature == 0.5
+    assert other.prompt_text() == chat.prompt_text()
+    (tmp_path / "bad.json").write_text('{"version": 1, "messages": [{"role": "wizard"}]}')
+    with pytest.raises(UsageError, match="invalid"):
+        other.load(tmp_path / "bad.json")
+    with pytest.raises(UsageError, match="no transcript"):
+        other.load(tmp_path / "none.json")
+    assert other.messages == chat.messages  # a failed load changes nothing
