@@ -42,8 +42,18 @@ def resolve_model_dir(model: str | None) -> tuple[Path, bool]:
     path = Path(model).expanduser()
     if path.is_dir():
         return path, False
-    raise ModelNotFound(f"no model directory at {model}",
-                        "give the path of a downloaded checkpoint, or omit MODEL to use the built-in demo")
+    from dsv4cli.hub import find_local_model
+
+    try:
+        local = find_local_model(model)
+    except ModelNotFound:
+        raise ModelNotFound(f"no model {model!r}: not a directory and not a downloaded model",
+                            "`dsv4 list` shows downloaded models, `dsv4 download flash` fetches one; "
+                            "omit MODEL to use the built-in demo") from None
+    if not local.complete:
+        raise ModelNotFound(f"the download of {model!r} in {local.path} is incomplete "
+                            f"({local.files_present}/{local.files} files)", f"run `dsv4 download {model}` to finish it")
+    return local.path, False
 
 
 def open_model(model: str | None, numerics: Numerics | None = None) -> OpenModel:

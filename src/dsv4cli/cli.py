@@ -175,6 +175,16 @@ def _one_shot_text(prompt: str | None) -> str | None:
     return "\n\n".join(parts) if parts else None
 
 
+def _register_commands() -> None:
+    """Commands that live in their own modules."""
+    from dsv4cli import cli_hub
+
+    cli_hub.register(app)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn known failures into one line on stderr and an exit code."""
     try:
