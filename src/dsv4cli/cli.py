@@ -177,9 +177,10 @@ def _one_shot_text(prompt: str | None) -> str | None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules."""
-    from dsv4cli import cli_hub
+    from dsv4cli import cli_convert, cli_hub
 
     cli_hub.register(app)
+    cli_convert.register(app)
 
 
 _register_commands()
