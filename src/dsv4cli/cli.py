@@ -78,19 +78,9 @@ def synth(
 ) -> None:
     """Write a random checkpoint in the exact official on-disk format (for tests and benchmarks)."""
     from dsv4cli.io.writer import write_random_checkpoint
+    from dsv4cli.presets import shrink
 
-    args = resolve_args(preset)
-    if layers is not None:
-        if layers < 1:
-            raise UsageError("--layers must be at least 1")
-        ratios = (*args.compress_ratios[:layers], *args.compress_ratios[args.n_layers:])
-        if len(ratios) < layers + args.n_mtp_layers:
-            raise UsageError(f"--layers {layers} exceeds the preset's {args.n_layers} layers")
-        args = args.replace(n_layers=layers, compress_ratios=ratios, n_hash_layers=min(args.n_hash_layers, layers))
-    if experts is not None:
-        if experts < args.n_activated_experts:
-            raise UsageError(f"--experts must be at least {args.n_activated_experts}")
-        args = args.replace(n_routed_experts=experts)
+    args = shrink(resolve_args(preset), layers, experts)
     path = write_random_checkpoint(args, out, seed=seed, overwrite=force)
     typer.echo(str(path))
 
@@ -177,10 +167,11 @@ def _one_shot_text(prompt: str | None) -> str | None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules."""
-    from dsv4cli import cli_convert, cli_hub
+    from dsv4cli import cli_bench, cli_convert, cli_hub
 
     cli_hub.register(app)
     cli_convert.register(app)
+    cli_bench.register(app)
 
 
 _register_commands()

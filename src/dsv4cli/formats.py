@@ -32,7 +32,10 @@ _FP4_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 def pow2_scale(amax: torch.Tensor, max_code: float, floor: float = 0.0) -> torch.Tensor:
     """Smallest power of two s with amax / s <= max_code (the UE8M0 rounding)."""
     amax = amax.float().clamp(min=floor if floor > 0 else torch.finfo(torch.float32).tiny)
-    return torch.exp2(torch.ceil(torch.log2(amax / max_code)).clamp(min=-127.0))
+    # exact ceil(log2(v)) from the float's bits, as the reference's fast_log2_ceil: v = m * 2**e, m in [0.5, 1)
+    mantissa, exponent = torch.frexp(amax / max_code)
+    ceil_log2 = exponent - (mantissa == 0.5).to(exponent.dtype)
+    return torch.exp2(ceil_log2.float().clamp(min=-127.0))
 
 
 def scale_to_ue8m0(scale: torch.Tensor) -> torch.Tensor:

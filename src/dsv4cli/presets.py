@@ -42,3 +42,19 @@ def get_preset(name: str) -> ModelArgs:
         return PRESETS[name]
     except KeyError:
         raise UsageError(f"unknown model preset {name!r}", f"choose one of: {', '.join(PRESETS)}") from None
+
+
+def shrink(args: ModelArgs, layers: int | None = None, experts: int | None = None) -> ModelArgs:
+    """`args` with fewer layers (the layer schedule cut to fit) and/or a different expert count."""
+    if layers is not None:
+        if layers < 1:
+            raise UsageError("--layers must be at least 1")
+        if layers > args.n_layers:
+            raise UsageError(f"--layers {layers} exceeds the model's {args.n_layers} layers")
+        ratios = (*args.compress_ratios[:layers], *args.compress_ratios[args.n_layers:])
+        args = args.replace(n_layers=layers, compress_ratios=ratios, n_hash_layers=min(args.n_hash_layers, layers))
+    if experts is not None:
+        if experts < args.n_activated_experts:
+            raise UsageError(f"--experts must be at least {args.n_activated_experts}")
+        args = args.replace(n_routed_experts=experts)
+    return args

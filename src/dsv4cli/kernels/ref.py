@@ -93,23 +93,36 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     processed in chunks so the gathered rows stay under `max_chunk_bytes`.
     """
     b, s, h, d = q.shape
-    k = topk_idxs.shape[-1]
-    out = torch.empty_like(q)
-    step = max(1, max_chunk_bytes // max(1, b * k * d * 4))
+    n, k = kv.shape[1], topk_idxs.shape[-1]
+    # Index lists hold no duplicates, so attending densely over all N rows with the listed ones
+    # unmasked is the same sum; it is cheaper than gathering K rows per query when N is small.
+    dense = n <= 2 * k
+    out = []
+    per_query = (n * h if dense else k * d) * 4
+    step = max(1, max_chunk_bytes // max(1, b * per_query))
     sink = attn_sink.float().view(1, 1, h)
+    kv_f = kv.float()
     for start in range(0, s, step):
         idx = topk_idxs[:, start:start + step]
         valid = idx >= 0
-        rows = torch.gather(kv.float(), 1, idx.clamp(min=0).flatten(1)[..., None].expand(-1, -1, d))
-        rows = rows.view(b, idx.shape[1], k, d)
-        logits = torch.einsum("bshd,bskd->bshk", q[:, start:start + step].float(), rows) * softmax_scale
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        qs = q[:, start:start + step].float()
+        if dense:
+            rows = kv_f
+            allowed = torch.zeros(b, idx.shape[1], n + 1, dtype=torch.bool, device=q.device)
+            allowed.scatter_(2, torch.where(valid, idx, n), True)
+            logits = torch.einsum("bshd,bnd->bshn", qs, rows) * softmax_scale
+            logits = logits.masked_fill(~allowed[:, :, None, :n], float("-inf"))
+        else:
+            rows = torch.gather(kv_f, 1, idx.clamp(min=0).flatten(1)[..., None].expand(-1, -1, d))
+            rows = rows.view(b, idx.shape[1], k, d)
+            logits = torch.einsum("bshd,bskd->bshk", qs, rows) * softmax_scale
+            logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
         peak = torch.maximum(logits.amax(-1), sink)
         probs = torch.exp(logits - peak[..., None])
         denom = probs.sum(-1) + torch.exp(sink - peak)
-        o = torch.einsum("bshk,bskd->bshd", probs, rows) / denom[..., None]
-        out[:, start:start + step] = o.to(q.dtype)
-    return out
+        pattern = "bshn,bnd->bshd" if dense else "bshk,bskd->bshd"
+        out.append((torch.einsum(pattern, probs, rows) / denom[..., None]).to(q.dtype))
+    return torch.cat(out, dim=1)
 
 
 def kv_fp8_quant(x: torch.Tensor, rope_head_dim: int) -> torch.Tensor:

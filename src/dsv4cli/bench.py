@@ -1,0 +1,669 @@
+"""`dsv4 bench` as a service: llama-bench-style prompt-processing / token-generation throughput.
+
+For each context depth `d` the cache is first filled with `d` tokens of a fixed synthetic trace
+(not timed), then:
+
+* `pp N`: prefill N more tokens (tok/s = N / prefill time);
+* `tg N`: feed one token, then decode N tokens greedily (tok/s = N / time of the N decode steps).
+
+Every measurement starts from the same cache state at position `d` (a snapshot of the fill),
+after one warm-up run that is not counted. Token traces come from a seeded generator, so two
+arms (e.g. kernels on/off) see identical inputs. Runs go through `Engine.generate`, the same
+path as `dsv4 chat`; this module never imports the CLI.
+
+Achieved bandwidth (tg only), gpt-fast's "bandwidth achieved":
+``bytes per decoded token x tok/s``, where bytes per decoded token = every dense weight of the
+trunk (attention, compressors, indexers, routers, shared experts, norms, mHC, output head; one
+row of the lookup tables `embed` and `tid2eid`) + experts_per_token x bytes of one routed expert
+x layers, all as stored in the checkpoint. It is compared with the machine's memory bandwidth,
+measured once per run with STREAM-like copy and triad loops.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv4cli import __version__, kernels
+from dsv4cli.engine import Engine
+from dsv4cli.errors import DsvError, UsageError
+from dsv4cli.events import GenerationStats
+from dsv4cli.io.checkpoint import INDEX_NAME
+from dsv4cli.io.schema import checkpoint_specs
+from dsv4cli.model.args import ModelArgs
+from dsv4cli.paths import cache_dir
+from dsv4cli.render_info import human_bytes, human_count
+from dsv4cli.sampling import SamplingParams
+
+SCHEMA = "dsv4-bench/1"
+GREEDY = SamplingParams(temperature=0)
+OUTPUTS = ("md", "json")
+#: tensors looked up by token id: a decoded token reads one row of them, not the whole table
+LOOKUP_TABLES = ("embed.weight", ".tid2eid")
+DEFAULT_STREAM_BYTES = 128 << 20
+STREAM_REPEATS = 5
+
+Progress = Callable[[str], None]
+
+
+# ======================================================================= settings
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure. `model=None` and `synth=None` means the built-in demo model."""
+
+    model: str | None = None
+    synth: str | None = None  # preset name: bench a random checkpoint of it
+    layers: int | None = None  # --synth overrides, as in `dsv4 synth`
+    experts: int | None = None
+    prompt_tokens: tuple[int, ...] = (512,)
+    gen_tokens: tuple[int, ...] = (128,)
+    depths: tuple[int, ...] = (0,)
+    repetitions: int = 3
+    ctx: int | None = None  # None: just what the tests need
+    threads: int | None = None  # None: torch's default
+    seed: int = 0
+    warmup: bool = True
+    stream_bytes: int = DEFAULT_STREAM_BYTES  # size of each array of the memory-bandwidth test
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.synth is not None:
+            raise UsageError("give either MODEL or --synth, not both")
+        if self.synth is None and (self.layers is not None or self.experts is not None):
+            raise UsageError("--layers and --experts only apply to --synth")
+        _check_counts("-p", self.prompt_tokens, minimum=1)
+        _check_counts("-n", self.gen_tokens, minimum=1)
+        _check_counts("-d", self.depths, minimum=0)
+        if self.repetitions < 1:
+            raise UsageError(f"-r must be at least 1, got {self.repetitions}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.stream_bytes < 4096:
+            raise UsageError("the memory-bandwidth arrays must be at least 4 KiB")
+        if self.ctx is not None:
+            check_context(self, self.ctx)
+
+    @property
+    def context(self) -> int:
+        return self.ctx if self.ctx is not None else required_context(self)
+
+
+def _check_counts(flag: str, values: tuple[int, ...], minimum: int) -> None:
+    if not values:
+        raise UsageError(f"{flag} needs at least one value")
+    bad = [v for v in values if v < minimum]
+    if bad:
+        raise UsageError(f"{flag} values must be at least {minimum}, got {bad[0]}")
+
+
+def required_context(settings: BenchSettings) -> int:
+    """Cache size the tests need: pp at depth d holds d + p tokens and samples one more;
+    tg feeds one token at depth d, then decodes n (the engine keeps room for the last one)."""
+    return max(settings.depths) + max(max(settings.prompt_tokens) + 1, max(settings.gen_tokens) + 2)
+
+
+def check_context(settings: BenchSettings, ctx: int) -> None:
+    depth, prompt, gen = max(settings.depths), max(settings.prompt_tokens), max(settings.gen_tokens)
+    need = required_context(settings)
+    if ctx < need:
+        test = f"pp{prompt}" if prompt + 1 >= gen + 2 else f"tg{gen}"
+        raise UsageError(f"{test} at depth {depth} needs a context of {need} tokens, --ctx is {ctx}",
+                         f"raise --ctx to at least {need}, or leave it out")
+
+
+def parse_counts(flag: str, text: str) -> tuple[int, ...]:
+    """'0,4096' -> (0, 4096) (llama-bench style comma lists)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag} needs at least one value")
+    return values
+
+
+# ======================================================================= results
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """Weight bytes read per decoded token (see the module docstring for the formula)."""
+
+    dense: int  # trunk weights except routed experts; lookup tables count one row
+    expert: int  # one routed expert (w1, w2, w3 and their scales)
+    experts_per_token: int
+    layers: int
+    lookup_tables_skipped: int  # bytes of embed/tid2eid tables that a token does not read
+
+    @property
+    def routed(self) -> int:
+        return self.experts_per_token * self.expert * self.layers
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.routed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "routed": self.routed, "total": self.total,
+                "formula": "dense + experts_per_token * expert * layers"}
+
+
+@dataclass(frozen=True)
+class MemoryBandwidth:
+    """Best-of-N STREAM-like rates on the model's device, in bytes per second."""
+
+    copy: float
+    triad: float
+    array_bytes: int
+    device: str
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"copy_gb_s": self.copy / 1e9, "triad_gb_s": self.triad / 1e9, "array_bytes": self.array_bytes,
+                "device": self.device, "threads": self.threads}
+
+
+@dataclass
+class TestResult:
+    test: str  # "pp" or "tg"
+    tokens: int
+    depth: int
+    seconds: list[float] = field(default_factory=list)  # one per timed repetition
+    warmup_seconds: float | None = None
+    start_position: int = 0  # cache position when the timed part began (= depth)
+    end_position: int = 0
+    reused_tokens: int = 0  # prompt tokens the engine took from the cache (= depth)
+    expert_cache_hit_rate: float | None = None
+    peak_memory_bytes: int = 0
+    bytes_per_token: int | None = None  # tg only
+    reference_bandwidth: float | None = None  # measured triad bytes/s
+
+    @property
+    def label(self) -> str:
+        return f"{self.test}{self.tokens}"
+
+    @property
+    def samples(self) -> list[float]:
+        return [self.tokens / s for s in self.seconds]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Achieved bytes/s (tg only)."""
+        return None if self.bytes_per_token is None else self.bytes_per_token * self.mean
+
+    @property
+    def bandwidth_ratio(self) -> float | None:
+        if self.bandwidth is None or not self.reference_bandwidth:
+            return None
+        return self.bandwidth / self.reference_bandwidth
+
+    def to_dict(self) -> dict[str, Any]:
+        bandwidth = self.bandwidth
+        return {
+            "test": self.test, "label": self.label, "tokens": self.tokens, "depth": self.depth,
+            "tokens_per_second": self.mean, "tokens_per_second_std": self.std,
+            "samples_tokens_per_second": self.samples, "seconds": self.seconds,
+            "warmup_seconds": self.warmup_seconds, "start_position": self.start_position,
+            "end_position": self.end_position, "reused_tokens": self.reused_tokens,
+            "bytes_per_token": self.bytes_per_token,
+            "bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
+            "bandwidth_ratio": self.bandwidth_ratio,
+            "expert_cache_hit_rate": self.expert_cache_hit_rate, "peak_memory_bytes": self.peak_memory_bytes,
+        }
+
+
+@dataclass
+class BenchReport:
+    date: str
+    machine: dict[str, Any]
+    versions: dict[str, str]
+    kernels: dict[str, str]
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    token_bytes: TokenBytes
+    memory_bandwidth: MemoryBandwidth
+    results: list[TestResult]
+    peak_memory_kind: str  # "rss" or "cuda"
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return max((r.peak_memory_bytes for r in self.results), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "date": self.date, "machine": self.machine, "versions": self.versions,
+            "kernels": self.kernels, "model": self.model, "settings": self.settings,
+            "bytes_per_token": self.token_bytes.to_dict(), "memory_bandwidth": self.memory_bandwidth.to_dict(),
+            "peak_memory_bytes": self.peak_memory_bytes, "peak_memory_kind": self.peak_memory_kind,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+# ======================================================================= model sources
+
+
+def synth_root() -> Path:
+    """Where `--synth` checkpoints are kept between runs (same preset + seed = same files)."""
+    return cache_dir() / "bench"
+
+
+def synthetic_args(preset: str, layers: int | None = None, experts: int | None = None) -> ModelArgs:
+    """A preset with `dsv4 synth`'s --layers/--experts overrides applied."""
+    from dsv4cli.presets import get_preset, shrink
+
+    return shrink(get_preset(preset), layers, experts)
+
+
+def synthetic_checkpoint(preset: str, layers: int | None = None, experts: int | None = None, seed: int = 0,
+                         root: Path | None = None) -> Path:
+    """A random checkpoint of `preset`, written once into the cache and reused afterwards."""
+    from dsv4cli.io.writer import write_random_checkpoint
+
+    args = synthetic_args(preset, layers, experts)
+    digest = hashlib.sha256(repr(args).encode()).hexdigest()[:10]
+    path = (root or synth_root()) / f"{preset}-s{seed}-{digest}"
+    if (path / INDEX_NAME).is_file():
+        return path
+    return write_random_checkpoint(args, path, seed=seed, overwrite=True)
+
+
+def synthetic_label(preset: str, layers: int | None = None, experts: int | None = None) -> str:
+    """'synth:tiny', 'synth:flash-slice-L2-E8'."""
+    overrides = "".join(f"-{flag}{v}" for flag, v in (("L", layers), ("E", experts)) if v is not None)
+    return f"synth:{preset}{overrides}"
+
+
+def model_source(settings: BenchSettings) -> tuple[Path, str, str]:
+    """(checkpoint directory, display name, kind: demo | synthetic | checkpoint)."""
+    if settings.synth is not None:
+        path = synthetic_checkpoint(settings.synth, settings.layers, settings.experts, settings.seed)
+        return path, synthetic_label(settings.synth, settings.layers, settings.experts), "synthetic"
+    from dsv4cli.chat import resolve_model_dir
+
+    path, is_demo = resolve_model_dir(settings.model)
+    return path, ("demo" if is_demo else path.name), ("demo" if is_demo else "checkpoint")
+
+
+# ======================================================================= measurement
+
+
+def decoded_token_bytes(args: ModelArgs) -> TokenBytes:
+    """Weight bytes one decoded token reads (trunk only: the engine does not run the MTP layer)."""
+    from dsv4cli.runtime.placement import model_bytes
+
+    dense_all, expert = model_bytes(args)
+    specs = checkpoint_specs(args, include_mtp=False, experts=range(0))
+    skipped = sum(s.nbytes - s.nbytes // s.shape[0] for name, s in specs.items()
+                  if any(name.endswith(t) for t in LOOKUP_TABLES))
+    return TokenBytes(dense=dense_all - skipped, expert=expert, experts_per_token=args.n_activated_experts,
+                      layers=args.n_layers, lookup_tables_skipped=skipped)
+
+
+@dataclass(frozen=True)
+class Traces:
+    """Fixed synthetic tokens: a fill (prefixes give every depth), a pp prompt, a tg start token."""
+
+    fill: list[int]
+    prompt: list[int]
+    decode_start: int
+
+    @classmethod
+    def make(cls, vocab_size: int, fill_len: int, prompt_len: int, seed: int) -> Traces:
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab_size, (fill_len + prompt_len + 1,), generator=gen).tolist()
+        return cls(tokens[:fill_len], tokens[fill_len:fill_len + prompt_len], tokens[-1])
+
+
+def _final_stats(events: Iterator) -> GenerationStats:
+    """Drain `Engine.generate`; its last event is the stats."""
+    last = collections.deque(events, maxlen=1)
+    if not last or not isinstance(last[0], GenerationStats):
+        raise RuntimeError("the engine did not report its stats")
+    return last[0]
+
+
+@dataclass
+class _Fill:
+    ids: list[int]
+    snapshot: Any
+
+
+def fill_to_depth(engine: Engine, traces: Traces, depth: int, previous: _Fill | None = None) -> _Fill:
+    """Bring the engine's cache to `depth` trace tokens (continuing from `previous`); not timed."""
+    if previous is not None:
+        rewind(engine, previous)
+    else:
+        engine.reset()
+    if depth > len(engine.cached_ids):
+        _final_stats(engine.generate(traces.fill[:depth], GREEDY, max_tokens=1))
+    if engine.cache.pos != depth or engine.cached_ids != traces.fill[:depth]:
+        raise RuntimeError(f"cache at {engine.cache.pos} after filling to depth {depth}")
+    return _Fill(list(engine.cached_ids), engine.cache.snapshot())
+
+
+def rewind(engine: Engine, fill: _Fill) -> None:
+    """Put the engine back to the state right after `fill` (cache and the ids it holds)."""
+    engine.reset()
+    engine.cache.restore(fill.snapshot)
+    engine.cached_ids = list(fill.ids)
+
+
+def run_once(engine: Engine, fill: _Fill, traces: Traces, test: str, tokens: int) -> tuple[float, GenerationStats]:
+    """One pp or tg run from `fill`; returns (timed seconds, engine stats)."""
+    rewind(engine, fill)
+    if test == "pp":
+        stats = _final_stats(engine.generate([*fill.ids, *traces.prompt[:tokens]], GREEDY, max_tokens=1))
+        return stats.prefill_seconds, stats
+    stats = _final_stats(engine.generate([*fill.ids, traces.decode_start], GREEDY, max_tokens=tokens + 1))
+    if stats.generated_tokens != tokens + 1:
+        raise RuntimeError(f"tg{tokens}: generated {stats.generated_tokens - 1} tokens ({stats.finish_reason})")
+    return stats.decode_seconds, stats
+
+
+def measure(engine: Engine, fill: _Fill, traces: Traces, test: str, tokens: int, settings: BenchSettings,
+            progress: Progress | None = None) -> TestResult:
+    """Warm-up (not counted), then `settings.repetitions` timed runs of one test at one depth."""
+    depth = len(fill.ids)
+    result = TestResult(test, tokens, depth, start_position=fill.snapshot.pos)
+    if settings.warmup:
+        _say(progress, f"{result.label} @ d{depth}: warm-up")
+        result.warmup_seconds, _ = run_once(engine, fill, traces, test, tokens)
+    hit_rates = []
+    for rep in range(settings.repetitions):
+        _say(progress, f"{result.label} @ d{depth}: run {rep + 1}/{settings.repetitions}")
+        seconds, stats = run_once(engine, fill, traces, test, tokens)
+        result.seconds.append(seconds)
+        result.end_position, result.reused_tokens = engine.cache.pos, stats.cached_tokens
+        result.peak_memory_bytes = max(result.peak_memory_bytes, stats.peak_memory_bytes)
+        if stats.expert_cache_hit_rate is not None:
+            hit_rates.append(stats.expert_cache_hit_rate)
+    result.expert_cache_hit_rate = statistics.fmean(hit_rates) if hit_rates else None
+    return result
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def measure_memory_bandwidth(device: torch.device, array_bytes: int = DEFAULT_STREAM_BYTES,
+                             repeats: int = STREAM_REPEATS) -> MemoryBandwidth:
+    """STREAM-like copy (a = b: 2 x N x 4 bytes) and triad (a = b + 3c: 3 x N x 4 bytes), best of `repeats`."""
+    n = max(array_bytes // 4, 1024)
+    a = torch.zeros(n, device=device)
+    b = torch.full((n,), 1.0, device=device)
+    c = torch.full((n,), 2.0, device=device)
+    copy = _best_rate(lambda: a.copy_(b), 2 * n * 4, repeats, device)
+    triad = _best_rate(lambda: torch.add(b, c, alpha=3.0, out=a), 3 * n * 4, repeats, device)
+    return MemoryBandwidth(copy, triad, n * 4, str(device), torch.get_num_threads())
+
+
+def _best_rate(kernel: Callable[[], object], nbytes: int, repeats: int, device: torch.device) -> float:
+    best = float("inf")
+    kernel()  # touch the pages / warm up
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        kernel()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / max(best, 1e-9)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def thread_count(threads: int | None) -> Iterator[int]:
+    """Use `threads` for torch (and the native CPU kernels, if present) while active."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        _native_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
+            _native_threads(None)
+
+
+def _native_threads(threads: int | None) -> None:
+    try:
+        from dsv4cli.kernels import cpu
+    except ImportError:
+        return
+    setter = getattr(cpu, "set_threads", None)
+    if setter is not None:
+        setter(threads)
+
+
+# ======================================================================= environment
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    return {"cpu": cpu_model(), "cores": os.cpu_count() or 0, "usable_cores": _usable_cores(),
+            "ram_bytes": ram_bytes(), "gpu": gpu_name(), "threads": threads, "os": platform.platform()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 0
+
+
+def ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def gpu_name() -> str | None:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def versions() -> dict[str, str]:
+    return {"dsv4": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ======================================================================= the benchmark
+
+
+def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchReport:
+    """Load the model, run every (depth, test) with repetitions, measure memory bandwidth."""
+    from dsv4cli.describe import summarize
+    from dsv4cli.loader import load_model
+
+    path, name, kind = model_source(settings)
+    _say(progress, f"loading {name}")
+    model, checkpoint = load_model(path)
+    try:
+        with thread_count(settings.threads) as threads, torch.inference_mode():
+            engine = Engine(model, max_context=settings.context)
+            if model.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(model.device)
+            results = run_tests(engine, settings, progress)
+            _say(progress, "measuring memory bandwidth")
+            bandwidth = measure_memory_bandwidth(model.device, settings.stream_bytes)
+            machine = machine_info(threads)
+    finally:
+        checkpoint.close()
+    args = model.args
+    token_bytes = decoded_token_bytes(args)
+    for result in results:
+        if result.test == "tg":
+            result.bytes_per_token, result.reference_bandwidth = token_bytes.total, bandwidth.triad
+    summary = summarize(args)
+    model_info = {"name": name, "kind": kind, "path": str(path), "size_bytes": summary.bytes_total,
+                  "params": summary.params_total, "params_active": summary.params_active, "layers": args.n_layers,
+                  "routed_experts": args.n_routed_experts, "experts_per_token": args.n_activated_experts,
+                  "expert_dtype": args.expert_dtype, "device": str(model.device)}
+    return BenchReport(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), machine=machine,
+        versions=versions(), kernels=kernels.active(), model=model_info, settings=_settings_dict(settings, engine),
+        token_bytes=token_bytes, memory_bandwidth=bandwidth, results=results,
+        peak_memory_kind="cuda" if model.device.type == "cuda" else "rss")
+
+
+def run_tests(engine: Engine, settings: BenchSettings, progress: Progress | None = None) -> list[TestResult]:
+    traces = Traces.make(engine.model.args.vocab_size, max(settings.depths), max(settings.prompt_tokens),
+                         settings.seed)
+    tests = [("pp", p) for p in dict.fromkeys(settings.prompt_tokens)]
+    tests += [("tg", n) for n in dict.fromkeys(settings.gen_tokens)]
+    results, fill = [], None
+    for depth in sorted(set(settings.depths)):
+        _say(progress, f"filling the cache to depth {depth}")
+        fill = fill_to_depth(engine, traces, depth, fill)
+        results += [measure(engine, fill, traces, test, n, settings, progress) for test, n in tests]
+    return results
+
+
+def _settings_dict(settings: BenchSettings, engine: Engine) -> dict[str, Any]:
+    return {"prompt_tokens": list(settings.prompt_tokens), "gen_tokens": list(settings.gen_tokens),
+            "depths": sorted(set(settings.depths)), "repetitions": settings.repetitions, "ctx": engine.max_context,
+            "seed": settings.seed, "warmup": settings.warmup, "prefill_chunk": engine.prefill_chunk,
+            "sampling": "greedy"}
+
+
+# ======================================================================= output
+
+
+def short_kernels(active: dict[str, str]) -> str:
+    """'linear=cpu, others ref' style summary of `kernels.active()`."""
+    impl = {op: qualname.removeprefix("dsv4cli.kernels.").split(".")[0] for op, qualname in active.items()}
+    common = max(set(impl.values()), key=list(impl.values()).count) if impl else "-"
+    special = [f"{op}={name}" for op, name in impl.items() if name != common]
+    return ", ".join([*special, f"{'others' if special else 'all'} {common}"])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def table_rows(report: BenchReport) -> list[list[str]]:
+    size, params = human_bytes(report.model["size_bytes"]), human_count(report.model["params"])
+    rows = []
+    for r in report.results:
+        bandwidth = r.bandwidth
+        rows.append([report.model["name"], size, params, r.label, str(r.depth), f"{r.mean:.2f} ± {r.std:.2f}",
+                     "-" if bandwidth is None else f"{bandwidth / 1e9:.2f}", _fmt_ratio(r.bandwidth_ratio),
+                     _fmt_ratio(r.expert_cache_hit_rate)])
+    return rows
+
+
+TABLE_HEADER = ["model", "size", "params", "test", "depth", "t/s", "GB/s", "of mem BW", "experts hit"]
+_RIGHT_ALIGNED = {1, 2, 4, 5, 6, 7, 8}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in _RIGHT_ALIGNED else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if i in _RIGHT_ALIGNED else "-" * w
+                             for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def render_markdown(report: BenchReport) -> str:
+    m, v, s = report.machine, report.versions, report.settings
+    tb, bw = report.token_bytes, report.memory_bandwidth
+    gpu = m["gpu"] or "none"
+    header = [
+        f"machine: {m['cpu']} · {m['cores']} cores · {human_bytes(m['ram_bytes'])} RAM · GPU: {gpu}",
+        f"versions: dsv4 {v['dsv4']} · torch {v['torch']} · python {v['python']}",
+        f"kernels: {short_kernels(report.kernels)}",
+        f"date: {report.date} · {_plural(m['threads'], 'thread')} · ctx {s['ctx']} · "
+        f"{_plural(s['repetitions'], 'run')} (+{1 if s['warmup'] else 0} warm-up) · seed {s['seed']} · greedy",
+    ]
+    footer = [
+        f"bytes per decoded token: {human_bytes(tb.total)} = dense {human_bytes(tb.dense)} + "
+        f"{tb.experts_per_token} experts × {human_bytes(tb.expert)} × {tb.layers} layers "
+        "(embedding and hash tables: one row)",
+        f"memory bandwidth (measured, {_plural(bw.threads, 'thread')}, {bw.array_bytes / 2**20:g} MiB arrays): "
+        f"triad {bw.triad / 1e9:.2f} GB/s, copy {bw.copy / 1e9:.2f} GB/s; \"of mem BW\" = tg GB/s / triad",
+        f"peak memory: {human_bytes(report.peak_memory_bytes)} ({report.peak_memory_kind.upper()})",
+    ]
+    table = markdown_table(TABLE_HEADER, table_rows(report))
+    return "\n".join([*(f"- {h}" for h in header), "", table, "", *(f"- {f}" for f in footer)])
+
+
+def require_matplotlib() -> None:
+    """Fail early (before benchmarking) when --plot cannot be honoured."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise DsvError("--plot needs matplotlib, which is not installed", "install matplotlib or drop --plot") from None
+
+
+def write_plot(report: BenchReport, out: str | Path) -> Path:
+    """tok/s against context depth, one series per test (pp panel, tg panel); written atomically."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out)
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, kind, title in zip(figure.subplots(1, 2), ("pp", "tg"), ("prompt processing", "token generation"),
+                                 strict=True):
+        for label in dict.fromkeys(r.label for r in report.results if r.test == kind):
+            series = [r for r in report.results if r.label == label]
+            axes.errorbar([r.depth for r in series], [r.mean for r in series], yerr=[r.std for r in series],
+                          marker="o", capsize=3, label=label)
+        axes.set(title=title, xlabel="context depth (tokens)", ylabel="tokens / s")
+        axes.set_ylim(bottom=0)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(f"dsv4 bench · {report.model['name']} · {report.machine['cpu']}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(tmp, format=(out.suffix.lstrip(".") or "png"))
+        tmp.replace(out)
+    except OSError as exc:
+        raise DsvError(f"cannot write the plot {out}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

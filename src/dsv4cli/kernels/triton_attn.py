@@ -1,0 +1,94 @@
+"""Triton sparse attention over per-query index lists, with the attention sink (spec §2.3 step 5, §6.1).
+
+Twin of `ref.sparse_attn`. One program per (batch, query token, block of heads): the query heads
+share the token's index list, so each block of BLOCK_N indices gathers its KV rows once and
+feeds an online softmax (running max starts at the sink logit, so rows whose indices are all -1
+give exactly 0). K = V (the full head dim, RoPE dims included); the sink enters only the
+denominator, unscaled, with no value vector. Logits and the output accumulate in float32.
+Rows are gathered per listed index, as in the official kernel (a repeated index would count twice;
+the model's lists never repeat one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4cli.kernels import ref
+from dsv4cli.kernels.triton_quant import INTERPRET, cast_rne, dot_dtype, dot_precision, jit, runs_here, tl, triton
+
+
+@jit
+def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, S, H, N, K, D, softmax_scale,
+                        stride_qb, stride_qs, stride_qh, stride_kb, stride_kn, stride_ib, stride_is,
+                        stride_ob, stride_os, stride_oh,
+                        DOT: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b,s,h] = sum_i p_i kv[b, idx_i] / (sum_i p_i + exp(sink_h - m)), p_i = exp(scale q.kv_i - m)."""
+    b = tl.program_id(0) // S
+    s = tl.program_id(0) % S
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    h_ok, d_ok = h < H, d < D
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + s.to(tl.int64) * stride_qs + h[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32).to(DOT)
+    m = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
+    sink = m
+    denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    idx_row = idx_ptr + b.to(tl.int64) * stride_ib + s.to(tl.int64) * stride_is
+    kv_base = kv_ptr + b.to(tl.int64) * stride_kb
+    for n0 in range(0, K, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        idx = tl.load(idx_row + n, mask=n < K, other=-1)
+        valid = (idx >= 0) & (idx < N)
+        rows = tl.load(kv_base + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_kn + d[None, :],
+                       mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32).to(DOT)
+        logits = tl.dot(q, tl.trans(rows), input_precision=PRECISION) * softmax_scale
+        logits = tl.where(valid[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(logits - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(DOT), rows, acc * alpha[:, None], input_precision=PRECISION)
+        m = m_new
+    denom += tl.exp(sink - m)
+    out = acc / denom[:, None]
+    o_rows = out_ptr + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h[:, None] * stride_oh
+    tl.store(o_rows + d[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+
+
+def _blocks(h: int, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, BLOCK_D, num_warps): heads padded to >= 16 like the official kernel."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if INTERPRET:
+        return 16, 16, block_d, 4
+    block_n = 64 if block_d <= 128 else 32
+    return 16, block_n, block_d, 4 if block_d <= 128 else 8
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                softmax_scale: float, max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """Registry op (twin of `ref.sparse_attn`): q [B,S,H,D], kv [B,N,D], attn_sink [H], topk_idxs
+    [B,S,K] (-1 = skip) -> [B,S,H,D] in q's dtype. `max_chunk_bytes` is the reference's knob (unused)."""
+    if not runs_here(q, kv, topk_idxs):
+        return ref.sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale, max_chunk_bytes)
+    b, s, h, d = q.shape
+    n, k = kv.shape[1], topk_idxs.shape[-1]
+    out = torch.empty((b, s, h, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    idx = topk_idxs if topk_idxs.stride(-1) == 1 else topk_idxs.contiguous()
+    idx = idx.expand(b, s, k)
+    sink = attn_sink.float().contiguous()
+    block_h, block_n, block_d, warps = _blocks(h, d)
+    grid = (b * s, triton.cdiv(h, block_h))
+    _sparse_attn_kernel[grid](
+        q, kv, sink, idx, out, s, h, n, k, d, float(softmax_scale),
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        DOT=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+    )
+    return out
