@@ -178,3 +178,23 @@ def test_loading_from_disk_equals_in_memory_and_is_zero_copy(tiny_checkpoint):
         weight = model.layers[1].ffn.experts[3].w1.weight
         assert weight.data_ptr() == checkpoint.get("layers.1.ffn.experts.3.w1.weight").data_ptr()
         assert len(model.mtp) == 1
+
+
+def test_native_cpu_kernels_give_the_reference_logits():
+    from dsv4cli import kernels
+    from dsv4cli.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no C++ compiler for the native kernels")
+    ids = tokens("tiny", batch=1, seq=40)
+    try:
+        kernels.reset()
+        with torch.no_grad():
+            reference = tiny_model("tiny", OFFICIAL).full_logits(ids)
+        kernels.select("cpu")
+        assert "cpu" in kernels.active()["moe_experts"]
+        with torch.no_grad():
+            native = tiny_model("tiny", OFFICIAL).full_logits(ids)
+    finally:
+        kernels.reset()
+    assert (native - reference).abs().max().item() < 1e-3 * reference.abs().max().item()

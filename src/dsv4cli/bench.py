@@ -511,6 +511,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
     from dsv4cli.loader import load_model
 
     path, name, kind = model_source(settings)
+    for notice in kernels.select():
+        _say(progress, notice)
     _say(progress, f"loading {name}")
     model, checkpoint = load_model(path)
     try:

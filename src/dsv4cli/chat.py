@@ -56,8 +56,14 @@ def resolve_model_dir(model: str | None) -> tuple[Path, bool]:
     return local.path, False
 
 
-def open_model(model: str | None, numerics: Numerics | None = None) -> OpenModel:
+def open_model(model: str | None, numerics: Numerics | None = None, notices: list[str] | None = None) -> OpenModel:
+    """Load a model for chatting; kernel-selection notices (e.g. no compiler) are appended to `notices`."""
+    from dsv4cli import kernels
+
     path, is_demo = resolve_model_dir(model)
+    messages = kernels.select()
+    if notices is not None:
+        notices.extend(messages)
     tokenizer = Tokenizer.from_dir(path)
     net, checkpoint = load_model(path, numerics)
     if tokenizer.vocab_size > net.args.vocab_size:

@@ -135,7 +135,8 @@ def chat(
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
-    opened = open_model(model)
+    notices: list[str] = []
+    opened = open_model(model, notices=notices)
     settings = ChatSettings(mode=think, system=system, sampling=sampling,
                             max_tokens=max_tokens or (256 if opened.is_demo else 8192),
                             reasoning_budget=reasoning_budget if reasoning_budget is not None else
@@ -145,12 +146,14 @@ def chat(
         from dsv4cli.repl import run_repl
 
         renderer = make_renderer("tty", show_thinking=thinking_view, markdown=not no_markdown)
+        for notice in notices:
+            renderer.warning(notice)
         raise typer.Exit(run_repl(session, renderer, banner=opened.label, use_history=not no_history))
     renderer = make_renderer("json") if as_json else make_renderer("plain", show_thinking=show_thinking,
                                                                       verbose=verbose)
-    warning = session.think_max_warning()
-    if warning:
-        renderer.warning(warning)
+    for warning in [*notices, session.think_max_warning()]:
+        if warning:
+            renderer.warning(warning)
     if opened.is_demo and not as_json:
         renderer.notice(f"using the {opened.label}")
     raise typer.Exit(run_prompt(session, text, renderer))

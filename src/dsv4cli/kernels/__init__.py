@@ -2,16 +2,20 @@
 
 The model calls these functions only; `ref` (plain PyTorch) is always available and
 is the oracle for the fast implementations. `use(name, fn)` swaps one op (how the
-CPU and Triton kernels register themselves); `reset()` goes back to the reference.
+CPU and Triton kernels register themselves); `reset()` goes back to the reference;
+`select()` picks the fastest available set (`DSV4_KERNELS=auto|ref|cpu|triton`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from dsv4cli.kernels import ref
 
-OPS = ("linear", "swiglu_expert", "hc_split_sinkhorn", "sparse_attn", "kv_fp8_quant", "indexer_fp4_quant")
+OPS = ("linear", "swiglu_expert", "moe_experts", "hc_split_sinkhorn", "sparse_attn", "kv_fp8_quant",
+       "indexer_fp4_quant")
+MODES = ("auto", "ref", "cpu", "triton")
 
 _active: dict[str, Callable] = {}
 
@@ -33,12 +37,52 @@ def active() -> dict[str, str]:
     return {name: f"{fn.__module__}.{fn.__qualname__}" for name, fn in _active.items()}
 
 
+def select(mode: str | None = None) -> list[str]:
+    """Route ops to the fastest implementations available; returns notices for the user.
+
+    `auto` (default): native CPU kernels when they build, Triton kernels when CUDA and
+    Triton are present, the reference otherwise (with a notice saying why). An explicit
+    `cpu` or `triton` that cannot be honoured raises.
+    """
+    from dsv4cli.errors import UsageError
+
+    mode = (mode or os.environ.get("DSV4_KERNELS") or "auto").lower()
+    if mode not in MODES:
+        raise UsageError(f"DSV4_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+    reset()
+    notices: list[str] = []
+    if mode == "ref":
+        return notices
+    if mode in ("auto", "cpu"):
+        from dsv4cli.kernels import cpu
+
+        try:
+            cpu.load()
+            cpu.register()
+        except Exception as exc:  # a missing compiler must not stop `auto` from running
+            if mode == "cpu":
+                raise
+            notices.append(f"native CPU kernels unavailable ({exc}); using the slower reference kernels")
+    if mode in ("auto", "triton"):
+        from dsv4cli.kernels import triton_ops
+
+        if triton_ops.available():
+            triton_ops.register()
+        elif mode == "triton":
+            raise UsageError("DSV4_KERNELS=triton needs a CUDA GPU and the triton package")
+    return notices
+
+
 def linear(*args, **kwargs):
     return _active["linear"](*args, **kwargs)
 
 
 def swiglu_expert(*args, **kwargs):
     return _active["swiglu_expert"](*args, **kwargs)
+
+
+def moe_experts(*args, **kwargs):
+    return _active["moe_experts"](*args, **kwargs)
 
 
 def hc_split_sinkhorn(*args, **kwargs):

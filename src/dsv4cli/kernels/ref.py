@@ -64,6 +64,25 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2
     return linear(hidden.to(x.dtype), w2, s2, act_quant).float()
 
 
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts, swiglu_limit: float,
+                act_quant: bool) -> torch.Tensor:
+    """Sum of the selected routed experts' outputs, float32 [N, D] (spec §2.8).
+
+    x [N, D], weights/indices [N, k]; `experts.experts[e]` = (w1, s1, w2, s2, w3, s3) of expert e
+    (an `ExpertTable`). One batched `swiglu_expert` call per expert that any token selected.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    counts = torch.bincount(indices.flatten(), minlength=len(experts.experts)).tolist()
+    for expert_id, count in enumerate(counts):
+        if count == 0:
+            continue
+        token, slot = torch.where(indices == expert_id)
+        w1, s1, w2, s2, w3, s3 = experts.experts[expert_id]
+        y = swiglu_expert(x[token], w1, s1, w2, s2, w3, s3, weights[token, slot, None], swiglu_limit, act_quant)
+        out.index_add_(0, token, y)
+    return out
+
+
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
                       iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC weights from the mixing logits (spec §2.2 step 3): pre [..,n], post [..,n], comb [..,n,n].

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4cli import kernels
+from dsv4cli.kernels.experts import ExpertTable
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.layers import Linear, Numerics, _frozen
 
@@ -74,6 +75,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(Expert(args, args.expert_dtype, numerics)
                                      for _ in range(args.n_routed_experts))
         self.shared_experts = Expert(args, args.dtype, numerics)
+        self._table: ExpertTable | None = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -83,12 +85,14 @@ class MoE(nn.Module):
         return out.to(x.dtype).view(shape)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sum of the selected experts' outputs (float32), one batched call per used expert."""
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
-        for expert_id, count in enumerate(counts):
-            if count == 0:
-                continue
-            token, slot = torch.where(indices == expert_id)
-            out.index_add_(0, token, self.experts[expert_id](x[token], weights[token, slot, None]))
-        return out
+        """Sum of the selected experts' outputs (float32), all experts in one kernel call."""
+        expert = self.experts[0]
+        return kernels.moe_experts(x, weights, indices, self.expert_table(), expert.swiglu_limit,
+                                   expert.w1.act_quant)
+
+    def expert_table(self) -> ExpertTable:
+        """The experts' tensors as one table (built on first use, after the weights are attached)."""
+        if self._table is None:
+            self._table = ExpertTable.from_experts(
+                [(e.w1.weight, e.w1.scale, e.w2.weight, e.w2.scale, e.w3.weight, e.w3.scale) for e in self.experts])
+        return self._table

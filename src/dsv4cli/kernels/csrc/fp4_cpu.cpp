@@ -1,0 +1,782 @@
+// Fast CPU kernels for DeepSeek-V4 FP4 (e2m1) expert weights, reading the packed format directly.
+//
+// Weight format (spec §3.4): int8 [out, in/2], low nibble = element 2i, high nibble = 2i+1;
+// UE8M0 scale bytes [out, in/32], value 2^(byte-127). Nothing is ever dequantized to a matrix:
+// each 64-byte run of a row is decoded in registers and consumed at once, so the kernels stream
+// the packed bytes from memory exactly once per call (memory bandwidth is the limit at decode).
+//
+// Code paths, picked at compile time (the library is built with -march=native):
+//  * AVX-512 BF16 (Zen 4, Sapphire Rapids, Cooper Lake): nibbles -> bf16 words with one vpermw
+//    (a 16-entry table, duplicated so index bit 4 is a don't-care), then vdpbf16ps against the
+//    activations in bf16. Every e2m1 value is exact in bf16 and so is every product, so the result
+//    is an fp32 accumulation like the reference. Activations that are not exactly bf16 (plain fp32
+//    runs) are split into 3 bf16 parts hi+mid+lo that sum to the fp32 value exactly.
+//    The block scale is applied once per 32 inputs with one FMA on the per-block partial sums.
+//  * AVX-512F without BF16 (Skylake-X .. Ice Lake): nibbles -> fp32 with vpermps, FMA in fp32.
+//  * AVX2 + FMA: nibbles -> int8 (2x value) with pshufb, widened to fp32, FMA in fp32.
+//  * portable scalar fallback.
+// Activations are "prepared" once per call (permuted to match the decode order, converted/split),
+// so the inner loops never shuffle activations. Rows are processed a few at a time (a tile) and
+// the next tile's rows are software-prefetched into L2: the hardware prefetchers alone ramp up
+// too slowly on 1-2 KB rows (single-thread DRAM streaming went from ~9 to ~25 GB/s on Zen 4).
+// Work is split into items claimed through an atomic counter (see parallel_items).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <thread>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#define DSV4_PATH_BF16 1
+#elif defined(__AVX512F__)
+#define DSV4_PATH_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DSV4_PATH_AVX2 1
+#else
+#define DSV4_PATH_SCALAR 1
+#endif
+
+namespace {
+
+const float kFp4Values[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// ------------------------------------------------------------------------------- scalar helpers
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// UE8M0 byte -> float (2^(b-127)); byte 0 is the subnormal 2^-127, 255 is +inf like torch.exp2(128).
+inline float ue8m0(uint8_t b) {
+    if (b == 0) return u2f(0x00400000u);
+    return u2f(static_cast<uint32_t>(b) << 23);
+}
+
+// Round to bfloat16 (nearest, ties to even); NaN stays NaN.
+inline uint16_t bf16_bits(float f) {
+    uint32_t u = f2u(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_round(float f) { return u2f(static_cast<uint32_t>(bf16_bits(f)) << 16); }
+
+// float -> float8_e4m3fn -> float, round to nearest even, for |v| <= 448 (the caller clamps).
+inline float e4m3_round(float v) {
+    const float a = std::fabs(v);
+    float r;
+    if (a < 0.015625f) {  // below the smallest normal 2^-6: fixed step 2^-9
+        const float magic = 16384.0f;  // 2^14: adding it rounds to a multiple of 2^-9 (RNE)
+        volatile float t = a + magic;  // volatile: keep the rounding add/sub pair as written
+        r = t - magic;
+    } else {
+        uint32_t u = f2u(a);
+        u += 0x7ffffu + ((u >> 20) & 1u);  // keep 3 mantissa bits, ties to even
+        u &= 0xfff00000u;
+        r = u2f(u);
+    }
+    return std::copysign(r, v);
+}
+
+// Power-of-two scale of formats.pow2_scale(amax, 448, floor=1e-4): 2^ceil(log2(max(amax,1e-4)/448)),
+// with the ceil taken exactly from the float's bits (the reference's fast_log2_ceil).
+inline float fp8_block_scale(float amax) {
+    float a = amax < 1e-4f ? 1e-4f : amax;
+    if (!(a == a)) a = 1e-4f;  // NaN-free guard; torch would propagate NaN
+    int e = 0;
+    const float m = std::frexp(a / 448.0f, &e);  // a / 448 = m * 2^e, m in [0.5, 1)
+    int c = e - (m == 0.5f ? 1 : 0);
+    if (c < -127) c = -127;
+    return std::ldexp(1.0f, c);
+}
+
+// formats.fake_quant_fp8 on one row of n values, blocks of `block`, in place allowed.
+void fake_quant_row(const float* x, int64_t n, int64_t block, float* out) {
+    for (int64_t b0 = 0; b0 < n; b0 += block) {
+        const int64_t b1 = std::min(n, b0 + block);
+        float amax = 0.0f;
+        for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(x[i]));
+        const float s = fp8_block_scale(amax);
+        for (int64_t i = b0; i < b1; ++i) {
+            float q = x[i] / s;
+            q = std::min(448.0f, std::max(-448.0f, q));
+            out[i] = e4m3_round(q) * s;
+        }
+    }
+}
+
+#if defined(__SSE__) || defined(__x86_64__)
+// fp32 paths walk a row in 32-input blocks (16 bytes): at each cache line of row `row`, also
+// fetch the same line of the row one tile ahead, and that row's scales (see gemv_tile, bf16 path).
+inline void prefetch_next_tile(const uint8_t* w, const uint8_t* s, int64_t row, int64_t rb, int64_t sb, int64_t b) {
+    if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + row * rb + 16 * b), _MM_HINT_T1);
+    if ((b & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + row * sb + b), _MM_HINT_T1);
+}
+#endif
+
+// Wait until `c` reaches `target`: spin briefly, then give the CPU away (the thread we wait for
+// may be waiting for this very core on a busy machine).
+inline void wait_for(const std::atomic<int64_t>& c, int64_t target) {
+    for (int spins = 0; c.load(std::memory_order_acquire) < target; ++spins) {
+        if (spins < 2000) {
+#if defined(__x86_64__) || defined(__i386__)
+            _mm_pause();
+#endif
+        } else {
+            std::this_thread::yield();
+        }
+    }
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+template <class T>
+T* aligned_new(size_t n) {
+    size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+    if (bytes == 0) bytes = 64;
+    void* p = std::aligned_alloc(64, bytes);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+}
+
+struct Buf {
+    void* p = nullptr;
+    ~Buf() { std::free(p); }
+};
+
+// ===================================================================================== the paths
+//
+// Each path defines:
+//   XT                      the prepared activation element type
+//   kChunk                  inputs per layout chunk (the K padding unit)
+//   prep_chunk(v, parts, Kp, dst, c)   write chunk c of one prepared row from kChunk floats
+//   gemv_tile<R, TB>(...)   R rows x TB tokens over the whole input dimension
+// A prepared row holds `parts` copies of Kp elements (Kp = K rounded up to kChunk).
+
+#if DSV4_PATH_BF16
+using XT = uint16_t;
+constexpr int64_t kChunk = 128;
+const char* kIsa = "avx512bf16";
+
+// Word 32*v + j of a chunk holds input 4*j + v: the decode below yields exactly that order.
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
+    for (int64_t i = 0; i < kChunk; ++i) {
+        const int64_t pos = c * kChunk + 32 * (i & 3) + (i >> 2);
+        float r = v[i];
+        for (int p = 0; p < parts; ++p) {
+            const uint16_t h = bf16_bits(r);
+            dst[p * Kp + pos] = h;
+            r -= u2f(static_cast<uint32_t>(h) << 16);
+        }
+    }
+}
+
+alignas(64) const uint16_t kBf16Table[32] = {
+    0x0000, 0x3f00, 0x3f80, 0x3fc0, 0x4000, 0x4040, 0x4080, 0x40c0,
+    0x8000, 0xbf00, 0xbf80, 0xbfc0, 0xc000, 0xc040, 0xc080, 0xc0c0,
+    0x0000, 0x3f00, 0x3f80, 0x3fc0, 0x4000, 0x4040, 0x4080, 0x40c0,
+    0x8000, 0xbf00, 0xbf80, 0xbfc0, 0xc000, 0xc040, 0xc080, 0xc0c0};
+
+// vpshufb control: dword i (128-bit lane L = i/4) gets scale byte L into bits 16..23.
+alignas(64) const uint8_t kScaleCtrl[64] = {
+    0x80, 0x80, 0, 0x80, 0x80, 0x80, 0, 0x80, 0x80, 0x80, 0, 0x80, 0x80, 0x80, 0, 0x80,
+    0x80, 0x80, 1, 0x80, 0x80, 0x80, 1, 0x80, 0x80, 0x80, 1, 0x80, 0x80, 0x80, 1, 0x80,
+    0x80, 0x80, 2, 0x80, 0x80, 0x80, 2, 0x80, 0x80, 0x80, 2, 0x80, 0x80, 0x80, 2, 0x80,
+    0x80, 0x80, 3, 0x80, 0x80, 0x80, 3, 0x80, 0x80, 0x80, 3, 0x80, 0x80, 0x80, 3, 0x80};
+
+// R rows x TB tokens over the whole K. w: first row's packed bytes, s: its scale bytes.
+// xs[t]: prepared row of token t; y[t][r] receives the dot product of row r with token t.
+// Decode of 64 bytes: the 32 words w_j = byte(2j) | byte(2j+1) << 8; (w_j >> 4v) & 15 is the
+// nibble of input 4j + v, so four shifts + four vpermw give 128 bf16 weights in a known order.
+// vdpbf16ps pairs words (2i, 2i+1) -> lane i, inputs 8i + v and 8i + 4 + v: block i/4.
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1  // into L2: T0 (L1) measured 2x slower on Zen 4
+#endif
+template <int R, int TB>
+inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp, int parts,
+                      const XT* const* xs, float* const* y, int64_t yoff) {
+    const int64_t rb = K / 2, sb = K / 32;
+    const __m512i tbl = _mm512_load_si512(kBf16Table);
+    const __m512i sctrl = _mm512_load_si512(kScaleCtrl);
+    __m512 acc[R][TB];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+    const int64_t nfull = K / kChunk;
+    const int64_t nchunks = (K + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < nchunks; ++c) {
+        __m512bh v[R][4];
+        __m512 sc[R];
+        for (int r = 0; r < R; ++r) {
+            // The hardware prefetchers ramp up too slowly on 2 KB rows: fetch the same chunk of
+            // the next tile's rows (R rows further on, one tile ahead in time) explicitly.
+            _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * rb + 64 * c), PF_HINT);
+            if (c < (sb + 63) / 64)
+                _mm_prefetch(reinterpret_cast<const char*>(s + (R + r) * sb + 64 * c), PF_HINT);
+            __m512i wr, sr;
+            if (c < nfull) {
+                wr = _mm512_loadu_si512(w + r * rb + 64 * c);
+                int32_t s4;
+                std::memcpy(&s4, s + r * sb + 4 * c, 4);
+                sr = _mm512_set1_epi32(s4);
+            } else {  // tail: K % 128 inputs left (a multiple of 32)
+                const int64_t left = K - c * kChunk;
+                const __mmask64 m = (left / 2 >= 64) ? ~0ull : ((1ull << (left / 2)) - 1);
+                wr = _mm512_maskz_loadu_epi8(m, w + r * rb + 64 * c);
+                const __mmask16 ms = static_cast<__mmask16>((1u << (left / 32)) - 1);
+                __m128i s4 = _mm_maskz_loadu_epi8(ms, s + r * sb + 4 * c);
+                sr = _mm512_broadcastd_epi32(s4);
+            }
+            v[r][0] = (__m512bh)_mm512_permutexvar_epi16(wr, tbl);
+            v[r][1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wr, 4), tbl);
+            v[r][2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wr, 8), tbl);
+            v[r][3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wr, 12), tbl);
+            sc[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_shuffle_epi8(sr, sctrl), 7));
+        }
+        for (int t = 0; t < TB; ++t) {
+            __m512 p[R];
+            for (int r = 0; r < R; ++r) p[r] = _mm512_setzero_ps();
+            for (int q = 0; q < parts; ++q) {
+                const XT* xp = xs[t] + q * Kp + c * kChunk;
+                for (int i = 0; i < 4; ++i) {
+                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * i);
+                    for (int r = 0; r < R; ++r) p[r] = _mm512_dpbf16_ps(p[r], v[r][i], xv);
+                }
+            }
+            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(p[r], sc[r], acc[r][t]);
+        }
+    }
+    for (int t = 0; t < TB; ++t)
+        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+#elif DSV4_PATH_AVX512
+using XT = float;
+constexpr int64_t kChunk = 32;
+const char* kIsa = "avx512f";
+
+// Block of 32 inputs: even inputs first (low nibbles), then odd ones (high nibbles).
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
+    (void)parts; (void)Kp;
+    for (int64_t i = 0; i < kChunk; ++i) dst[c * kChunk + (i & 1) * 16 + (i >> 1)] = v[i];
+}
+
+// fp32 path for AVX-512 CPUs without BF16 (Skylake-X .. Ice Lake): 16 bytes -> 16 dwords, and
+// vpermps (which reads only the low 4 index bits) maps each nibble to its float value directly.
+template <int R, int TB>
+inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp, int parts,
+                      const XT* const* xs, float* const* y, int64_t yoff) {
+    (void)Kp; (void)parts;
+    const int64_t rb = K / 2, sb = K / 32;
+    const __m512 tbl = _mm512_loadu_ps(kFp4Values);
+    __m512 acc[R][TB];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / 32; ++b) {
+        __m512 lo[R], hi[R], sc[R];
+        for (int r = 0; r < R; ++r) {
+            prefetch_next_tile(w, s, R + r, rb, sb, b);
+            const __m512i d =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rb + 16 * b)));
+            lo[r] = _mm512_permutexvar_ps(d, tbl);
+            hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), tbl);
+            sc[r] = _mm512_set1_ps(ue8m0(s[r * sb + b]));
+        }
+        for (int t = 0; t < TB; ++t) {
+            const __m512 x0 = _mm512_loadu_ps(xs[t] + 32 * b), x1 = _mm512_loadu_ps(xs[t] + 32 * b + 16);
+            for (int r = 0; r < R; ++r)
+                acc[r][t] = _mm512_fmadd_ps(_mm512_fmadd_ps(hi[r], x1, _mm512_mul_ps(lo[r], x0)), sc[r], acc[r][t]);
+        }
+    }
+    for (int t = 0; t < TB; ++t)
+        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+#elif DSV4_PATH_AVX2
+using XT = float;
+constexpr int64_t kChunk = 32;
+const char* kIsa = "avx2";
+
+// Block of 32 inputs: even inputs first (low nibbles), then odd ones (high nibbles).
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
+    (void)parts;
+    for (int64_t i = 0; i < kChunk; ++i) dst[c * kChunk + (i & 1) * 16 + (i >> 1)] = v[i];
+    (void)Kp;
+}
+
+template <int R, int TB>
+inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp, int parts,
+                      const XT* const* xs, float* const* y, int64_t yoff) {
+    (void)Kp; (void)parts;
+    const int64_t rb = K / 2, sb = K / 32;
+    // 2 x e2m1 value as int8 (exact small integers); the scale gets the 1/2.
+    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i lowmask = _mm_set1_epi8(0x0f);
+    __m256 acc[R][TB];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
+    const int64_t nb = K / 32;
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256 f[R][4];
+        __m256 sc[R];
+        for (int r = 0; r < R; ++r) {
+            prefetch_next_tile(w, s, R + r, rb, sb, b);
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rb + 16 * b));
+            const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(bytes, lowmask));
+            const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), lowmask));
+            f[r][0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+            f[r][1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+            f[r][2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            f[r][3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+            sc[r] = _mm256_set1_ps(0.5f * ue8m0(s[r * sb + b]));
+        }
+        for (int t = 0; t < TB; ++t) {
+            const float* xp = xs[t] + 32 * b;
+            const __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
+            const __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
+            for (int r = 0; r < R; ++r) {
+                __m256 p = _mm256_mul_ps(f[r][0], x0);
+                p = _mm256_fmadd_ps(f[r][1], x1, p);
+                p = _mm256_fmadd_ps(f[r][2], x2, p);
+                p = _mm256_fmadd_ps(f[r][3], x3, p);
+                acc[r][t] = _mm256_fmadd_ps(p, sc[r], acc[r][t]);
+            }
+        }
+    }
+    for (int t = 0; t < TB; ++t)
+        for (int r = 0; r < R; ++r) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            y[t][yoff + r] = _mm_cvtss_f32(v);
+        }
+}
+
+#else
+using XT = float;
+constexpr int64_t kChunk = 32;
+const char* kIsa = "scalar";
+
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
+    (void)parts; (void)Kp;
+    for (int64_t i = 0; i < kChunk; ++i) dst[c * kChunk + i] = v[i];
+}
+
+template <int R, int TB>
+inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp, int parts,
+                      const XT* const* xs, float* const* y, int64_t yoff) {
+    (void)Kp; (void)parts;
+    const int64_t rb = K / 2, sb = K / 32;
+    for (int r = 0; r < R; ++r) {
+        float acc[TB] = {};
+        for (int64_t b = 0; b < K / 32; ++b) {
+            float wv[32];
+            const uint8_t* wb = w + r * rb + 16 * b;
+            for (int i = 0; i < 16; ++i) {
+                wv[2 * i] = kFp4Values[wb[i] & 15];
+                wv[2 * i + 1] = kFp4Values[wb[i] >> 4];
+            }
+            const float sc = ue8m0(s[r * sb + b]);
+            for (int t = 0; t < TB; ++t) {
+                const float* xp = xs[t] + 32 * b;
+                float p = 0.0f;
+                for (int i = 0; i < 32; ++i) p += wv[i] * xp[i];
+                acc[t] += p * sc;
+            }
+        }
+        for (int t = 0; t < TB; ++t) y[t][yoff + r] = acc[t];
+    }
+}
+#endif
+
+inline int64_t padded(int64_t K) { return (K + kChunk - 1) / kChunk * kChunk; }
+
+// Prepare one activation row (K floats) into dst (parts x Kp elements).
+void prep_row(const float* x, int64_t K, int parts, XT* dst) {
+    const int64_t Kp = padded(K);
+    float v[kChunk];
+    for (int64_t c = 0; c < Kp / kChunk; ++c) {
+        const int64_t n = std::min<int64_t>(kChunk, K - c * kChunk);
+        std::memcpy(v, x + c * kChunk, n * sizeof(float));
+        for (int64_t i = n; i < kChunk; ++i) v[i] = 0.0f;
+        prep_chunk(v, parts, Kp, dst, c);
+    }
+}
+
+// How many bf16 parts represent these values exactly (1 when they already are bf16).
+int parts_needed(const float* x, int64_t n) {
+#if DSV4_PATH_BF16
+    for (int64_t i = 0; i < n; ++i)
+        if (f2u(x[i]) & 0xffffu) return 3;
+#else
+    (void)x; (void)n;
+#endif
+    return 1;
+}
+
+// Rows [r0, r1) of W (K inputs) against T tokens: y[t][r - r0 + yoff]. xs: prepared rows.
+template <int R>
+void gemv_rows_r(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, int parts,
+                 const XT* const* xs, int T, float* const* y, int64_t yoff) {
+    const uint8_t* w = W + r * (K / 2);
+    const uint8_t* s = S + r * (K / 32);
+    int t = 0;
+    for (; t + 4 <= T; t += 4) gemv_tile<R, 4>(w, s, K, padded(K), parts, xs + t, y + t, yoff);
+    switch (T - t) {
+        case 3: gemv_tile<R, 3>(w, s, K, padded(K), parts, xs + t, y + t, yoff); break;
+        case 2: gemv_tile<R, 2>(w, s, K, padded(K), parts, xs + t, y + t, yoff); break;
+        case 1: gemv_tile<R, 1>(w, s, K, padded(K), parts, xs + t, y + t, yoff); break;
+        default: break;
+    }
+}
+
+void gemv_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, int64_t r1, int parts,
+               const XT* const* xs, int T, float* const* y) {
+    int64_t r = r0;
+#if DSV4_PATH_BF16
+    if (T == 1) {
+        for (; r + 4 <= r1; r += 4) gemv_rows_r<4>(W, S, K, r, parts, xs, T, y, r - r0);
+    } else {
+        for (; r + 2 <= r1; r += 2) gemv_rows_r<2>(W, S, K, r, parts, xs, T, y, r - r0);
+    }
+#else
+    for (; r + 2 <= r1; r += 2) gemv_rows_r<2>(W, S, K, r, parts, xs, T, y, r - r0);
+#endif
+    for (; r < r1; ++r) gemv_rows_r<1>(W, S, K, r, parts, xs, T, y, r - r0);
+}
+
+inline int64_t team_size() {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+inline int pick_threads(int nthreads) {
+#ifdef _OPENMP
+    return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+// Threads worth waking for a call that streams `bytes` of weights: at least 512 KB each. Every
+// thread of an OpenMP team must reach the end of the region, and waking one costs microseconds
+// (milliseconds when the machine is busy), so small calls stay on fewer threads.
+inline int threads_for(int nthreads, double bytes) {
+    const double per = 512.0 * 1024.0;
+    const int most = static_cast<int>(std::min(1e6, std::max(1.0, bytes / per)));
+    return std::max(1, std::min(pick_threads(nthreads), most));
+}
+
+// Run work(item, scratch) for every item in [0, n) on nt threads (scratch = make(), one per
+// thread). Items are claimed through an atomic counter and the team joins on a yielding wait,
+// not on OpenMP's spinning barrier: on a busy machine a preempted thread then costs its own
+// item only, instead of milliseconds of spinning on the core it is queued for.
+// Each thread claims its next item before working on the current one and calls ahead(next) so
+// the start of the next item's weights can be prefetched (a fresh item would otherwise begin with
+// a full DRAM round trip per row).
+template <class Make, class Work, class Ahead>
+void parallel_items(int nt, int64_t n, Make make, Work work, Ahead ahead) {
+    std::atomic<int64_t> next{0}, finished{0};
+#pragma omp parallel num_threads(nt)
+    {
+        auto scratch = make();
+        int64_t it = next.fetch_add(1);
+        while (it < n) {
+            const int64_t nx = next.fetch_add(1);
+            if (nx < n) ahead(nx);
+            work(it, scratch);
+            it = nx;
+        }
+        finished.fetch_add(1, std::memory_order_acq_rel);
+        wait_for(finished, team_size());
+    }
+}
+
+// Prefetch (into L2) the first `rows` rows of a weight block starting at row r0: packed bytes
+// and scales.
+inline void prefetch_rows(const void* W, const void* S, int64_t K, int64_t r0, int64_t rows) {
+#if defined(__SSE__) || defined(__x86_64__)
+    const auto* w = static_cast<const char*>(W) + r0 * (K / 2);
+    const auto* s = static_cast<const char*>(S) + r0 * (K / 32);
+    for (int64_t off = 0; off < rows * (K / 2); off += 64) _mm_prefetch(w + off, _MM_HINT_T1);
+    for (int64_t off = 0; off < rows * (K / 32); off += 64) _mm_prefetch(s + off, _MM_HINT_T1);
+#else
+    (void)W; (void)S; (void)K; (void)r0; (void)rows;
+#endif
+}
+
+}  // namespace
+
+// ===================================================================================== C ABI
+
+extern "C" {
+
+const char* dsv4_fp4_isa(void) { return kIsa; }
+
+int dsv4_max_threads(void) { return pick_threads(0); }
+
+// formats.fake_quant_fp8(x, block) for x [n, d] float32 (bit-exact); out may alias x.
+void dsv4_fake_quant_fp8(const float* x, int64_t n, int64_t d, int64_t block, float* out) {
+    for (int64_t i = 0; i < n; ++i) fake_quant_row(x + i * d, d, block, out + i * d);
+}
+
+// y[n, o] = sum_i xq[n, i] * dequant(W)[o, i] with xq = fake_quant_fp8(x, 128) if act_quant.
+// x [N, K] float32, W [O, K/2] packed e2m1, S [O, K/32] UE8M0, y [N, O] float32. K % 32 == 0.
+int dsv4_fp4_linear(const float* x, int64_t N, int64_t K, const void* W, const void* S, int64_t O,
+                    float* y, int act_quant, int nthreads) {
+    if (K % 32 || N < 0 || O < 0) return -1;
+    if (N == 0 || O == 0) return 0;
+    try {
+        const int nt = threads_for(nthreads, static_cast<double>(O) * K * (0.5 + 1.0 / 32) * ((N + 63) / 64));
+        const int64_t Kp = padded(K);
+        std::vector<float> xq;
+        const float* xin = x;
+        if (act_quant) {
+            xq.resize(static_cast<size_t>(N * K));
+            dsv4_fake_quant_fp8(x, N, K, 128, xq.data());
+            xin = xq.data();
+        }
+        const int parts = parts_needed(xin, N * K);
+        Buf xb;
+        XT* xp = aligned_new<XT>(static_cast<size_t>(N * parts * Kp));
+        xb.p = xp;
+        std::vector<const XT*> xs(N);
+#pragma omp parallel for num_threads(nt) schedule(static) if (N * K >= (1 << 18))
+        for (int64_t t = 0; t < N; ++t) prep_row(xin + t * K, K, parts, xp + t * parts * Kp);
+        for (int64_t t = 0; t < N; ++t) xs[t] = xp + t * parts * Kp;
+        // Row chunks: small enough to balance, large enough to stream; tokens in blocks of 64
+        // so one chunk's rows stay in cache while the token blocks reuse them.
+        const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, (O / (8 * nt)) / 16 * 16));
+        const int64_t nchunks = (O + chunk - 1) / chunk;
+        const int64_t TBLK = 64;
+        struct Scratch { std::vector<float> ybuf; std::vector<float*> yp; };
+        parallel_items(
+            nt, nchunks,
+            [&] { return Scratch{std::vector<float>(static_cast<size_t>(TBLK * chunk)), std::vector<float*>(TBLK)}; },
+            [&](int64_t ci, Scratch& sc) {
+                const int64_t r0 = ci * chunk, r1 = std::min(O, r0 + chunk);
+                for (int64_t t0 = 0; t0 < N; t0 += TBLK) {
+                    const int T = static_cast<int>(std::min<int64_t>(TBLK, N - t0));
+                    for (int t = 0; t < T; ++t) sc.yp[t] = sc.ybuf.data() + t * chunk;
+                    gemv_rows(static_cast<const uint8_t*>(W), static_cast<const uint8_t*>(S), K, r0, r1, parts,
+                              xs.data() + t0, T, sc.yp.data());
+                    for (int t = 0; t < T; ++t)
+                        std::memcpy(y + (t0 + t) * O + r0, sc.yp[t], (r1 - r0) * sizeof(float));
+                }
+            },
+            [&](int64_t ci) { prefetch_rows(W, S, K, ci * chunk, std::min<int64_t>(4, O - ci * chunk)); });
+    } catch (const std::bad_alloc&) {
+        return -3;
+    }
+    return 0;
+}
+
+// Routed experts of one MoE layer in one call (spec §2.8), out [N, D] float32 (overwritten):
+//   out[t] = sum_{slot} w2_e( silu(min(w1_e x, L)) * clamp(w3_e x, -L, L) * rw[t, slot] ),
+// e = idx[t, slot]; L <= 0: no clamp. act_quant: FP8 fake-quant (block 128) of x and of the hidden
+// state before w2. round_bf16: mimic bf16 activations (the reference's x.dtype round trips: gate,
+// up, hidden and each expert output rounded to bf16). Tokens are grouped by expert so each
+// selected expert's weights are read once. w*/s*: int64 arrays [E] of data addresses
+// (w1, w3: [I, D/2] + [I, D/32]; w2: [D, I/2] + [D, I/32]).
+//
+// Scheduling: one list of work items, claimed through an atomic counter: "up" items (expert,
+// 128 hidden rows of w1 and w3 -> hidden state) and "down" items (expert, output rows of w2 ->
+// per-pair outputs). A down item of expert e waits (yielding the CPU) until all up items of e are
+// done; the list puts e's down items after the up items of the next expert, so that wait is
+// almost never taken. There is no barrier: when a thread is preempted (a busy machine), the
+// others keep taking items instead of waiting at a barrier for it. Per-pair outputs are summed
+// into `out` at the end in the reference's order (expert id, then token/slot), so the result does
+// not depend on the thread count.
+// Returns 0, -1 bad shapes, -2 expert id out of range, -3 out of memory.
+int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t* idx, const float* rw, int64_t k,
+                 const int64_t* w1, const int64_t* s1, const int64_t* w3, const int64_t* s3, const int64_t* w2,
+                 const int64_t* s2, int64_t E, float limit, int act_quant, int round_bf16, float* out,
+                 int nthreads) {
+    if (D % 32 || I % 32 || N < 0 || k < 0 || E < 0) return -1;
+    if (N == 0) return 0;
+    std::memset(out, 0, static_cast<size_t>(N * D) * sizeof(float));
+    if (k == 0) return 0;
+    const int64_t P = N * k;
+    for (int64_t p = 0; p < P; ++p)
+        if (idx[p] < 0 || idx[p] >= E) return -2;
+    try {
+        // Group (token, slot) pairs by expert: ascending expert id, then pair order (= torch.where).
+        std::vector<int64_t> start(E + 1, 0);
+        for (int64_t p = 0; p < P; ++p) ++start[idx[p] + 1];
+        for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+        std::vector<int64_t> pairs(P);
+        {
+            std::vector<int64_t> fill(start.begin(), start.end() - 1);
+            for (int64_t p = 0; p < P; ++p) pairs[fill[idx[p]]++] = p;
+        }
+        std::vector<int64_t> used;
+        int64_t max_pairs = 0;
+        for (int64_t e = 0; e < E; ++e)
+            if (start[e + 1] > start[e]) {
+                used.push_back(e);
+                max_pairs = std::max(max_pairs, start[e + 1] - start[e]);
+            }
+        const int64_t nused = static_cast<int64_t>(used.size());
+        const int nt = threads_for(nthreads, static_cast<double>(nused) * 3 * I * D * (0.5 + 1.0 / 32));
+
+        // Prepared activations (one row per token) and hidden states (one row per pair).
+        std::vector<float> xq;
+        const float* xin = x;
+        if (act_quant) {
+            xq.resize(static_cast<size_t>(N * D));
+            dsv4_fake_quant_fp8(x, N, D, 128, xq.data());
+            xin = xq.data();
+        }
+        const int xparts = parts_needed(xin, N * D);
+#if DSV4_PATH_BF16
+        const int hp = (act_quant || round_bf16) ? 1 : 3;  // hidden states exactly bf16, or split in 3
+#else
+        const int hp = 1;
+#endif
+        const int64_t Dp = padded(D), Ip = padded(I);
+        Buf xb, hb, yb;
+        XT* xp = aligned_new<XT>(static_cast<size_t>(N * xparts * Dp));
+        xb.p = xp;
+        XT* hbuf = aligned_new<XT>(static_cast<size_t>(P * hp * Ip));
+        hb.p = hbuf;
+        float* ybuf = aligned_new<float>(static_cast<size_t>(P * D));  // per-pair expert outputs
+        yb.p = ybuf;
+#pragma omp parallel for num_threads(nt) schedule(static) if (N * D >= (1 << 18))
+        for (int64_t t = 0; t < N; ++t) prep_row(xin + t * D, D, xparts, xp + t * xparts * Dp);
+
+        // Work list: up(e0), up(e1), down(e0), up(e2), down(e1), ..., down(e_last).
+        const int64_t HC = 128;  // hidden rows per up item (one act-quant block)
+        const int64_t nhc = (I + HC - 1) / HC;
+        const int64_t OC = std::max<int64_t>(16, std::min<int64_t>(128, (D / (4 * nt)) / 16 * 16));
+        const int64_t noc = (D + OC - 1) / OC;
+        struct Item { int64_t ue, r0; bool down; };
+        std::vector<Item> items;
+        items.reserve(static_cast<size_t>(nused * (nhc + noc)));
+        for (int64_t ui = 0; ui <= nused; ++ui) {
+            if (ui < nused)
+                for (int64_t c = 0; c < nhc; ++c) items.push_back({ui, c * HC, false});
+            if (ui >= 1)
+                for (int64_t c = 0; c < noc; ++c) items.push_back({ui - 1, c * OC, true});
+        }
+        const int64_t nitems = static_cast<int64_t>(items.size());
+        std::unique_ptr<std::atomic<int64_t>[]> up_done(new std::atomic<int64_t>[nused]);
+        for (int64_t ui = 0; ui < nused; ++ui) up_done[ui].store(0);
+        struct Scratch {
+            std::vector<float> g, u, hv;
+            std::vector<const XT*> xs;
+            std::vector<float*> gp, up, yp;
+        };
+        const size_t mp = static_cast<size_t>(max_pairs);
+        parallel_items(
+            nt, nitems,
+            [&] {
+                return Scratch{std::vector<float>(mp * HC), std::vector<float>(mp * HC),
+                               std::vector<float>(static_cast<size_t>(std::max<int64_t>(HC, kChunk))),
+                               std::vector<const XT*>(mp), std::vector<float*>(mp), std::vector<float*>(mp),
+                               std::vector<float*>(mp)};
+            },
+            [&](int64_t it, Scratch& sc) {
+                const Item item = items[it];
+                const int64_t e = used[item.ue];
+                const int64_t q0 = start[e], T = start[e + 1] - start[e];
+                if (!item.down) {  // hidden rows [r0, r1) of expert e for all its pairs
+                    const int64_t r0 = item.r0, r1 = std::min(I, r0 + HC), n = r1 - r0;
+                    for (int64_t j = 0; j < T; ++j) {
+                        sc.xs[j] = xp + (pairs[q0 + j] / k) * xparts * Dp;
+                        sc.gp[j] = sc.g.data() + j * HC;
+                        sc.up[j] = sc.u.data() + j * HC;
+                    }
+                    gemv_rows(reinterpret_cast<const uint8_t*>(w1[e]), reinterpret_cast<const uint8_t*>(s1[e]), D,
+                              r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.gp.data());
+                    gemv_rows(reinterpret_cast<const uint8_t*>(w3[e]), reinterpret_cast<const uint8_t*>(s3[e]), D,
+                              r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.up.data());
+                    float* hv = sc.hv.data();
+                    for (int64_t j = 0; j < T; ++j) {
+                        const float rwt = rw[pairs[q0 + j]];
+                        for (int64_t i = 0; i < n; ++i) {
+                            float gv = sc.gp[j][i], uv = sc.up[j][i];
+                            if (round_bf16) { gv = bf16_round(gv); uv = bf16_round(uv); }
+                            if (limit > 0) {
+                                gv = std::min(gv, limit);
+                                uv = std::min(limit, std::max(-limit, uv));
+                            }
+                            const float h = silu(gv) * uv * rwt;
+                            hv[i] = round_bf16 ? bf16_round(h) : h;
+                        }
+                        if (act_quant) fake_quant_row(hv, n, 128, hv);
+                        for (int64_t i = n; i < static_cast<int64_t>(sc.hv.size()); ++i) hv[i] = 0.0f;
+                        XT* dst = hbuf + (q0 + j) * hp * Ip;
+                        for (int64_t c = r0 / kChunk; c * kChunk < std::min(r0 + HC, Ip); ++c)
+                            prep_chunk(hv + (c * kChunk - r0), hp, Ip, dst, c);
+                    }
+                    up_done[item.ue].fetch_add(1, std::memory_order_release);
+                } else {  // output rows [o0, o1) of expert e for all its pairs
+                    wait_for(up_done[item.ue], nhc);
+                    const int64_t o0 = item.r0, o1 = std::min(D, o0 + OC);
+                    for (int64_t j = 0; j < T; ++j) {
+                        sc.yp[j] = ybuf + (q0 + j) * D + o0;
+                        sc.xs[j] = hbuf + (q0 + j) * hp * Ip;
+                    }
+                    gemv_rows(reinterpret_cast<const uint8_t*>(w2[e]), reinterpret_cast<const uint8_t*>(s2[e]), I,
+                              o0, o1, hp, sc.xs.data(), static_cast<int>(T), sc.yp.data());
+                }
+            },
+            [&](int64_t it) {
+                const Item item = items[it];
+                const int64_t e = used[item.ue];
+                if (!item.down) {
+                    const int64_t rows = std::min<int64_t>(4, I - item.r0);
+                    prefetch_rows(reinterpret_cast<const void*>(w1[e]), reinterpret_cast<const void*>(s1[e]), D,
+                                  item.r0, rows);
+                    prefetch_rows(reinterpret_cast<const void*>(w3[e]), reinterpret_cast<const void*>(s3[e]), D,
+                                  item.r0, rows);
+                } else {
+                    prefetch_rows(reinterpret_cast<const void*>(w2[e]), reinterpret_cast<const void*>(s2[e]), I,
+                                  item.r0, std::min<int64_t>(4, D - item.r0));
+                }
+            });
+
+        // out[t] = sum of its pairs' outputs in expert order (index_add_ order of the reference).
+        std::vector<int64_t> tstart(N + 1, 0), tlist(P);
+        for (int64_t q = 0; q < P; ++q) ++tstart[pairs[q] / k + 1];
+        for (int64_t t = 0; t < N; ++t) tstart[t + 1] += tstart[t];
+        {
+            std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
+            for (int64_t q = 0; q < P; ++q) tlist[fill[pairs[q] / k]++] = q;
+        }
+#pragma omp parallel for num_threads(nt) schedule(static) if (P * D >= (1 << 20))
+        for (int64_t t = 0; t < N; ++t) {
+            float* dst = out + t * D;
+            for (int64_t a = tstart[t]; a < tstart[t + 1]; ++a) {
+                const float* src = ybuf + tlist[a] * D;
+                if (round_bf16) {
+                    for (int64_t i = 0; i < D; ++i) dst[i] += bf16_round(src[i]);
+                } else {
+                    for (int64_t i = 0; i < D; ++i) dst[i] += src[i];
+                }
+            }
+        }
+    } catch (const std::bad_alloc&) {
+        return -3;
+    }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,72 @@
+"""`ExpertTable`: the routed experts of one MoE layer, in the form the fused expert kernels take."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8)
+
+
+def fp4_operands_ok(weight: torch.Tensor, scale: torch.Tensor | None, in_features: int) -> bool:
+    return (weight.dtype == torch.int8 and scale is not None and scale.dtype in SCALE_DTYPES
+            and weight.device.type == "cpu" and scale.device.type == "cpu" and weight.dim() == 2
+            and in_features % 32 == 0 and weight.shape[1] * 2 == in_features
+            and tuple(scale.shape) == (weight.shape[0], in_features // 32))
+
+
+@dataclass
+class ExpertTable:
+    """The routed experts of one MoE layer, as the fused kernel sees them.
+
+    Built once per layer from per-expert `(w1, s1, w2, s2, w3, s3)` tensors (any location,
+    e.g. memory-mapped checkpoint views): holds the tensors (so the addresses stay valid) and
+    int64 arrays of their data addresses. `native` is False when some expert is not FP4 on
+    CPU; `moe_experts` then uses the reference.
+    """
+
+    experts: list[tuple[torch.Tensor, ...]]
+    dim: int
+    inter_dim: int
+    native: bool
+    pointers: tuple[torch.Tensor, ...] = field(repr=False)  # w1, s1, w3, s3, w2, s2 addresses
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @classmethod
+    def from_experts(cls, experts: Sequence[Sequence[torch.Tensor | None]]) -> ExpertTable:
+        """From per-expert `(w1, s1, w2, s2, w3, s3)`; FP4 tensors are used in place (no copy if contiguous)."""
+        experts = [tuple(e) for e in experts]
+        if not experts or any(len(e) != 6 for e in experts):
+            raise ValueError("ExpertTable needs a non-empty list of (w1, s1, w2, s2, w3, s3) tuples")
+        w1 = experts[0][0]
+        inter_dim = w1.shape[0]
+        dim = w1.shape[1] * 2 if w1.dtype == torch.int8 else w1.shape[1]
+        native = True
+        kept: list[tuple[torch.Tensor, ...]] = []
+        for w1, s1, w2, s2, w3, s3 in experts:
+            ok = (fp4_operands_ok(w1, s1, dim) and fp4_operands_ok(w3, s3, dim) and fp4_operands_ok(w2, s2, inter_dim)
+                  and w1.shape[0] == inter_dim and w3.shape[0] == inter_dim and w2.shape[0] == dim)
+            native = native and ok
+            if ok:
+                w1, w2, w3 = w1.contiguous(), w2.contiguous(), w3.contiguous()
+                s1, s2, s3 = (s.contiguous().view(torch.uint8) for s in (s1, s2, s3))
+            kept.append((w1, s1, w2, s2, w3, s3))
+        if native:
+            order = (0, 1, 4, 5, 2, 3)  # the kernel takes w1, s1, w3, s3, w2, s2
+            pointers = tuple(torch.tensor([e[i].data_ptr() for e in kept], dtype=torch.int64) for i in order)
+        else:
+            pointers = ()
+            kept = [tuple(e) for e in experts]
+        return cls(experts=kept, dim=dim, inter_dim=inter_dim, native=native, pointers=pointers)
+
+
+    @classmethod
+    def from_stacked(cls, w1: torch.Tensor, s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+                     w3: torch.Tensor, s3: torch.Tensor) -> ExpertTable:
+        """Experts stacked along dim 0 (`[E, out, in/2]` weights, `[E, out, in/32]` scales): zero-copy views."""
+        return cls.from_experts(list(zip(*(t.unbind(0) for t in (w1, s1, w2, s2, w3, s3)), strict=True)))

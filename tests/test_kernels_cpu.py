@@ -1,0 +1,381 @@
+"""Native FP4 CPU kernels (`dsv4cli.kernels.cpu`) against their reference twins.
+
+Float32 accumulation order differs from the reference matmul, so results are compared with
+max |diff| / max |reference| < 1e-5 (bf16 activations: one bf16 ulp per element). The library
+is compiled once into the user's kernel cache; the AVX-512F, AVX2 and scalar variants are built too
+(when the CPU can run them) so every code path the CPU can execute is checked.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import math
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv4cli import kernels
+from dsv4cli.errors import DsvError
+from dsv4cli.formats import fake_quant_fp8, quantize_fp4_rows, quantize_fp8_blocks
+from dsv4cli.io.safetensors_file import SafetensorsFile
+from dsv4cli.io.writer import write_safetensors
+from dsv4cli.kernels import cpu, ref
+
+HAS_CXX = shutil.which(os.environ.get(cpu.ENV_CXX) or cpu.DEFAULT_CXX) is not None
+native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler to build the native kernels")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+#: (extra flags, expected isa) of the variants this CPU can execute; the native build first.
+VARIANTS = [((), None)]
+if HAS_CXX and {"avx512f", "avx512_bf16"} <= _cpu_flags():
+    VARIANTS.append((("-mno-avx512bf16",), "avx512f"))
+if HAS_CXX and {"avx2", "fma"} <= _cpu_flags():
+    VARIANTS.append((("-mno-avx512f",), "avx2"))
+if HAS_CXX:
+    VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The reference twins on one thread: on a busy machine every 2-thread torch op can wait
+    milliseconds for its second thread, which dominates these small tests. Kernel thread
+    counts are tested explicitly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def _prebuild() -> None:
+    """Compile every variant concurrently once (each build takes seconds)."""
+    with concurrent.futures.ThreadPoolExecutor(len(VARIANTS)) as pool:
+        for future in [pool.submit(cpu.build, None, flags) for flags, _ in VARIANTS]:
+            future.result()
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
+def lib(request) -> cpu.NativeKernels:
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler")
+    _prebuild()
+    flags, isa = request.param
+    built = cpu.load(extra_flags=flags)
+    if isa is not None:
+        assert built.isa == isa
+    return built
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)).item()
+
+
+def fp4(rows: int, cols: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed e2m1 codes (every byte is valid) with scales near 1/sqrt(cols)."""
+    codes = torch.randint(-128, 128, (rows, cols // 2), dtype=torch.int8, generator=g)
+    base = 127 - 2 - round(math.log2(cols) / 2)
+    scale = torch.randint(base - 1, base + 2, (rows, cols // 32), dtype=torch.uint8, generator=g)
+    return codes, scale.view(torch.float8_e8m0fnu)
+
+
+@functools.cache
+def expert_list(n: int, dim: int, inter: int, seed: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w1, s1 = fp4(inter, dim, g)
+        w2, s2 = fp4(dim, inter, g)
+        w3, s3 = fp4(inter, dim, g)
+        out.append((w1, s1, w2, s2, w3, s3))
+    return tuple(out)
+
+
+def routing(n: int, k: int, n_experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, k, generator=g) + 0.1, torch.randint(0, n_experts, (n, k), generator=g)
+
+
+# ------------------------------------------------------------------------------ linear
+
+#: (N, in, out); the last one is big enough (> 1 MB of weights) to run on several threads
+LINEAR_SHAPES = [(1, 256, 64), (7, 4096, 96), (3, 160, 33), (33, 96, 7), (2, 2048, 1), (5, 4096, 1024)]
+
+
+@native
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize(("n", "k", "o"), LINEAR_SHAPES)
+def test_linear_matches_reference(lib, n, k, o, act_quant):
+    g = torch.Generator().manual_seed(n * 1000 + k + o)
+    w, s = fp4(o, k, g)
+    x = torch.randn(n, k, generator=g) * 3
+    xq = x if not act_quant else fake_quant_fp8(x, 128)
+    got = lib.fp4_linear(x, w, s.view(torch.uint8), act_quant, cpu.threads())
+    assert rel_err(got, xq @ ref.dequantize_weight(w, s).T) < 1e-5
+    if lib is cpu.load():  # the public wrapper (native build only)
+        assert rel_err(cpu.linear(x, w, s, act_quant), ref.linear(x, w, s, act_quant)) < 1e-5
+
+
+@native
+def test_linear_bf16_and_batch_dims():
+    g = torch.Generator().manual_seed(1)
+    w, s = quantize_fp4_rows(torch.randn(48, 256, generator=g))  # the real encoder's output
+    x = torch.randn(2, 3, 256, generator=g).to(torch.bfloat16)
+    for act_quant in (False, True):
+        got, want = cpu.linear(x, w, s, act_quant), ref.linear(x, w, s, act_quant)
+        assert got.shape == want.shape == (2, 3, 48) and got.dtype == torch.bfloat16
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-6).all()
+
+
+def test_linear_falls_back_for_other_formats():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 256, generator=g)
+    w = torch.randn(64, 256, generator=g)
+    w8, s8 = quantize_fp8_blocks(w)
+    assert torch.equal(cpu.linear(x, w8, s8, True), ref.linear(x, w8, s8, True))
+    assert torch.equal(cpu.linear(x, w.bfloat16()), ref.linear(x, w.bfloat16()))
+    w4, s4 = quantize_fp4_rows(w)
+    xh = x.half()  # dtypes the kernel does not take go to the reference
+    assert torch.equal(cpu.linear(xh, w4, s4), ref.linear(xh, w4, s4))
+
+
+# --------------------------------------------------------------------------- fake quant
+
+
+@native
+def test_fake_quant_fp8_bit_exact(lib):
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(300, generator=g) * 10.0 ** torch.empty(1).uniform_(-6, 4, generator=g).item()
+            for _ in range(40)]
+    powers = 448.0 * 2.0 ** torch.arange(-30, 12, dtype=torch.float32)
+    near = torch.cat([powers, torch.nextafter(powers, powers * 2), torch.nextafter(powers, powers * 0)])
+    special = torch.tensor([0.0, -0.0, 1e-4, 5e-5, 448.0, -448.0, 449.0, 2.0**-9, 3 * 2.0**-10, 1e30])
+    for i, amax in enumerate(near.tolist()):  # block maxima right at / next to power-of-two bounds
+        r = torch.randn(300, generator=g).clamp(-1, 1) * amax
+        r[i % 300] = amax
+        rows.append(r)
+    rows.append(torch.cat([special, torch.zeros(290)]))
+    x = torch.stack(rows)
+    # midpoints between e4m3 neighbours at the block's scale (ties must go to even)
+    ties = (torch.arange(1, 300, dtype=torch.float32) * 2.0**-10)
+    x = torch.cat([x, torch.cat([ties, torch.tensor([448.0])])[None]])
+    assert torch.equal(lib.fake_quant_fp8(x, 128), fake_quant_fp8(x, 128))
+    assert torch.equal(lib.fake_quant_fp8(x[:, :200], 64), fake_quant_fp8(x[:, :200], 64))
+
+
+# ------------------------------------------------------------------------------- MoE
+
+@functools.cache
+def moe_case(e: int, d: int, i: int, n: int, k: int, limit: float, act_quant: bool):
+    """(table, x, weights, indices, reference output) of one MoE case, shared by all variants."""
+    table = cpu.ExpertTable.from_experts(expert_list(e, d, i, seed=e * 31 + d))
+    weights, indices = routing(n, k, e, seed=n)
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(d)) * 2
+    return table, x, weights, indices, cpu.moe_experts_ref(x, weights, indices, table, limit, act_quant)
+
+
+MOE_CASES = [  # (experts, dim, inter, tokens, k)
+    (5, 256, 128, 1, 6),
+    (7, 384, 160, 7, 6),   # tails: 384 and 160 are not multiples of 256 / 128
+    (3, 128, 96, 4, 6),    # fewer experts than slots: experts selected twice by one token
+    (9, 512, 256, 13, 3),
+]
+
+
+@native
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("limit", [0.0, 0.25])
+@pytest.mark.parametrize(("e", "d", "i", "n", "k"), MOE_CASES)
+def test_moe_matches_reference(lib, e, d, i, n, k, limit, act_quant):
+    table, x, weights, indices, want = moe_case(e, d, i, n, k, limit, act_quant)
+    got = lib.fp4_moe(x, weights, indices, table, limit, act_quant, False, cpu.threads())
+    assert got.shape == (n, d) and got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-5
+
+
+@native
+def test_moe_duplicate_selection_and_public_wrapper():
+    e, d, i = 4, 256, 128
+    table = cpu.ExpertTable.from_experts(expert_list(e, d, i, seed=5))
+    indices = torch.tensor([[1, 1, 3], [3, 1, 1], [0, 0, 0]])  # same expert in several slots
+    weights = torch.rand(3, 3, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(1))
+    for act_quant in (False, True):
+        want = cpu.moe_experts_ref(x, weights, indices, table, 0.5, act_quant)
+        assert rel_err(cpu.moe_experts(x, weights, indices, table, 0.5, act_quant), want) < 1e-5
+
+
+@native
+def test_moe_bf16_activations():
+    e, d, i = 5, 256, 128
+    table = cpu.ExpertTable.from_experts(expert_list(e, d, i, seed=6))
+    weights, indices = routing(6, 4, e, seed=6)
+    x = torch.randn(6, d, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    for act_quant in (False, True):
+        got = cpu.moe_experts(x, weights, indices, table, 0.5, act_quant)
+        want = cpu.moe_experts_ref(x, weights, indices, table, 0.5, act_quant)
+        # each expert output is rounded to bf16 like the reference: a rounding may flip by an ulp
+        assert rel_err(got, want) < 2e-2
+        assert (got - want).abs().median() <= want.abs().median() * 1e-3
+
+
+@native
+def test_moe_thread_count_does_not_change_the_result():
+    # ~3 MB of selected weights: enough for the kernel to use several threads (>= 512 KB each)
+    table = cpu.ExpertTable.from_experts(expert_list(7, 512, 512, seed=7))
+    weights, indices = routing(9, 6, 7, seed=7)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(7))
+    lib = cpu.load()
+    one = lib.fp4_moe(x, weights, indices, table, 1.0, False, False, 1)
+    assert rel_err(one, cpu.moe_experts_ref(x, weights, indices, table, 1.0, False)) < 1e-5
+    for n in (2, 3, 5):
+        assert torch.equal(lib.fp4_moe(x, weights, indices, table, 1.0, False, False, n), one)
+        assert torch.equal(lib.fp4_moe(x, weights, indices, table, 1.0, True, False, n),
+                           lib.fp4_moe(x, weights, indices, table, 1.0, True, False, 1))
+
+
+@native
+def test_moe_token_chunks(monkeypatch):
+    monkeypatch.setattr(cpu, "MOE_TOKEN_CHUNK", 4)
+    table = cpu.ExpertTable.from_experts(expert_list(5, 128, 64, seed=8))
+    weights, indices = routing(11, 2, 5, seed=8)
+    x = torch.randn(11, 128, generator=torch.Generator().manual_seed(8))
+    want = cpu.moe_experts_ref(x, weights, indices, table, 0.0, False)
+    assert rel_err(cpu.moe_experts(x, weights, indices, table, 0.0, False), want) < 1e-5
+
+
+@native
+def test_moe_weights_from_memory_mapped_safetensors(tmp_path):
+    e, d, i = 5, 256, 128
+    experts = expert_list(e, d, i, seed=9)
+    names = ("w1.weight", "w1.scale", "w2.weight", "w2.scale", "w3.weight", "w3.scale")
+    path = tmp_path / "experts.safetensors"
+    write_safetensors(path, [(f"experts.{j}.{name}", t)
+                             for j, ex in enumerate(experts) for name, t in zip(names, ex, strict=True)])
+    with SafetensorsFile(path) as f:
+        start, end = f.mapped_range()
+        mapped = [tuple(f.get(f"experts.{j}.{name}") for name in names) for j in range(e)]
+        assert all(start <= t.data_ptr() < end for ex in mapped for t in ex)  # zero-copy views
+        table = cpu.ExpertTable.from_experts(mapped)
+        assert all(start <= int(p) < end for p in table.pointers[0])
+        weights, indices = routing(7, 6, e, seed=9)
+        x = torch.randn(7, d, generator=torch.Generator().manual_seed(9))
+        want = cpu.moe_experts_ref(x, weights, indices, cpu.ExpertTable.from_experts(experts), 1.0, True)
+        assert rel_err(cpu.moe_experts(x, weights, indices, table, 1.0, True), want) < 1e-5
+        del table, mapped
+
+
+@native
+def test_moe_stacked_experts_are_zero_copy():
+    experts = expert_list(4, 128, 64, seed=13)
+    stacked = [torch.stack([ex[j] for ex in experts]) for j in range(6)]
+    table = cpu.ExpertTable.from_stacked(*stacked)
+    assert table.native and table.num_experts == 4 and (table.dim, table.inter_dim) == (128, 64)
+    assert int(table.pointers[0][1]) == stacked[0][1].data_ptr()  # w1 of expert 1, no copy
+    weights, indices = routing(5, 3, 4, seed=13)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(13))
+    want = cpu.moe_experts_ref(x, weights, indices, cpu.ExpertTable.from_experts(experts), 0.0, True)
+    assert rel_err(cpu.moe_experts(x, weights, indices, table, 0.0, True), want) < 1e-5
+
+
+@native
+def test_moe_bad_expert_index():
+    table = cpu.ExpertTable.from_experts(expert_list(3, 64, 32, seed=10))
+    x = torch.randn(2, 64)
+    with pytest.raises(IndexError):
+        cpu.moe_experts(x, torch.ones(2, 2), torch.tensor([[0, 3], [1, 2]]), table, 0.0, False)
+
+
+def test_moe_non_fp4_experts_use_the_reference():
+    g = torch.Generator().manual_seed(11)
+    experts = [tuple(t for w in (torch.randn(32, 64, generator=g), torch.randn(64, 32, generator=g),
+                                 torch.randn(32, 64, generator=g)) for t in (w.bfloat16(), None))
+               for _ in range(3)]
+    table = cpu.ExpertTable.from_experts(experts)
+    assert not table.native
+    weights, indices = routing(4, 2, 3, seed=11)
+    x = torch.randn(4, 64, generator=g)
+    want = cpu.moe_experts_ref(x, weights, indices, table, 0.0, False)
+    assert torch.equal(cpu.moe_experts(x, weights, indices, table, 0.0, False), want)
+
+
+# ------------------------------------------------------------------ switches and errors
+
+
+def test_kernels_ref_env_disables_native(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_KERNELS, "ref")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the native library must not be used with DSV4_KERNELS=ref")
+
+    monkeypatch.setattr(cpu, "load", boom)
+    assert not cpu.available()
+    assert not cpu.register()
+    table = cpu.ExpertTable.from_experts(expert_list(3, 64, 32, seed=12))
+    weights, indices = routing(2, 2, 3, seed=12)
+    x = torch.randn(2, 64)
+    w1, s1 = table.experts[0][:2]
+    assert torch.equal(cpu.linear(x, w1, s1, True), ref.linear(x, w1, s1, True))
+    assert torch.equal(cpu.moe_experts(x, weights, indices, table, 0.0, True),
+                       cpu.moe_experts_ref(x, weights, indices, table, 0.0, True))
+
+
+def test_missing_compiler_raises_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu.ENV_CXX, str(tmp_path / "no-such-g++"))
+    with pytest.raises(cpu.KernelBuildError) as info:
+        cpu.build(out_dir=tmp_path)
+    err = info.value
+    assert isinstance(err, DsvError)
+    assert "no C++ compiler found" in err.message and "DSV4_KERNELS=ref" in err.hint
+    assert "\n" not in err.one_line()
+    assert not cpu.available()  # the same compiler setting through load(): reported, not raised
+    with pytest.raises(cpu.KernelBuildError):
+        cpu.load()
+
+
+def test_failing_compile_raises_a_clear_error(tmp_path):
+    fake = tmp_path / "fake-g++"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake 1.0"; exit 0; fi\n'
+                    'echo "fp4_cpu.cpp:1:1: error: boom" >&2\nexit 1\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(cpu.KernelBuildError) as info:
+        cpu.build(cxx=str(fake), out_dir=tmp_path / "cache")
+    assert "failed" in info.value.message and "error: boom" in info.value.message
+    assert "\n" not in info.value.one_line()
+    assert not list((tmp_path / "cache").glob("*.so*"))  # no half-written library left behind
+
+
+@native
+def test_build_is_cached_and_registers(tmp_path):
+    path = cpu.build()
+    assert path.exists() and path.parent == cpu.cache_dir()
+    assert cpu.build() == path  # second call: no rebuild
+    assert cpu.available()
+    try:
+        assert cpu.register()
+        assert kernels.active()["linear"].endswith("cpu.linear")
+    finally:
+        kernels.reset()
+
+
+def test_threads_setting():
+    try:
+        cpu.set_threads(3)
+        assert cpu.threads() == 3
+        cpu.set_threads(None)
+        assert cpu.threads() == torch.get_num_threads()
+    finally:
+        cpu.set_threads(None)
