@@ -27,3 +27,13 @@ def tiny_model(preset: str, numerics: Numerics, seed: int = 0):
 def tiny_checkpoint(tmp_path_factory):
     """The `tiny` preset written to disk in the official layout."""
     return write_random_checkpoint(PRESETS["tiny"], tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    """Every test starts and ends on the reference kernels (some tests and `dsv4 bench` select others)."""
+    from dsv4cli import kernels
+
+    kernels.reset()
+    yield
+    kernels.reset()

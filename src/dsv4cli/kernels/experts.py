@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ class ExpertTable:
     inter_dim: int
     native: bool
     pointers: tuple[torch.Tensor, ...] = field(repr=False)  # w1, s1, w3, s3, w2, s2 addresses
+    backend_cache: dict[str, Any] = field(default_factory=dict, repr=False)  # per-backend derived tables
 
     @property
     def num_experts(self) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from dsv4cli import kernels
-from dsv4cli.kernels import triton_attn, triton_gemm, triton_hc, triton_quant
+from dsv4cli.kernels import ref, triton_attn, triton_gemm, triton_hc, triton_quant
 
 
 def implementations() -> dict[str, Callable]:
@@ -21,11 +21,28 @@ def implementations() -> dict[str, Callable]:
     return {
         "linear": triton_gemm.linear,
         "swiglu_expert": triton_gemm.swiglu_expert,
+        "moe_experts": moe_experts,
         "hc_split_sinkhorn": triton_hc.hc_split_sinkhorn,
         "sparse_attn": triton_attn.sparse_attn,
         "kv_fp8_quant": triton_quant.kv_fp8_quant,
         "indexer_fp4_quant": triton_quant.indexer_fp4_quant,
     }
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts, swiglu_limit: float,
+                act_quant: bool) -> torch.Tensor:
+    """Registry twin of `ref.moe_experts` on the grouped Triton kernel; the pointer tables are built
+    once per `ExpertTable` and kept on it. Falls back to the reference off the GPU or for non-FP4 experts."""
+    first = experts.experts[0][0]
+    if x.device.type != "cuda" or first.device.type != "cuda" or first.dtype != torch.int8:
+        return ref.moe_experts(x, weights, indices, experts, swiglu_limit, act_quant)
+    tables = experts.backend_cache.get("triton")
+    if tables is None:
+        columns = list(zip(*experts.experts, strict=True))  # w1, s1, w2, s2, w3, s3
+        tables = tuple(triton_gemm.ExpertWeights.from_list(columns[i], columns[i + 1]) for i in (0, 2, 4))
+        experts.backend_cache["triton"] = tables
+    w1, w2, w3 = tables
+    return triton_gemm.moe_experts_triton(x, weights, indices, w1, w2, w3, swiglu_limit, act_quant)
 
 
 def available() -> bool:

@@ -21,24 +21,7 @@
 // too slowly on 1-2 KB rows (single-thread DRAM streaming went from ~9 to ~25 GB/s on Zen 4).
 // Work is split into items claimed through an atomic counter (see parallel_items).
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <new>
-#include <thread>
-#include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #define DSV4_PATH_BF16 1
@@ -55,70 +38,6 @@ namespace {
 const float kFp4Values[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
-// ------------------------------------------------------------------------------- scalar helpers
-
-inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
-// UE8M0 byte -> float (2^(b-127)); byte 0 is the subnormal 2^-127, 255 is +inf like torch.exp2(128).
-inline float ue8m0(uint8_t b) {
-    if (b == 0) return u2f(0x00400000u);
-    return u2f(static_cast<uint32_t>(b) << 23);
-}
-
-// Round to bfloat16 (nearest, ties to even); NaN stays NaN.
-inline uint16_t bf16_bits(float f) {
-    uint32_t u = f2u(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
-inline float bf16_round(float f) { return u2f(static_cast<uint32_t>(bf16_bits(f)) << 16); }
-
-// float -> float8_e4m3fn -> float, round to nearest even, for |v| <= 448 (the caller clamps).
-inline float e4m3_round(float v) {
-    const float a = std::fabs(v);
-    float r;
-    if (a < 0.015625f) {  // below the smallest normal 2^-6: fixed step 2^-9
-        const float magic = 16384.0f;  // 2^14: adding it rounds to a multiple of 2^-9 (RNE)
-        volatile float t = a + magic;  // volatile: keep the rounding add/sub pair as written
-        r = t - magic;
-    } else {
-        uint32_t u = f2u(a);
-        u += 0x7ffffu + ((u >> 20) & 1u);  // keep 3 mantissa bits, ties to even
-        u &= 0xfff00000u;
-        r = u2f(u);
-    }
-    return std::copysign(r, v);
-}
-
-// Power-of-two scale of formats.pow2_scale(amax, 448, floor=1e-4): 2^ceil(log2(max(amax,1e-4)/448)),
-// with the ceil taken exactly from the float's bits (the reference's fast_log2_ceil).
-inline float fp8_block_scale(float amax) {
-    float a = amax < 1e-4f ? 1e-4f : amax;
-    if (!(a == a)) a = 1e-4f;  // NaN-free guard; torch would propagate NaN
-    int e = 0;
-    const float m = std::frexp(a / 448.0f, &e);  // a / 448 = m * 2^e, m in [0.5, 1)
-    int c = e - (m == 0.5f ? 1 : 0);
-    if (c < -127) c = -127;
-    return std::ldexp(1.0f, c);
-}
-
-// formats.fake_quant_fp8 on one row of n values, blocks of `block`, in place allowed.
-void fake_quant_row(const float* x, int64_t n, int64_t block, float* out) {
-    for (int64_t b0 = 0; b0 < n; b0 += block) {
-        const int64_t b1 = std::min(n, b0 + block);
-        float amax = 0.0f;
-        for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(x[i]));
-        const float s = fp8_block_scale(amax);
-        for (int64_t i = b0; i < b1; ++i) {
-            float q = x[i] / s;
-            q = std::min(448.0f, std::max(-448.0f, q));
-            out[i] = e4m3_round(q) * s;
-        }
-    }
-}
-
 #if defined(__SSE__) || defined(__x86_64__)
 // fp32 paths walk a row in 32-input blocks (16 bytes): at each cache line of row `row`, also
 // fetch the same line of the row one tile ahead, and that row's scales (see gemv_tile, bf16 path).
@@ -128,35 +47,7 @@ inline void prefetch_next_tile(const uint8_t* w, const uint8_t* s, int64_t row, 
 }
 #endif
 
-// Wait until `c` reaches `target`: spin briefly, then give the CPU away (the thread we wait for
-// may be waiting for this very core on a busy machine).
-inline void wait_for(const std::atomic<int64_t>& c, int64_t target) {
-    for (int spins = 0; c.load(std::memory_order_acquire) < target; ++spins) {
-        if (spins < 2000) {
-#if defined(__x86_64__) || defined(__i386__)
-            _mm_pause();
-#endif
-        } else {
-            std::this_thread::yield();
-        }
-    }
-}
-
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
-template <class T>
-T* aligned_new(size_t n) {
-    size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
-    if (bytes == 0) bytes = 64;
-    void* p = std::aligned_alloc(64, bytes);
-    if (!p) throw std::bad_alloc();
-    return static_cast<T*>(p);
-}
-
-struct Buf {
-    void* p = nullptr;
-    ~Buf() { std::free(p); }
-};
 
 // ===================================================================================== the paths
 //
@@ -456,57 +347,6 @@ void gemv_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, int64_
     for (; r + 2 <= r1; r += 2) gemv_rows_r<2>(W, S, K, r, parts, xs, T, y, r - r0);
 #endif
     for (; r < r1; ++r) gemv_rows_r<1>(W, S, K, r, parts, xs, T, y, r - r0);
-}
-
-inline int64_t team_size() {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
-
-inline int pick_threads(int nthreads) {
-#ifdef _OPENMP
-    return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-    (void)nthreads;
-    return 1;
-#endif
-}
-
-// Threads worth waking for a call that streams `bytes` of weights: at least 512 KB each. Every
-// thread of an OpenMP team must reach the end of the region, and waking one costs microseconds
-// (milliseconds when the machine is busy), so small calls stay on fewer threads.
-inline int threads_for(int nthreads, double bytes) {
-    const double per = 512.0 * 1024.0;
-    const int most = static_cast<int>(std::min(1e6, std::max(1.0, bytes / per)));
-    return std::max(1, std::min(pick_threads(nthreads), most));
-}
-
-// Run work(item, scratch) for every item in [0, n) on nt threads (scratch = make(), one per
-// thread). Items are claimed through an atomic counter and the team joins on a yielding wait,
-// not on OpenMP's spinning barrier: on a busy machine a preempted thread then costs its own
-// item only, instead of milliseconds of spinning on the core it is queued for.
-// Each thread claims its next item before working on the current one and calls ahead(next) so
-// the start of the next item's weights can be prefetched (a fresh item would otherwise begin with
-// a full DRAM round trip per row).
-template <class Make, class Work, class Ahead>
-void parallel_items(int nt, int64_t n, Make make, Work work, Ahead ahead) {
-    std::atomic<int64_t> next{0}, finished{0};
-#pragma omp parallel num_threads(nt)
-    {
-        auto scratch = make();
-        int64_t it = next.fetch_add(1);
-        while (it < n) {
-            const int64_t nx = next.fetch_add(1);
-            if (nx < n) ahead(nx);
-            work(it, scratch);
-            it = nx;
-        }
-        finished.fetch_add(1, std::memory_order_acq_rel);
-        wait_for(finished, team_size());
-    }
 }
 
 // Prefetch (into L2) the first `rows` rows of a weight block starting at row r0: packed bytes
