@@ -258,7 +258,7 @@ def test_not_enough_disk_space_is_refused_before_downloading(hub, dsv4, source, 
     result = dsv4("download", "flash")
     need = hubmod.human_bytes(sum(map(len, source.values())))
     assert result.code == 1
-    assert result.stderr.count("\n") == 1 and f"need {need}, 1.0 kB free" in result.stderr
+    assert result.stderr.count("\n") == 1 and f"need {need}, 1.00 kB free" in result.stderr
     assert not (tmp_path / "xdg").exists() and not [r for r in hub.requests if r.file is not None]
 
 
@@ -380,7 +380,7 @@ def test_aliases_and_repo_ids(tmp_path, monkeypatch):
             hubmod.resolve_repo_id(bad)
     expected = tmp_path / "dsv4" / "models" / "deepseek-ai--DeepSeek-V4-Pro"
     assert hubmod.default_local_dir("deepseek-ai/DeepSeek-V4-Pro") == expected
-    assert hubmod.human_bytes(999) == "999 B" and hubmod.human_bytes(1_234_567_890) == "1.2 GB"
+    assert hubmod.human_bytes(999) == "999 B" and hubmod.human_bytes(1_234_567_890) == "1.23 GB"
 
 
 class _Recorder(hubmod.SilentReporter):

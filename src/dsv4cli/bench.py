@@ -44,8 +44,8 @@ from dsv4cli.io.checkpoint import INDEX_NAME
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.paths import cache_dir
-from dsv4cli.render_info import human_bytes, human_count
 from dsv4cli.sampling import SamplingParams
+from dsv4cli.units import human_bytes, human_count
 
 SCHEMA = "dsv4-bench/1"
 GREEDY = SamplingParams(temperature=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,26 +10,10 @@ from pathlib import Path
 import typer
 
 from dsv4cli.errors import UsageError
+from dsv4cli.units import parse_size
 
 TARGET_HELP = ("dsv4: runtime layout, experts packed per layer; fp8-experts: official format, FP4 experts -> FP8 "
                "(lossless); hf-bf16: dequantized BF16 for transformers.")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
-def parse_size(text: str) -> int:
-    """'4GB' (10**9), '4GiB' (2**30), '500MB', '1048576' -> bytes."""
-    match = _SIZE_RE.match(text)
-    unit = match[2].upper() if match else ""
-    if match is None or unit not in _UNITS:
-        raise UsageError(f"invalid size {text!r}", "use e.g. 4GB, 500MB, 4GiB or a number of bytes")
-    size = int(float(match[1]) * _UNITS[unit])
-    if size <= 0:
-        raise UsageError(f"invalid size {text!r}", "the size must be positive")
-    return size
-
-
 @contextlib.contextmanager
 def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A rich bytes-done / total bar on stderr, or None when disabled (stderr not a terminal)."""

@@ -33,7 +33,7 @@ class LineReporter:
     """Progress for a non-terminal stderr: one line per finished file."""
 
     def start(self, total_bytes: int, done_bytes: int, files: int) -> None:
-        from dsv4cli.hub import human_bytes
+        from dsv4cli.units import human_bytes
 
         resumed = f" ({human_bytes(done_bytes)} already here)" if done_bytes else ""
         typer.echo(f"downloading {_files(files)}, {human_bytes(total_bytes)}{resumed}", err=True)
@@ -42,7 +42,7 @@ class LineReporter:
         return None
 
     def file_done(self, path: str, size: int) -> None:
-        from dsv4cli.hub import human_bytes
+        from dsv4cli.units import human_bytes
 
         typer.echo(f"fetched {path} ({human_bytes(size)})", err=True)
 
@@ -160,7 +160,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print a JSO
 
 
 def _list_row(model: Any) -> tuple[str, ...]:
-    from dsv4cli.hub import human_bytes
+    from dsv4cli.units import human_bytes
 
     status = "complete" if model.complete else f"incomplete ({model.files - model.files_present} missing)"
     if model.partial_bytes:

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 from dsv4cli import __version__
 from dsv4cli.errors import DsvError, ModelNotFound, UsageError
 from dsv4cli.paths import data_dir
+from dsv4cli.units import human_bytes
 
 ALIASES = {
     "flash": "deepseek-ai/DeepSeek-V4-Flash",
@@ -65,6 +66,7 @@ MANIFEST_SAVE_SECONDS = 5.0
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _HASH_BLOCK = 8 << 20
+
 
 
 # ======================================================================= errors
@@ -266,15 +268,6 @@ def offline_mode() -> bool:
     """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`), read now."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().upper() in _TRUE
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units: 1.23 GB."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def state_dir(local_dir: Path) -> Path:

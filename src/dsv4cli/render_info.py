@@ -6,21 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dsv4cli.describe import ModelSummary
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-def human_count(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))
+from dsv4cli.units import human_bytes, human_count
 
 
 def render_summary(name: str, s: ModelSummary, console: Console | None = None) -> None:
