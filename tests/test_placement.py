@@ -64,3 +64,43 @@ def test_plan_round_trips_through_json(tmp_path):
     with pytest.raises(UsageError, match="cannot read"):
         PlacementPlan.load(tmp_path / "missing.json")
     assert any("routed experts on the GPU" in row[0] for row in plan.rows())
+
+
+def test_routing_counts_feed_the_plan(tmp_path):
+    import torch
+
+    from dsv4cli.model.layers import Numerics
+    from dsv4cli.runtime.placement import frequencies_from_counts
+    from dsv4cli.runtime.profiling import count_routes, load_counts, save_counts
+    from tests.conftest import tiny_model
+
+    model = tiny_model("tiny", Numerics.plain(torch.float32))
+    counts = count_routes(model, [[5, 6, 7, 8, 9], list(range(10, 40))])
+    args = PRESETS["tiny"]
+    assert set(counts) == set(range(args.n_layers))
+    assert all(sum(row) == 35 * args.n_activated_experts for row in counts.values())
+    assert all(layer.ffn.gate.route_counts is None for layer in model.layers)  # counting switched off again
+    assert load_counts(save_counts(counts, tmp_path / "c.json")) == counts
+    freq = frequencies_from_counts(counts)
+    hottest = min(((-f, layer, e) for layer, row in freq.items() for e, f in enumerate(row)))[1:]
+    _, expert = model_bytes(args)
+    roomy = plan_placement(args, device="cuda:0", context=64, gpu_budget_bytes=1 << 40, staging_slots=0)
+    exactly_one = roomy.dense_bytes + roomy.kv_cache_bytes + GPU_RESERVE_BYTES + expert
+    plan = plan_placement(args, device="cuda:0", context=64, frequencies=freq, gpu_budget_bytes=exactly_one,
+                          staging_slots=0)
+    assert plan.gpu_experts == {hottest[0]: [hottest[1]]}
+
+
+def test_plan_command_json(tmp_path):
+    import json
+
+    from tests.test_cli import dsv4
+
+    result = dsv4("plan", "flash", "--device", "cuda:0", "--gpu-memory", "24GB", "--cpu-memory", "192GB",
+                  "--ctx", "65536", "--json", "--save", str(tmp_path / "p.json"))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["device"] == "cuda:0" and data["staging_slots"] == 32 and data["host_mode"] == "ram"
+    assert PlacementPlan.load(tmp_path / "p.json").to_json() == json.dumps(data, indent=2)
+    bad = dsv4("plan", "flash", "--device", "tpu")
+    assert bad.returncode == 2 and "--device" in bad.stderr

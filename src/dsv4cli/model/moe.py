@@ -29,6 +29,8 @@ class Gate(nn.Module):
             self.tid2eid = _frozen(args.vocab_size, args.n_activated_experts, dtype=torch.int64)
         else:
             self.bias = _frozen(args.n_routed_experts, dtype=torch.float32)
+        #: when set (an int64 tensor [E]), every forward adds how often each expert was selected
+        self.route_counts: torch.Tensor | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -48,6 +50,8 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)
         if self.args.score_func != "softmax":
             weights = weights / weights.sum(-1, keepdim=True)
+        if self.route_counts is not None:
+            self.route_counts += torch.bincount(indices.flatten(), minlength=self.args.n_routed_experts).cpu()
         return weights * self.args.route_scale, indices
 
 

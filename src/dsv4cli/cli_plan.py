@@ -1,0 +1,130 @@
+"""The `dsv4 plan` command: show (and save) where a model's parts would live on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dsv4cli.errors import UsageError
+from dsv4cli.units import human_bytes, parse_size
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def free_gpu_bytes() -> tuple[str, int]:
+    """("cuda:0", free bytes) of the first GPU, or ("cpu", 0) without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", 0
+    free, _total = torch.cuda.mem_get_info(0)
+    return "cuda:0", int(free)
+
+
+def register(app: typer.Typer) -> None:
+    if any(getattr(c, "name", None) == "plan" for c in app.registered_commands):
+        return
+
+    @app.command(name="plan")
+    def plan(
+        model: str = typer.Argument(..., help="Model directory, config.json, or preset (flash, pro, ...)."),
+        device: str | None = typer.Option(None, help="cpu or cuda:N (default: the first GPU if there is one)."),
+        gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="GPU budget, e.g. 24GB (default: free)."),
+        cpu_memory: str | None = typer.Option(None, "--cpu-memory",
+                                              help="Host RAM budget, e.g. 200GB (default: available RAM)."),
+        ctx: int = typer.Option(16384, "--ctx", help="Context size the KV cache must hold."),
+        counts: Path | None = typer.Option(None, "--counts", help="Routing counts (JSON) to pick hot experts."),
+        profile: Path | None = typer.Option(None, "--profile",
+                                            help="Text file to run through MODEL (a directory) to count routing."),
+        save_counts: Path | None = typer.Option(None, "--save-counts", help="Where to write the measured counts."),
+        save: Path | None = typer.Option(None, "--save", help="Write the plan as JSON."),
+        as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    ) -> None:
+        """Compute where dense weights, KV cache and each routed expert go for given memory budgets."""
+        from dsv4cli.cli import resolve_args
+        from dsv4cli.runtime.placement import frequencies_from_counts, plan_placement
+
+        args = resolve_args(model)
+        if ctx < 16:
+            raise UsageError("--ctx must be at least 16 tokens")
+        detected_device, free_gpu = free_gpu_bytes()
+        device = device or detected_device
+        if device != "cpu" and not device.startswith("cuda"):
+            raise UsageError(f"--device must be cpu or cuda:N, not {device!r}")
+        gpu_budget = parse_size(gpu_memory) if gpu_memory else free_gpu
+        if device != "cpu" and gpu_budget == 0:
+            raise UsageError("no GPU memory budget", "pass --gpu-memory (no CUDA GPU is visible here)")
+        cpu_budget = parse_size(cpu_memory) if cpu_memory else available_ram_bytes()
+        routing = _routing_counts(model, counts, profile, save_counts)
+        result = plan_placement(args, device=device, gpu_budget_bytes=gpu_budget, cpu_budget_bytes=cpu_budget,
+                                context=ctx, frequencies=frequencies_from_counts(routing) if routing else None)
+        if save is not None:
+            result.save(save)
+        if as_json:
+            typer.echo(result.to_json())
+            return
+        _print_plan(model, result)
+
+def _routing_counts(model: str, counts: Path | None, profile: Path | None,
+                    save_counts: Path | None) -> dict[int, list[int]] | None:
+    from dsv4cli.runtime.profiling import load_counts
+    from dsv4cli.runtime.profiling import save_counts as write_counts
+
+    if counts is not None and profile is not None:
+        raise UsageError("--counts and --profile are alternatives", "give one of them")
+    if counts is not None:
+        return load_counts(counts)
+    if profile is None:
+        return None
+    measured = _profile(model, profile)
+    if save_counts is not None:
+        write_counts(measured, save_counts)
+    return measured
+
+
+def _profile(model: str, text_file: Path) -> dict[int, list[int]]:
+    from dsv4cli import kernels
+    from dsv4cli.loader import load_model
+    from dsv4cli.runtime.profiling import count_routes
+    from dsv4cli.tokenizer import Tokenizer
+
+    if not Path(model).is_dir():
+        raise UsageError("--profile needs a model directory (it runs the model)")
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {text_file}: {exc}") from None
+    kernels.select()
+    tokenizer = Tokenizer.from_dir(model)
+    net, checkpoint = load_model(model)
+    with checkpoint:
+        paragraphs = [tokenizer.encode(p) for p in text.split("\n\n") if p.strip()]
+        return count_routes(net, paragraphs)
+
+
+def _print_plan(model: str, result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"placement plan: {model}", title_justify="left")
+    table.add_column("what")
+    table.add_column("where")
+    table.add_column("bytes", justify="right")
+    for what, where, nbytes in result.rows():
+        table.add_row(what, where, human_bytes(nbytes))
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
