@@ -165,6 +165,8 @@ class Engine:
 
     def _finish(self, stats: GenerationStats) -> GenerationStats:
         stats.peak_memory_bytes = peak_memory_bytes(self.model.device)
+        if self.model.offload is not None:
+            stats.expert_cache_hit_rate = self.model.offload.stats.hit_rate
         return stats
 
 

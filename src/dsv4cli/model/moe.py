@@ -80,6 +80,8 @@ class MoE(nn.Module):
                                      for _ in range(args.n_routed_experts))
         self.shared_experts = Expert(args, args.dtype, numerics)
         self._table: ExpertTable | None = None
+        #: replaces `routed` when set (the offload runtime decides where each expert runs)
+        self.runner = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -90,6 +92,8 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the selected experts' outputs (float32), all experts in one kernel call."""
+        if self.runner is not None:
+            return self.runner(x, weights, indices)
         expert = self.experts[0]
         return kernels.moe_experts(x, weights, indices, self.expert_table(), expert.swiglu_limit,
                                    expert.w1.act_quant)

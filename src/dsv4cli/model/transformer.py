@@ -101,6 +101,7 @@ class Transformer(nn.Module):
         _add_hc_head(self, args)
         self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + i, self.numerics)
                                  for i in range(args.n_mtp_layers if with_mtp else 0))
+        self.offload = None  # set by the offload runtime while it runs the routed experts
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,176 @@
+"""Routed experts split between a fast device and host memory, per a `PlacementPlan`.
+
+Per MoE layer and step, each selected expert runs where it is cheapest:
+
+* resident experts (the plan's hot set) always run on the device;
+* host experts run on the CPU for small batches (decode: moving an expert costs more than
+  computing one token with it), or are copied into a fixed pool of device slots for large
+  batches (prefill: the copy is amortised over many tokens). The slot pool is an LRU or LFU
+  cache keyed by (layer, expert); after each layer the next layer's likely experts (its
+  router applied to this layer's input) are prefetched into slots.
+
+Hits, misses and bytes moved are counted. The device may be the CPU itself (no GPU): then
+"copies" are memory copies, which is how CI exercises every path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from dsv4cli import kernels
+from dsv4cli.kernels.experts import ExpertTable
+from dsv4cli.model.transformer import Transformer
+from dsv4cli.runtime.placement import PlacementPlan
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class OffloadStats:
+    hits: int = 0  # host experts found in a device slot
+    misses: int = 0  # host experts copied into a slot
+    bytes_moved: int = 0  # host -> device bytes
+    cpu_expert_calls: int = 0  # (layer, expert) evaluations on the CPU
+    device_expert_calls: int = 0
+    prefetched: int = 0
+
+    @property
+    def hit_rate(self) -> float | None:
+        looked_up = self.hits + self.misses
+        return self.hits / looked_up if looked_up else None
+
+
+class SlotCache:
+    """`n_slots` device copies of host experts with LRU or LFU eviction."""
+
+    def __init__(self, n_slots: int, device: torch.device, policy: str = "lru"):
+        if policy not in ("lru", "lfu"):
+            raise ValueError(f"unknown cache policy {policy!r}")
+        self.n_slots, self.device, self.policy = n_slots, device, policy
+        self.entries: OrderedDict[ExpertKey, tuple[torch.Tensor, ...]] = OrderedDict()
+        self.uses: dict[ExpertKey, int] = {}
+
+    def get(self, key: ExpertKey) -> tuple[torch.Tensor, ...] | None:
+        tensors = self.entries.get(key)
+        if tensors is not None:
+            self.entries.move_to_end(key)
+            self.uses[key] = self.uses.get(key, 0) + 1
+        return tensors
+
+    def put(self, key: ExpertKey, host: tuple[torch.Tensor, ...], keep: set[ExpertKey]) -> tuple[torch.Tensor, ...]:
+        """Copy `host` tensors into a slot (evicting one not in `keep`); returns the device tensors."""
+        if len(self.entries) >= self.n_slots:
+            victims = [k for k in self.entries if k not in keep]
+            if not victims:
+                raise RuntimeError("every slot is in use by the current step")
+            victim = min(victims, key=lambda k: self.uses.get(k, 0)) if self.policy == "lfu" else victims[0]
+            del self.entries[victim]
+        copied = tuple(t.to(self.device, non_blocking=True) for t in host)
+        self.entries[key] = copied
+        self.uses[key] = self.uses.get(key, 0) + 1
+        return copied
+
+
+class OffloadedExperts:
+    """Runs every MoE layer of `model` under `plan`; attach with `attach()`, detach with `detach()`."""
+
+    def __init__(self, model: Transformer, plan: PlacementPlan, device: torch.device | str,
+                 decode_max_tokens: int = 8, policy: str = "lru", prefetch: bool = True):
+        self.model, self.plan, self.device = model, plan, torch.device(device)
+        self.decode_max_tokens, self.prefetch = decode_max_tokens, prefetch
+        self.stats = OffloadStats()
+        self.slots = SlotCache(plan.staging_slots, self.device, policy)
+        self.host: list[list[tuple[torch.Tensor, ...]]] = []
+        self.resident: list[dict[int, tuple[torch.Tensor, ...]]] = []
+        for layer_id, layer in enumerate(model.layers):
+            host = list(layer.ffn.expert_table().experts)
+            self.host.append(host)
+            self.resident.append({e: tuple(t.to(self.device) for t in host[e])
+                                  for e in plan.gpu_experts.get(layer_id, [])})
+
+    def attach(self) -> OffloadedExperts:
+        for layer_id, layer in enumerate(self.model.layers):
+            layer.ffn.runner = functools.partial(self.run_layer, layer_id)
+        self.model.offload = self
+        return self
+
+    def detach(self) -> None:
+        for layer in self.model.layers:
+            layer.ffn.runner = None
+        self.model.offload = None
+
+    # ------------------------------------------------------------------ step
+    def run_layer(self, layer_id: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+                  ) -> torch.Tensor:
+        """Sum of the selected experts' outputs for one layer, float32 [N, D] on x's device."""
+        selected = sorted(set(indices.flatten().tolist()))
+        resident = self.resident[layer_id]
+        on_device = {e: resident[e] for e in selected if e in resident}
+        host_ids = [e for e in selected if e not in resident]
+        if x.shape[0] > self.decode_max_tokens and self.slots.n_slots > 0:
+            on_device.update(self._stage(layer_id, host_ids))
+        # decode, or more host experts than slots: the rest runs on the CPU
+        on_cpu = {e: self.host[layer_id][e] for e in host_ids if e not in on_device}
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        self._accumulate(out, x, weights, indices, on_device, self.device)
+        self._accumulate(out, x, weights, indices, on_cpu, torch.device("cpu"))
+        self.stats.device_expert_calls += len(on_device)
+        self.stats.cpu_expert_calls += len(on_cpu)
+        if self.prefetch and x.shape[0] > self.decode_max_tokens:
+            self._prefetch_next(layer_id, x)
+        return out
+
+    def _stage(self, layer_id: int, expert_ids: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Device copies of as many of `expert_ids` as the slots hold (hits first, then copies)."""
+        staged: dict[int, tuple[torch.Tensor, ...]] = {}
+        for e in expert_ids:
+            tensors = self.slots.get((layer_id, e))
+            if tensors is not None:
+                self.stats.hits += 1
+                staged[e] = tensors
+        for e in expert_ids:
+            if e in staged:
+                continue
+            if len(staged) >= self.slots.n_slots:
+                break
+            host = self.host[layer_id][e]
+            staged[e] = self.slots.put((layer_id, e), host, keep={(layer_id, k) for k in staged})
+            self.stats.misses += 1
+            self.stats.bytes_moved += sum(t.numel() * t.element_size() for t in host)
+        return staged
+
+    def _prefetch_next(self, layer_id: int, x: torch.Tensor) -> None:
+        """Copy the experts the next layer's router would pick for `x` into free or stale slots."""
+        if layer_id + 1 >= len(self.model.layers):
+            return
+        gate = self.model.layers[layer_id + 1].ffn.gate
+        if gate.is_hash:
+            return
+        scores = gate.scores(x) + gate.bias.float()
+        likely = torch.topk(scores, gate.args.n_activated_experts, dim=-1).indices.flatten().tolist()
+        resident = self.resident[layer_id + 1]
+        wanted = [e for e in dict.fromkeys(likely) if e not in resident][: self.slots.n_slots // 2]
+        for e in wanted:
+            key = (layer_id + 1, e)
+            if key not in self.slots.entries:
+                self.slots.put(key, self.host[layer_id + 1][e], keep=set())
+                self.stats.bytes_moved += sum(t.numel() * t.element_size() for t in self.host[layer_id + 1][e])
+                self.stats.prefetched += 1
+
+    def _accumulate(self, out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                    experts: dict[int, tuple[torch.Tensor, ...]], device: torch.device) -> None:
+        """out += the (token, expert) pairs whose expert is in `experts`, computed on `device`."""
+        if not experts:
+            return
+        ids = torch.tensor(sorted(experts), device=indices.device)
+        token, slot = torch.where(torch.isin(indices, ids))
+        local = torch.searchsorted(ids, indices[token, slot])
+        table = ExpertTable.from_experts([experts[e] for e in ids.tolist()])
+        moe = self.model.layers[0].ffn.experts[0]
+        y = kernels.moe_experts(x[token].to(device), weights[token, slot, None].to(device), local[:, None].to(device),
+                                table, moe.swiglu_limit, moe.w1.act_quant)
+        out.index_add_(0, token, y.to(out.device))
