@@ -55,6 +55,7 @@ from dsv4cli.io.writer import (
     TOKENIZER_FILES,
     checkpoint_order,
     generation_config,
+    move_into_place,
     shard_file_name,
 )
 from dsv4cli.kernels.ref import dequantize_weight
@@ -409,7 +410,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, target: str, *,
             except DsvError as err:
                 err.hint = (err.hint + "; " if err.hint else "") + f"partial output kept in {tmp} for resuming"
                 raise
-            _move_into_place(tmp, out)
+            move_into_place(tmp, out)
     finally:
         source.close()
     return out
@@ -551,23 +552,6 @@ def _empty_directory(directory: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out` (one rename); an existing `out` (--force) is swapped out, then deleted."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------- files

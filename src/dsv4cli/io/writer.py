@@ -386,13 +386,13 @@ def atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
+def move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename `tmp` to `out_dir`; an existing non-empty `out_dir` is swapped out, then deleted."""
     if not _is_non_empty_dir(out_dir):
         os.replace(tmp, out_dir)  # also replaces an empty directory
