@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from dsv4cli.kernels import ref
 
-OPS = ("linear", "swiglu_expert", "moe_experts", "hc_split_sinkhorn", "sparse_attn", "kv_fp8_quant",
-       "indexer_fp4_quant")
+OPS = ("linear", "grouped_linear", "swiglu_expert", "moe_experts", "hc_split_sinkhorn", "sparse_attn",
+       "kv_fp8_quant", "indexer_fp4_quant")
 MODES = ("auto", "ref", "cpu", "triton")
 
 _active: dict[str, Callable] = {}
@@ -75,6 +75,10 @@ def select(mode: str | None = None) -> list[str]:
 
 def linear(*args, **kwargs):
     return _active["linear"](*args, **kwargs)
+
+
+def grouped_linear(*args, **kwargs):
+    return _active["grouped_linear"](*args, **kwargs)
 
 
 def swiglu_expert(*args, **kwargs):

@@ -1,14 +1,15 @@
-"""Native CPU kernels for FP4 (e2m1) expert weights: `linear` and a fused routed-MoE call.
+"""Native CPU kernels for quantized weights: FP4 (e2m1) experts and FP8 (e4m3, 128x128 block scales).
 
-Decode reads every selected expert's packed FP4 weights once per token, so CPU decode speed
-is memory-bandwidth bound; `csrc/fp4_cpu.cpp` decodes nibbles in registers (never a dequantized
-matrix) and runs all selected experts of a layer in one OpenMP call. The library is compiled
-with the system g++ on first use (`-O3 -march=native -fopenmp`) into
-`$XDG_CACHE_HOME/dsv4/kernels/<hash>.so` and loaded with ctypes: no build step at install
-time and no dependency on torch's C++ ABI. Each function keeps the signature of its
-reference twin and falls back to it for whatever it does not cover (non-FP4 weights, non-CPU
-tensors, other dtypes). `DSV4_KERNELS=ref` disables the native code; `DSV4_CXX` picks the
-compiler.
+Decode reads every weight it uses once per token, so CPU decode speed is memory-bandwidth
+bound; `csrc/fp4_cpu.cpp` and `csrc/fp8_cpu.cpp` decode the stored codes in registers (never a
+dequantized matrix): an FP4 `linear` and a fused routed-MoE call (all selected experts of a
+layer in one OpenMP call), and an FP8 `linear` / `grouped_linear` (the dense projections and
+attention's grouped `wo_a`). The sources are compiled together with the system g++ on first use
+(`-O3 -march=native -fopenmp`) into `$XDG_CACHE_HOME/dsv4/kernels/<hash>.so` and loaded with
+ctypes: no build step at install time and no dependency on torch's C++ ABI. Each function keeps
+the signature of its reference twin and falls back to it for whatever it does not cover (other
+weight formats, non-CPU tensors, other dtypes). `DSV4_KERNELS=ref` disables the native code;
+`DSV4_CXX` picks the compiler.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dsv4cli.errors import DsvError
 from dsv4cli.kernels import ref
 from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok
 
-SOURCE = Path(__file__).with_name("csrc") / "fp4_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "fp4_cpu.cpp"
+#: translation units compiled into the one library (they share csrc/common.h)
+SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp")
+HEADERS = (CSRC / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNELS = "DSV4_KERNELS"
 ENV_CXX = "DSV4_CXX"
@@ -40,6 +46,7 @@ MOE_TOKEN_CHUNK = 256
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 _SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8)
+FP8_BLOCK = 128
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 
@@ -93,16 +100,16 @@ def _first_line(text: str, limit: int = 240) -> str:
 
 
 def build(cxx: str | None = None, extra_flags: Sequence[str] = (), out_dir: Path | None = None) -> Path:
-    """Compile `csrc/fp4_cpu.cpp` (or reuse the cached build) and return the `.so` path.
+    """Compile `csrc/*.cpp` into one library (or reuse the cached build) and return the `.so` path.
 
-    The file name hashes the source, compiler (path + version), flags and CPU, so any change
+    The file name hashes the sources, compiler (path + version), flags and CPU, so any change
     rebuilds. The compiler writes a temporary file that is renamed into place: concurrent
     processes never load a half-written library.
     """
     path, version = _compiler(cxx)
     flags = (*FLAGS, *extra_flags)
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, path.encode(), version.encode(), " ".join(flags).encode(),
+    sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256(b"\0".join([*sources, path.encode(), version.encode(), " ".join(flags).encode(),
                                      _cpu_id().encode()])).hexdigest()[:24]
     out_dir = out_dir or cache_dir()
     target = out_dir / f"fp4_cpu-{key}.so"
@@ -116,15 +123,15 @@ def build(cxx: str | None = None, extra_flags: Sequence[str] = (), out_dir: Path
         raise KernelBuildError(f"cannot write the kernel cache {out_dir}: {exc}",
                                f"make it writable, set XDG_CACHE_HOME, or set {ENV_KERNELS}=ref") from exc
     try:
-        proc = subprocess.run([path, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([path, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                               timeout=600, check=False)
         if proc.returncode != 0:
-            raise KernelBuildError(f"building the FP4 CPU kernels with {path} failed: "
+            raise KernelBuildError(f"building the native CPU kernels with {path} failed: "
                                    f"{_first_line(proc.stderr or proc.stdout)}",
                                    f"needs a C++17 compiler with OpenMP (g++ >= 9); or set {ENV_KERNELS}=ref")
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelBuildError(f"building the FP4 CPU kernels with {path} failed: {exc}",
+        raise KernelBuildError(f"building the native CPU kernels with {path} failed: {exc}",
                                f"check the compiler, or set {ENV_KERNELS}=ref") from exc
     finally:
         if os.path.exists(tmp):
@@ -139,7 +146,7 @@ class NativeKernels:
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
-            raise KernelBuildError(f"cannot load the FP4 CPU kernels {path}: {exc}",
+            raise KernelBuildError(f"cannot load the native CPU kernels {path}: {exc}",
                                    f"delete {path.parent} to rebuild, or set {ENV_KERNELS}=ref") from exc
         self.path = path
         self.lib = lib
@@ -153,7 +160,15 @@ class NativeKernels:
         lib.dsv4_fp4_moe.restype = _int
         lib.dsv4_fp4_moe.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
                                      _i64, _f32, _int, _int, _ptr, _int]
+        lib.dsv4_fp8_isa.restype = ctypes.c_char_p
+        lib.dsv4_fp8_isa.argtypes = []
+        lib.dsv4_fp8_linear.restype = _int
+        lib.dsv4_fp8_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _int, _i64, _ptr, _int, _int]
+        lib.dsv4_bf16_linear.restype = _int
+        lib.dsv4_bf16_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int]
         self.isa: str = lib.dsv4_fp4_isa().decode()
+        #: code path of the FP8 kernels (the bf16 one also needs AVX-512 VBMI)
+        self.fp8_isa: str = lib.dsv4_fp8_isa().decode()
 
     def fake_quant_fp8(self, x: torch.Tensor, block: int = 128) -> torch.Tensor:
         """`formats.fake_quant_fp8` on float32 rows, natively (bit-exact; for tests)."""
@@ -172,6 +187,28 @@ class NativeKernels:
         rc = self.lib.dsv4_fp4_linear(x.data_ptr(), n, k, weight.data_ptr(), scale.data_ptr(), o, y.data_ptr(),
                                       int(act_quant), threads)
         _check(rc, "fp4 linear")
+        return y
+
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
+                   threads: int) -> torch.Tensor:
+        """float32 x [N, G, K] x FP8 weight [G*R, K] -> float32 [N, G, R]: group g uses rows
+        g*R..(g+1)*R-1 (G = 1 is a plain linear). scale: UE8M0 bytes (uint8) or float32
+        [ceil(G*R/128), ceil(K/128)]. Inputs already validated and contiguous."""
+        n, g, k = x.shape
+        r = weight.shape[0] // max(g, 1)
+        y = torch.empty(n, g, r, dtype=torch.float32)
+        rc = self.lib.dsv4_fp8_linear(x.data_ptr(), n, g, k, weight.data_ptr(), scale.data_ptr(),
+                                      int(scale.dtype == torch.float32), r, y.data_ptr(), int(act_quant), threads)
+        _check(rc, "fp8 linear")
+        return y
+
+    def bf16_linear(self, x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
+        """float32 x [N, G, K] x bf16 weight [G*R, K] -> float32 [N, G, R] (grouped like `fp8_linear`)."""
+        n, g, k = x.shape
+        r = weight.shape[0] // max(g, 1)
+        y = torch.empty(n, g, r, dtype=torch.float32)
+        rc = self.lib.dsv4_bf16_linear(x.data_ptr(), n, g, k, weight.data_ptr(), r, y.data_ptr(), threads)
+        _check(rc, "bf16 linear")
         return y
 
     def fp4_moe(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, table: ExpertTable,
@@ -255,16 +292,89 @@ def threads() -> int:
 # =========================================================================== ops
 
 
+def _native_input(x: torch.Tensor) -> bool:
+    return (enabled() and x.device.type == "cpu" and x.dtype in _FLOAT_DTYPES and not x.requires_grad
+            and x.numel() > 0)
+
+
+def fp8_operands_ok(weight: torch.Tensor, scale: torch.Tensor | None, in_features: int, groups: int = 1) -> bool:
+    """FP8 e4m3 weight [groups * r, in_features] on CPU with its 128x128 block scales."""
+    return (weight.dtype == torch.float8_e4m3fn and scale is not None and weight.dim() == 2
+            and weight.device.type == "cpu" and scale.device.type == "cpu" and weight.shape[1] == in_features
+            and groups > 0 and weight.shape[0] % groups == 0
+            and (scale.dtype in _SCALE_DTYPES or scale.dtype.is_floating_point)
+            and tuple(scale.shape) == (-(-weight.shape[0] // FP8_BLOCK), -(-in_features // FP8_BLOCK)))
+
+
+def bf16_operands_ok(weight: torch.Tensor, in_features: int, groups: int = 1) -> bool:
+    """Plain bf16 weight [groups * r, in_features] on CPU."""
+    return (weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.device.type == "cpu"
+            and weight.shape[1] == in_features and groups > 0 and weight.shape[0] % groups == 0)
+
+
+def _fp8_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as the kernel takes them: UE8M0 bytes (uint8) or float32 multipliers."""
+    if scale.dtype in _SCALE_DTYPES:
+        return scale.contiguous().view(torch.uint8)
+    return scale.to(torch.float32).contiguous()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            act_quant: bool = False) -> torch.Tensor:
-    """`ref.linear` with the native kernel for FP4 weights on CPU; the reference for the rest."""
-    if (not enabled() or x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES or x.requires_grad
-            or x.numel() == 0 or not fp4_operands_ok(weight, scale, x.shape[-1])):
+    """`ref.linear` with the native kernels for FP4, FP8 and bf16 weights on CPU; the reference for the rest.
+
+    bf16 weights: the reference's `F.linear(x, weight.to(x.dtype))` without converting the matrix
+    (fp32 x: exact products, fp32 sums; bf16 x: fp32 sums rounded to bf16, as torch's bf16 GEMM).
+    """
+    if not _native_input(x):
         return ref.linear(x, weight, scale, act_quant)
     k = x.shape[-1]
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    y = load().fp4_linear(x2, weight.contiguous(), scale.contiguous().view(torch.uint8), act_quant, threads())
+    if fp4_operands_ok(weight, scale, k):
+        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+        y = load().fp4_linear(x2, weight.contiguous(), scale.contiguous().view(torch.uint8), act_quant, threads())
+    elif fp8_operands_ok(weight, scale, k):
+        x2 = x.reshape(-1, 1, k).to(torch.float32).contiguous()
+        y = load().fp8_linear(x2, weight.contiguous(), _fp8_scale(scale), act_quant, threads())
+    elif bf16_operands_ok(weight, k):
+        y = load().bf16_linear(x.reshape(-1, 1, k).to(torch.float32).contiguous(), weight.contiguous(), threads())
+    else:
+        return ref.linear(x, weight, scale, act_quant)
     return y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`ref.grouped_linear` with the native kernels: x [..., G, din], weight [G*r, din] -> [..., G, r].
+
+    FP8 (attention's wo_a) and bf16 weights; no activation quantization (the reference runs wo_a
+    in bf16). The reference for other weights and inputs the kernels do not take.
+    """
+    if x.dim() < 2 or not _native_input(x):
+        return ref.grouped_linear(x, weight, scale)
+    g, k = x.shape[-2:]
+    if fp8_operands_ok(weight, scale, k, g):
+        x3 = x.reshape(-1, g, k).to(torch.float32).contiguous()
+        y = load().fp8_linear(x3, weight.contiguous(), _fp8_scale(scale), False, threads())
+    elif bf16_operands_ok(weight, k, g):
+        y = load().bf16_linear(x.reshape(-1, g, k).to(torch.float32).contiguous(), weight.contiguous(), threads())
+    else:
+        return ref.grouped_linear(x, weight, scale)
+    return y.view(*x.shape[:-1], weight.shape[0] // g).to(x.dtype)
+
+
+def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
+                  s2: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
+                  route_weight: torch.Tensor | None, swiglu_limit: float, act_quant: bool) -> torch.Tensor:
+    """`ref.swiglu_expert` (the shared expert: FP8 in the checkpoints) step for step, with this
+    module's `linear`, so its weights are read by the native kernels instead of dequantized per call."""
+    gate = linear(x, w1, s1, act_quant).float()
+    up = linear(x, w3, s3, act_quant).float()
+    if swiglu_limit > 0:
+        gate = gate.clamp(max=swiglu_limit)
+        up = up.clamp(-swiglu_limit, swiglu_limit)
+    hidden = F.silu(gate) * up
+    if route_weight is not None:
+        hidden = hidden * route_weight
+    return linear(hidden.to(x.dtype), w2, s2, act_quant).float()
 
 
 moe_experts_ref = ref.moe_experts  # the reference twin of `moe_experts`
@@ -296,12 +406,14 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, e
 
 
 def register() -> bool:
-    """Route `kernels.linear` and `kernels.moe_experts` to the native kernels if they are available;
-    returns whether they are."""
+    """Route `kernels.linear`, `grouped_linear`, `swiglu_expert` and `moe_experts` to the native
+    kernels if they are available; returns whether they are."""
     from dsv4cli import kernels
 
     if not available():
         return False
     kernels.use("linear", linear)
+    kernels.use("grouped_linear", grouped_linear)
+    kernels.use("swiglu_expert", swiglu_expert)
     kernels.use("moe_experts", moe_experts)
     return True

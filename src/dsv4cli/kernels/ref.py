@@ -45,6 +45,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     return F.linear(x, weight.to(x.dtype))
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped projection (attention's wo_a, spec §2.3 step 7): x [..., G, din], weight [G*r, din]
+    (any stored format) -> [..., G, r] in x's dtype; group g uses weight rows g*r..(g+1)*r-1.
+
+    The weight is dequantized and rounded to x's dtype, no activation quant: the reference runs
+    wo_a in bf16.
+    """
+    w = dequantize_weight(weight, scale).to(x.dtype)
+    return torch.einsum("...gd,grd->...gr", x, w.view(x.shape[-2], -1, x.shape[-1]))
+
+
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
                   s2: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
                   route_weight: torch.Tensor | None, swiglu_limit: float, act_quant: bool) -> torch.Tensor:

@@ -22,6 +22,7 @@ def implementations() -> dict[str, Callable]:
         "linear": triton_gemm.linear,
         "swiglu_expert": triton_gemm.swiglu_expert,
         "moe_experts": moe_experts,
+        "grouped_linear": grouped_linear,
         "hc_split_sinkhorn": triton_hc.hc_split_sinkhorn,
         "sparse_attn": triton_attn.sparse_attn,
         "kv_fp8_quant": triton_quant.kv_fp8_quant,
@@ -43,6 +44,21 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, e
         experts.backend_cache["triton"] = tables
     w1, w2, w3 = tables
     return triton_gemm.moe_experts_triton(x, weights, indices, w1, w2, w3, swiglu_limit, act_quant)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Registry twin of `ref.grouped_linear` (the grouped output projection wo_a): one Triton FP8 GEMM per
+    group, without activation quantization; the reference off the GPU or when a group's rows do not align
+    with the 128-row scale blocks."""
+    groups = x.shape[-2]
+    rows = weight.shape[0] // groups
+    if (x.device.type != "cuda" or weight.dtype != torch.float8_e4m3fn or rows % 128
+            or not triton_gemm.fp8_supported(x.device)):
+        return ref.grouped_linear(x, weight, scale)
+    blocks = rows // 128
+    parts = [triton_gemm.fp8_linear(x[..., g, :], weight[g * rows:(g + 1) * rows],
+                                    scale[g * blocks:(g + 1) * blocks], False) for g in range(groups)]
+    return torch.stack(parts, dim=-2)
 
 
 def available() -> bool:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from dsv4cli import kernels
-from dsv4cli.kernels.ref import dequantize_weight
 from dsv4cli.model.args import CSA, SWA, ModelArgs
 from dsv4cli.model.cache import CompressorState, LayerCache
 from dsv4cli.model.layers import (
@@ -209,6 +208,5 @@ class Attention(nn.Module):
         args = self.args
         batch, seq = o.shape[:2]
         groups = o.reshape(batch, seq, args.o_groups, -1)
-        wo_a = dequantize_weight(self.wo_a.weight, self.wo_a.scale).to(o.dtype)
-        z = torch.einsum("bsgd,grd->bsgr", groups, wo_a.view(args.o_groups, args.o_lora_rank, -1))
+        z = kernels.grouped_linear(groups, self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(2))

@@ -7,9 +7,9 @@ checkpoint tensors by their official names, then call `forward(ids, cache)`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dsv4cli import kernels
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.attention import Attention
 from dsv4cli.model.cache import LayerCache, ModelCache
@@ -53,8 +53,8 @@ class OutputHead(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         w, yf = self.weight, y.float()
-        return torch.cat([F.linear(yf, w[i:i + HEAD_CHUNK_ROWS].float())
-                          for i in range(0, w.shape[0], HEAD_CHUNK_ROWS)], dim=-1)
+        return torch.cat([kernels.linear(yf, w[i:i + HEAD_CHUNK_ROWS]) for i in range(0, w.shape[0], HEAD_CHUNK_ROWS)],
+                         dim=-1)
 
 
 def collapse_streams(owner: nn.Module, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:

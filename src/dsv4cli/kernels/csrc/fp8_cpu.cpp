@@ -1,5 +1,6 @@
-// Fast CPU kernels for DeepSeek-V4 FP8 (e4m3) weights with 128x128 block scales, reading the
-// stored bytes directly (the dense projections: wq_a, wq_b, wkv, wo_a, wo_b, shared experts, ...).
+// Fast CPU kernels for DeepSeek-V4's dense weights, reading them as stored: FP8 (e4m3) with
+// 128x128 block scales (wq_a, wq_b, wkv, wo_a, wo_b, shared experts, indexer wq_b, ...) and plain
+// bf16 (compressor wkv/wgate, indexer weights_proj; bf16 checkpoints).
 //
 // Weight format (spec §2.11, §3.2): float8_e4m3fn [O, K], one scale per 128x128 block
 // S [ceil(O/128), ceil(K/128)] (UE8M0 bytes 2^(b-127), or float32 multipliers):
@@ -9,7 +10,7 @@
 // memory-bandwidth bound: 1 byte per weight).
 //
 // Code paths, picked at compile time (the library is built with -march=native):
-//  * AVX-512 BF16 + VBMI (Zen 4, Sapphire Rapids, Ice Lake has VBMI but no BF16): every e4m3
+//  * AVX-512 BF16 + VBMI (Zen 4, Sapphire Rapids; Cooper Lake lacks VBMI and takes the next path): every e4m3
 //    value is exact in bf16, so 64 bytes become 64 bf16 words with two 128-entry byte lookups
 //    (vpermi2b: the high and the low byte of the bf16 pattern of the magnitude; the index's bit 7,
 //    the sign, is ignored by the instruction), one vpternlog that ORs the sign into the high byte,
@@ -20,12 +21,16 @@
 //  * AVX-512F / AVX2 (+F16C): (sign-extended byte << 7) & 0xbf80 is the IEEE half of e4m3 / 256
 //    (subnormals included: e4m3 subnormal m * 2^-9 is the half subnormal m * 2^-17), so vcvtph2ps
 //    gives exact fp32 weights; FMA in fp32, x 256 at the end. NaN codes decode to +-480 here.
-//  * portable scalar fallback (a 256-entry table).
+//  * portable scalar fallback (a 256-entry table; NaN codes are NaN).
 // Activations are prepared once per call (converted, split, permuted to the decode order and
 // zero-padded to a multiple of 128), so inner loops never shuffle activations; K and O need not be
 // multiples of 128 (the K tail is loaded with a byte mask, never past the row).
 // Rows are processed a few at a time (a tile) and the rows `kPfTiles` tiles ahead are
-// software-prefetched into L2 at the same column, as in the FP4 kernel.
+// software-prefetched into L2 at the same column, as in the FP4 kernel. Batches of >= 20 tokens
+// (prefill) on the bf16 path decode 4 rows once into a panel with the block scales folded in and
+// run a 4 x 6 register-blocked GEMM over it (see gemm_rows; NaN codes are not kept there).
+// bf16 weights take the same tiles without the decode and the block scales (fp32 paths widen the
+// words with a shift); reading 2 bytes per weight instead of converting the matrix to fp32 per call.
 // Grouped form (attention's wo_a): G groups, group g multiplies x[:, g, :] by weight rows
 // [g*R, (g+1)*R); the plain linear is G = 1.
 
@@ -50,6 +55,8 @@ namespace {
 
 constexpr int64_t kBlk = 128;  // scale block in both dims = the decode chunk along K
 constexpr int kPfTiles = FP8_PF_TILES;
+
+inline int64_t padded8(int64_t K) { return (K + kBlk - 1) / kBlk * kBlk; }
 
 // e4m3fn byte -> float, exact; 0x7f / 0xff are NaN (the format has no infinities).
 float e4m3_value(uint8_t b) {
@@ -93,10 +100,12 @@ inline void prefetch_l2(const void* p) {
 // Each path defines:
 //   XT                          the prepared activation element type
 //   kMaxParts                   bf16 parts a prepared row may need (1 for fp32 paths)
-//   prep_chunk(v, parts, Kp, dst, c)  write chunk c (128 inputs) of a prepared row from 128 floats
+//   prep_chunk(v, parts, Kp, dst, c, natural)  write chunk c (128 inputs) of a prepared row from
+//                               128 floats (natural: input order, for bf16 weights)
 //   tile<R, TB>(w, sr, K, Kp, parts, xs, y, yoff)   R rows x TB tokens over the whole K
 // A prepared row holds `parts` copies of Kp elements (Kp = K rounded up to 128). `w` is the first
-// row's bytes (row stride K), `sr[r]` the float scales of row r's 128-row block (one per chunk).
+// row's bytes (row stride K weights), `sr[r]` the float scales of row r's 128-row block (one per
+// chunk); sr == nullptr means bf16 weights.
 
 #if FP8_PATH_BF16
 using XT = uint16_t;
@@ -111,9 +120,10 @@ inline int64_t chunk_pos(int64_t i) {
     return l * 64 + (k < 8 ? 8 * L + k : 32 + 8 * L + (k - 8));
 }
 
-void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
+// natural: bf16 weights are read in input order, so their activations are not permuted.
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
     for (int64_t i = 0; i < kBlk; ++i) {
-        const int64_t pos = c * kBlk + chunk_pos(i);
+        const int64_t pos = c * kBlk + (natural ? i : chunk_pos(i));
         float r = v[i];
         for (int p = 0; p < parts; ++p) {
             const uint16_t h = bf16_bits(r);
@@ -140,10 +150,49 @@ struct Decoder {
 };
 
 inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~0ull : (n <= 0 ? 0ull : ((1ull << n) - 1)); }
+inline __mmask32 word_mask(int64_t n) {
+    return n >= 32 ? ~0u : (n <= 0 ? 0u : static_cast<__mmask32>((1u << n) - 1));
+}
+
+// bf16 weights: 256 bytes (128 inputs) per row and chunk, accumulated straight into acc.
+template <int R, int TB>
+inline void tile_bf16(const uint8_t* w, int64_t K, int64_t Kp, int parts, const XT* const* xs, float* const* y,
+                      int64_t yoff) {
+    __m512 acc[R][TB];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+    const int64_t nfull = K / kBlk, nchunks = (K + kBlk - 1) / kBlk;
+    for (int64_t c = 0; c < nchunks; ++c) {
+        __m512bh v[R][4];
+        for (int r = 0; r < R; ++r) {
+            const uint16_t* row = reinterpret_cast<const uint16_t*>(w) + r * K + kBlk * c;
+            const uint16_t* ahead = row + static_cast<int64_t>(kPfTiles) * R * K;
+            for (int i = 0; i < 4; ++i) prefetch_l2(ahead + 32 * i);
+            if (c < nfull) {
+                for (int i = 0; i < 4; ++i) v[r][i] = (__m512bh)_mm512_loadu_si512(row + 32 * i);
+            } else {  // K tail: masked-off words read as +0.0
+                const int64_t left = K - c * kBlk;
+                for (int i = 0; i < 4; ++i)
+                    v[r][i] = (__m512bh)_mm512_maskz_loadu_epi16(word_mask(left - 32 * i), row + 32 * i);
+            }
+        }
+        for (int t = 0; t < TB; ++t)
+            for (int q = 0; q < parts; ++q) {
+                const XT* xp = xs[t] + q * Kp + c * kBlk;
+                for (int i = 0; i < 4; ++i) {
+                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * i);
+                    for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], v[r][i], xv);
+                }
+            }
+    }
+    for (int t = 0; t < TB; ++t)
+        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
 
 template <int R, int TB>
 inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp, int parts, const XT* const* xs,
                  float* const* y, int64_t yoff) {
+    if (sr == nullptr) return tile_bf16<R, TB>(w, K, Kp, parts, xs, y, yoff);
     const Decoder dec;
     __m512 acc[R][TB];
     for (int r = 0; r < R; ++r)
@@ -187,6 +236,131 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
         for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+
+// ---- small-batch GEMM (prefill): many tokens against the same rows.
+// A tile that decodes on the fly spends a third of its work re-decoding for every 4 tokens and
+// a sixth on per-block scale FMAs. For T >= kGemmMinTokens, 4 rows at a time are decoded once
+// into a bf16 panel (L1/L2) with the block scale folded into each word's exponent (exact: the
+// scales are powers of two, checked per call), then a 4 rows x 6 tokens register tile runs
+// vdpbf16ps straight from the panel: per 32 inputs 4 + 6 loads feed 24 dot products.
+#ifndef FP8_GEMM_MIN
+#define FP8_GEMM_MIN 20  // measured crossover on Zen 4: the on-the-fly tiles win below ~16-24 tokens
+#endif
+constexpr int kGemmMinTokens = FP8_GEMM_MIN;
+constexpr bool kHasGemm = true;
+constexpr int kGR = 4, kGT = 6;
+
+// Rows r..r+3 (absolute) of FP8 weight `w` -> panel[4][Kp] bf16 words in chunk_pos order, each
+// times its block scale 2^e (se: e << 7 per block, added to the exponent of non-zero words).
+// Rows past `rows` are zero.
+inline void decode_panel(const uint8_t* w, const int16_t* se, int64_t SK, int64_t K, int64_t r, int rows,
+                         uint16_t* panel, int64_t Kp) {
+    const Decoder dec;
+    const int64_t nfull = K / kBlk, nchunks = Kp / kBlk;
+    for (int i = 0; i < kGR; ++i) {
+        uint16_t* dst = panel + i * Kp;
+        if (i >= rows) {
+            std::memset(dst, 0, static_cast<size_t>(Kp) * 2);
+            continue;
+        }
+        const uint8_t* row = w + (r + i) * K;
+        const int16_t* e = se + ((r + i) / kBlk) * SK;
+        for (int64_t c = 0; c < nchunks; ++c) {
+            __m512i b0, b1;
+            if (c < nfull) {
+                b0 = _mm512_loadu_si512(row + kBlk * c);
+                b1 = _mm512_loadu_si512(row + kBlk * c + 64);
+            } else {
+                const int64_t left = K - c * kBlk;
+                b0 = _mm512_maskz_loadu_epi8(byte_mask(left), row + kBlk * c);
+                b1 = _mm512_maskz_loadu_epi8(byte_mask(left - 64), row + kBlk * c + 64);
+            }
+            __m512bh v[4];
+            dec(b0, v[0], v[1]);
+            dec(b1, v[2], v[3]);
+            const __m512i ev = _mm512_set1_epi16(e[c]);
+            const __m512i mag = _mm512_set1_epi16(0x7fff);
+            for (int j = 0; j < 4; ++j) {
+                const __m512i vi = (__m512i)v[j];
+                const __mmask32 nz = _mm512_test_epi16_mask(vi, mag);
+                _mm512_storeu_si512(dst + kBlk * c + 32 * j, _mm512_mask_add_epi16(vi, nz, vi, ev));
+            }
+        }
+    }
+}
+
+// Sums of four vectors: lane i of the result = sum of a_i.
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m128 lo = _mm_add_ps(_mm512_castps512_ps128(u), _mm512_extractf32x4_ps(u, 1));
+    const __m128 hi = _mm_add_ps(_mm512_extractf32x4_ps(u, 2), _mm512_extractf32x4_ps(u, 3));
+    return _mm_add_ps(lo, hi);
+}
+
+// 4 weight rows (bf16, `steps` x 32 words each, row pointers wr) x TB tokens.
+template <int TB>
+inline void gemm_tile(const uint16_t* const* wr, int64_t steps, int64_t Kp, int parts, const XT* const* xs,
+                      float* const* y, int64_t yoff, int rows) {
+    __m512 acc[kGR][TB];
+    for (int r = 0; r < kGR; ++r)
+        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < steps; ++s) {
+        __m512bh wv[kGR];
+        for (int r = 0; r < kGR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + 32 * s);
+        for (int q = 0; q < parts; ++q)
+            for (int t = 0; t < TB; ++t) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[t] + q * Kp + 32 * s);
+                for (int r = 0; r < kGR; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+            }
+    }
+    for (int t = 0; t < TB; ++t) {
+        alignas(16) float out[4];
+        _mm_store_ps(out, reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+        for (int r = 0; r < rows; ++r) y[t][yoff + r] = out[r];
+    }
+}
+
+// Rows [r0, r1) against T tokens through the panel GEMM. se == nullptr: bf16 weights, read in
+// place (K % 32 == 0) or through a zero-padded panel copy.
+void gemm_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
+               const XT* const* xs, int T, float* const* y, uint16_t* panel) {
+    const int64_t Kp = padded8(K);
+    const bool direct = se == nullptr && K % 32 == 0;
+    const int64_t steps = direct ? K / 32 : Kp / 32;
+    const uint16_t* wb = reinterpret_cast<const uint16_t*>(W);
+    for (int64_t r = r0; r < r1; r += kGR) {
+        const int rows = static_cast<int>(std::min<int64_t>(kGR, r1 - r));
+        const uint16_t* wr[kGR];
+        if (se != nullptr) {
+            decode_panel(W, se, SK, K, r, rows, panel, Kp);
+            for (int i = 0; i < kGR; ++i) wr[i] = panel + i * Kp;
+        } else if (direct) {
+            for (int i = 0; i < kGR; ++i) wr[i] = wb + (r + std::min(i, rows - 1)) * K;
+        } else {
+            for (int i = 0; i < kGR; ++i) {
+                uint16_t* dst = panel + i * Kp;
+                std::memset(dst, 0, static_cast<size_t>(Kp) * 2);
+                if (i < rows) std::memcpy(dst, wb + (r + i) * K, static_cast<size_t>(K) * 2);
+                wr[i] = dst;
+            }
+        }
+        const int64_t yoff = r - r0;
+        int t = 0;
+        for (; t + kGT <= T; t += kGT) gemm_tile<kGT>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows);
+        switch (T - t) {
+            case 5: gemm_tile<5>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
+            case 4: gemm_tile<4>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
+            case 3: gemm_tile<3>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
+            case 2: gemm_tile<2>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
+            case 1: gemm_tile<1>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
+            default: break;
+        }
+    }
+}
+
 #elif FP8_PATH_AVX512 || FP8_PATH_AVX2
 using XT = float;
 constexpr int kMaxParts = 1;
@@ -196,9 +370,17 @@ const char* kIsa = "avx512f";
 const char* kIsa = "avx2";
 #endif
 
-void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
-    (void)parts; (void)Kp;
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
+    (void)parts; (void)Kp; (void)natural;
     std::memcpy(dst + c * kBlk, v, kBlk * sizeof(float));
+}
+
+// 16 bf16 weights (zero words past the row end).
+inline __m256i bf16_words(const uint8_t* p, int64_t left) {
+    if (left >= 16) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    alignas(32) uint16_t tmp[16] = {};
+    std::memcpy(tmp, p, static_cast<size_t>(left) * 2);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
 }
 
 // 16 e4m3 bytes -> 16 IEEE halves of value / 256 (exact, subnormals included).
@@ -211,14 +393,16 @@ inline __m256i halves(const uint8_t* p, int64_t left) {
         std::memcpy(tmp, p, static_cast<size_t>(left));
         b = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
     }
-    return _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16(static_cast<short>(0xbf80)));
+    return _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7),
+                            _mm256_set1_epi16(static_cast<short>(0xbf80)));
 }
 
 // Weights times their block scale (exact: powers of two), accumulated in fp32; x 256 at the end.
-template <int R, int TB>
-inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp, int parts, const XT* const* xs,
-                 float* const* y, int64_t yoff) {
-    (void)Kp; (void)parts;
+// wb: bf16 weights (no scale).
+template <int R, int TB, bool wb>
+inline void tile_impl(const uint8_t* w, const float* const* sr, int64_t K, const XT* const* xs, float* const* y,
+                      int64_t yoff) {
+    const int64_t esz = wb ? 2 : 1;  // bytes per weight
 #if FP8_PATH_AVX512
     using V = __m512;
     constexpr int64_t kW = 16;
@@ -236,23 +420,35 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
         V sc[R];
         for (int r = 0; r < R; ++r) {
 #if FP8_PATH_AVX512
-            sc[r] = _mm512_set1_ps(sr[r][c]);
+            sc[r] = _mm512_set1_ps(wb ? 1.0f : sr[r][c]);
 #else
-            sc[r] = _mm256_set1_ps(sr[r][c]);
+            sc[r] = _mm256_set1_ps(wb ? 1.0f : sr[r][c]);
 #endif
         }
         for (int64_t j = c * kBlk; j < std::min(K, (c + 1) * kBlk); j += 16) {
             V f[R][16 / kW];
             for (int r = 0; r < R; ++r) {
-                const uint8_t* row = w + r * K + j;
-                if ((j & 63) == 0) prefetch_l2(row + static_cast<int64_t>(kPfTiles) * R * K);
-                const __m256i h = halves(row, K - j);
+                const uint8_t* row = w + (r * K + j) * esz;
+                if (((j * esz) & 63) == 0) prefetch_l2(row + static_cast<int64_t>(kPfTiles) * R * K * esz);
+                if constexpr (wb) {  // bf16 words << 16 = fp32
+                    const __m256i h = bf16_words(row, K - j);
 #if FP8_PATH_AVX512
-                f[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(h), sc[r]);
+                    f[r][0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 #else
-                f[r][0] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sc[r]);
-                f[r][1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), sc[r]);
+                    f[r][0] = _mm256_castsi256_ps(
+                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+                    f[r][1] = _mm256_castsi256_ps(
+                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
 #endif
+                } else {
+                    const __m256i h = halves(row, K - j);
+#if FP8_PATH_AVX512
+                    f[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(h), sc[r]);
+#else
+                    f[r][0] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sc[r]);
+                    f[r][1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), sc[r]);
+#endif
+                }
             }
             for (int t = 0; t < TB; ++t) {
                 for (int u = 0; u < 16 / kW; ++u) {
@@ -269,15 +465,27 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
     }
     for (int t = 0; t < TB; ++t)
         for (int r = 0; r < R; ++r) {
+            const float unit = wb ? 1.0f : 256.0f;
 #if FP8_PATH_AVX512
-            y[t][yoff + r] = 256.0f * _mm512_reduce_add_ps(acc[r][t]);
+            y[t][yoff + r] = unit * _mm512_reduce_add_ps(acc[r][t]);
 #else
             __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
             v = _mm_add_ps(v, _mm_movehl_ps(v, v));
             v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            y[t][yoff + r] = 256.0f * _mm_cvtss_f32(v);
+            y[t][yoff + r] = unit * _mm_cvtss_f32(v);
 #endif
         }
+}
+
+template <int R, int TB>
+inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp, int parts, const XT* const* xs,
+                 float* const* y, int64_t yoff) {
+    (void)Kp; (void)parts;
+    if (sr == nullptr) {
+        tile_impl<R, TB, true>(w, sr, K, xs, y, yoff);
+    } else {
+        tile_impl<R, TB, false>(w, sr, K, xs, y, yoff);
+    }
 }
 
 #else
@@ -285,8 +493,8 @@ using XT = float;
 constexpr int kMaxParts = 1;
 const char* kIsa = "scalar";
 
-void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
-    (void)parts; (void)Kp;
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
+    (void)parts; (void)Kp; (void)natural;
     std::memcpy(dst + c * kBlk, v, kBlk * sizeof(float));
 }
 
@@ -294,32 +502,39 @@ template <int R, int TB>
 inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp, int parts, const XT* const* xs,
                  float* const* y, int64_t yoff) {
     (void)Kp; (void)parts;
+    const uint16_t* wh = reinterpret_cast<const uint16_t*>(w);
     for (int r = 0; r < R; ++r) {
         float acc[TB] = {};
         for (int64_t c = 0; c * kBlk < K; ++c) {
             float p[TB] = {};
             for (int64_t i = c * kBlk; i < std::min(K, (c + 1) * kBlk); ++i) {
-                const float wv = kFp8.value[w[r * K + i]];
+                const float wv = sr ? kFp8.value[w[r * K + i]] : u2f(static_cast<uint32_t>(wh[r * K + i]) << 16);
                 for (int t = 0; t < TB; ++t) p[t] += wv * xs[t][i];
             }
-            for (int t = 0; t < TB; ++t) acc[t] += p[t] * sr[r][c];
+            for (int t = 0; t < TB; ++t) acc[t] += sr ? p[t] * sr[r][c] : p[t];
         }
         for (int t = 0; t < TB; ++t) y[t][yoff + r] = acc[t];
     }
 }
 #endif
 
-inline int64_t padded8(int64_t K) { return (K + kBlk - 1) / kBlk * kBlk; }
+#if !FP8_PATH_BF16
+constexpr int kGemmMinTokens = 1 << 30;  // the fp32 paths decode on the fly for any batch
+constexpr bool kHasGemm = false;
+constexpr int kGR = 4;
+inline void gemm_rows(const uint8_t*, const int16_t*, int64_t, int64_t, int64_t, int64_t, int, const XT* const*, int,
+                      float* const*, uint16_t*) {}
+#endif
 
 // Prepare one activation row (K floats) into dst (parts x Kp elements, zero-padded).
-void prep_row8(const float* x, int64_t K, int parts, XT* dst) {
+void prep_row8(const float* x, int64_t K, int parts, XT* dst, bool natural) {
     const int64_t Kp = padded8(K);
     float v[kBlk];
     for (int64_t c = 0; c < Kp / kBlk; ++c) {
         const int64_t n = std::min<int64_t>(kBlk, K - c * kBlk);
         std::memcpy(v, x + c * kBlk, static_cast<size_t>(n) * sizeof(float));
         for (int64_t i = n; i < kBlk; ++i) v[i] = 0.0f;
-        prep_chunk(v, parts, Kp, dst, c);
+        prep_chunk(v, parts, Kp, dst, c, natural);
     }
 }
 
@@ -332,13 +547,14 @@ int parts8(const float* x, int64_t n) {
 }
 
 // Rows [r0, r1) (absolute weight rows) against T tokens: y[t][r - r0]. sf: float scales
-// [ceil(rows/128), SK].
+// [ceil(rows/128), SK] of FP8 weights; nullptr for bf16 weights.
 template <int R>
 void rows_r(const uint8_t* W, const float* sf, int64_t SK, int64_t K, int64_t r, int parts, const XT* const* xs,
             int T, float* const* y, int64_t yoff) {
-    const uint8_t* w = W + r * K;
-    const float* sr[R];
-    for (int i = 0; i < R; ++i) sr[i] = sf + ((r + i) / kBlk) * SK;
+    const uint8_t* w = W + r * K * (sf ? 1 : 2);
+    const float* srb[R];
+    for (int i = 0; i < R; ++i) srb[i] = sf ? sf + ((r + i) / kBlk) * SK : nullptr;
+    const float* const* sr = sf ? srb : nullptr;
     const int64_t Kp = padded8(K);
     int t = 0;
     for (; t + 4 <= T; t += 4) tile<R, 4>(w, sr, K, Kp, parts, xs + t, y + t, yoff);
@@ -361,11 +577,107 @@ void fp8_rows(const uint8_t* W, const float* sf, int64_t SK, int64_t K, int64_t 
     for (; r < r1; ++r) rows_r<1>(W, sf, SK, K, r, parts, xs, T, y, r - r0);
 }
 
-// Prefetch (into L2) up to `bytes` of rows [r0, r0 + rows) of W.
-inline void prefetch_block(const uint8_t* W, int64_t K, int64_t r0, int64_t rows, int64_t bytes) {
-    const uint8_t* p = W + r0 * K;
-    const int64_t n = std::min(rows * K, bytes);
+// Prefetch (into L2) up to `bytes` of rows [r0, r0 + rows) of W (`rb` bytes per row).
+inline void prefetch_block(const uint8_t* W, int64_t rb, int64_t r0, int64_t rows, int64_t bytes) {
+    const uint8_t* p = W + r0 * rb;
+    const int64_t n = std::min(rows * rb, bytes);
     for (int64_t off = 0; off < n; off += 64) prefetch_l2(p + off);
+}
+
+// The grouped linear for both formats: S == nullptr means bf16 weights.
+int dense_linear(const float* x, int64_t N, int64_t G, int64_t K, const void* W, const void* S, int scale_f32,
+                 int64_t R, float* y, int act_quant, int nthreads) {
+    if (N < 0 || G < 0 || K < 0 || R < 0) return -1;
+    if (N == 0 || G == 0 || R == 0) return 0;
+    if (K == 0) {
+        std::memset(y, 0, static_cast<size_t>(N * G * R) * sizeof(float));
+        return 0;
+    }
+    try {
+        const bool bf16w = S == nullptr;
+        const int64_t O = G * R, SO = (O + kBlk - 1) / kBlk, SK = (K + kBlk - 1) / kBlk;
+        const int64_t rb = bf16w ? 2 * K : K;  // bytes per weight row
+        const uint8_t* w = static_cast<const uint8_t*>(W);
+        const int nt = threads_for(nthreads, static_cast<double>(O) * rb * ((N + 63) / 64));
+        std::vector<float> sbuf;
+        const float* sf = static_cast<const float*>(S);
+        if (!bf16w && !scale_f32) {
+            sbuf.resize(static_cast<size_t>(SO * SK));
+            const uint8_t* s8 = static_cast<const uint8_t*>(S);
+            for (int64_t i = 0; i < SO * SK; ++i) sbuf[i] = ue8m0(s8[i]);
+            sf = sbuf.data();
+        }
+        // GEMM path (many tokens): block scales folded into the decoded weights' exponents, which
+        // is exact when every scale is a power of two 2^e with |e| <= 100 (e4m3 values stay normal).
+        const bool gemm = kHasGemm && N >= kGemmMinTokens;
+        std::vector<int16_t> se;
+        bool foldable = gemm && !bf16w;
+        if (foldable) {
+            se.resize(static_cast<size_t>(SO * SK));
+            for (int64_t i = 0; i < SO * SK && foldable; ++i) {
+                int e = 0;
+                const float m = std::frexp(sf[i], &e);  // sf = m * 2^e, m in [0.5, 1)
+                foldable = m == 0.5f && e - 1 >= -100 && e - 1 <= 100;
+                se[i] = static_cast<int16_t>((e - 1) * 128);
+            }
+        }
+        const int64_t M = N * G;  // activation rows
+        std::vector<float> xq;
+        const float* xin = x;
+        if (act_quant) {
+            xq.resize(static_cast<size_t>(M * K));
+            for (int64_t i = 0; i < M; ++i) fake_quant_row(x + i * K, K, 128, xq.data() + i * K);
+            xin = xq.data();
+        }
+        const int parts = parts8(xin, M * K);
+        const int64_t Kp = padded8(K);
+        Buf xb;
+        XT* xp = aligned_new<XT>(static_cast<size_t>(M * parts * Kp));
+        xb.p = xp;
+#pragma omp parallel for num_threads(nt) schedule(static) if (M * K >= (1 << 18))
+        for (int64_t m = 0; m < M; ++m) prep_row8(xin + m * K, K, parts, xp + m * parts * Kp, bf16w);
+
+        // Items: (group, chunk of its rows); tokens in blocks of 64 so one chunk's rows stay in
+        // cache while the token blocks reuse them.
+        const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, (O / (8 * nt)) / 16 * 16));
+        const int64_t per_group = (R + chunk - 1) / chunk;
+#ifndef FP8_TBLK
+#define FP8_TBLK 128  // tokens per block: each panel is decoded once per block
+#endif
+        const int64_t TBLK = FP8_TBLK;
+        struct Scratch { std::vector<const XT*> xs; std::vector<float*> yp; std::unique_ptr<uint16_t[]> panel; };
+        const bool use_gemm = gemm && (bf16w || foldable);
+        parallel_items(
+            nt, G * per_group,
+            [&] {
+                return Scratch{std::vector<const XT*>(TBLK), std::vector<float*>(TBLK),
+                               std::unique_ptr<uint16_t[]>(use_gemm ? new uint16_t[kGR * Kp] : nullptr)};
+            },
+            [&](int64_t item, Scratch& sc) {
+                const int64_t g = item / per_group, a = (item % per_group) * chunk, b = std::min(R, a + chunk);
+                for (int64_t t0 = 0; t0 < N; t0 += TBLK) {
+                    const int T = static_cast<int>(std::min<int64_t>(TBLK, N - t0));
+                    for (int t = 0; t < T; ++t) {
+                        sc.xs[t] = xp + ((t0 + t) * G + g) * parts * Kp;
+                        sc.yp[t] = y + ((t0 + t) * G + g) * R + a;
+                    }
+                    if (use_gemm && T >= kGemmMinTokens) {
+                        gemm_rows(w, bf16w ? nullptr : se.data(), SK, K, g * R + a, g * R + b, parts, sc.xs.data(), T,
+                                  sc.yp.data(), sc.panel.get());
+                    } else {
+                        fp8_rows(w, bf16w ? nullptr : sf, SK, K, g * R + a, g * R + b, parts, sc.xs.data(), T,
+                                 sc.yp.data());
+                    }
+                }
+            },
+            [&](int64_t item) {
+                const int64_t g = item / per_group, a = (item % per_group) * chunk;
+                prefetch_block(w, rb, g * R + a, std::min<int64_t>(4, R - a), 16384);
+            });
+    } catch (const std::bad_alloc&) {
+        return -3;
+    }
+    return 0;
 }
 
 }  // namespace
@@ -383,68 +695,14 @@ const char* dsv4_fp8_isa(void) { return kIsa; }
 // Returns 0, -1 bad shapes, -3 out of memory.
 int dsv4_fp8_linear(const float* x, int64_t N, int64_t G, int64_t K, const void* W, const void* S, int scale_f32,
                     int64_t R, float* y, int act_quant, int nthreads) {
-    if (N < 0 || G < 0 || K < 0 || R < 0) return -1;
-    if (N == 0 || G == 0 || R == 0) return 0;
-    if (K == 0) {
-        std::memset(y, 0, static_cast<size_t>(N * G * R) * sizeof(float));
-        return 0;
-    }
-    try {
-        const int64_t O = G * R, SO = (O + kBlk - 1) / kBlk, SK = (K + kBlk - 1) / kBlk;
-        const uint8_t* w = static_cast<const uint8_t*>(W);
-        const int nt = threads_for(nthreads, static_cast<double>(O) * K * ((N + 63) / 64));
-        std::vector<float> sbuf;
-        const float* sf = static_cast<const float*>(S);
-        if (!scale_f32) {
-            sbuf.resize(static_cast<size_t>(SO * SK));
-            const uint8_t* s8 = static_cast<const uint8_t*>(S);
-            for (int64_t i = 0; i < SO * SK; ++i) sbuf[i] = ue8m0(s8[i]);
-            sf = sbuf.data();
-        }
-        const int64_t M = N * G;  // activation rows
-        std::vector<float> xq;
-        const float* xin = x;
-        if (act_quant) {
-            xq.resize(static_cast<size_t>(M * K));
-            for (int64_t i = 0; i < M; ++i) fake_quant_row(x + i * K, K, 128, xq.data() + i * K);
-            xin = xq.data();
-        }
-        const int parts = parts8(xin, M * K);
-        const int64_t Kp = padded8(K);
-        Buf xb;
-        XT* xp = aligned_new<XT>(static_cast<size_t>(M * parts * Kp));
-        xb.p = xp;
-#pragma omp parallel for num_threads(nt) schedule(static) if (M * K >= (1 << 18))
-        for (int64_t m = 0; m < M; ++m) prep_row8(xin + m * K, K, parts, xp + m * parts * Kp);
+    if (S == nullptr) return -1;
+    return dense_linear(x, N, G, K, W, S, scale_f32, R, y, act_quant, nthreads);
+}
 
-        // Items: (group, chunk of its rows); tokens in blocks of 64 so one chunk's rows stay in
-        // cache while the token blocks reuse them.
-        const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, (O / (8 * nt)) / 16 * 16));
-        const int64_t per_group = (R + chunk - 1) / chunk;
-        const int64_t TBLK = 64;
-        struct Scratch { std::vector<const XT*> xs; std::vector<float*> yp; };
-        parallel_items(
-            nt, G * per_group,
-            [&] { return Scratch{std::vector<const XT*>(TBLK), std::vector<float*>(TBLK)}; },
-            [&](int64_t item, Scratch& sc) {
-                const int64_t g = item / per_group, a = (item % per_group) * chunk, b = std::min(R, a + chunk);
-                for (int64_t t0 = 0; t0 < N; t0 += TBLK) {
-                    const int T = static_cast<int>(std::min<int64_t>(TBLK, N - t0));
-                    for (int t = 0; t < T; ++t) {
-                        sc.xs[t] = xp + ((t0 + t) * G + g) * parts * Kp;
-                        sc.yp[t] = y + ((t0 + t) * G + g) * R + a;
-                    }
-                    fp8_rows(w, sf, SK, K, g * R + a, g * R + b, parts, sc.xs.data(), T, sc.yp.data());
-                }
-            },
-            [&](int64_t item) {
-                const int64_t g = item / per_group, a = (item % per_group) * chunk;
-                prefetch_block(w, K, g * R + a, std::min<int64_t>(4, R - a), 16384);
-            });
-    } catch (const std::bad_alloc&) {
-        return -3;
-    }
-    return 0;
+// The same for bf16 weights W [G*R, K] (no scales, no activation quant): y[n, g, r] = x[n, g] . W[g*R + r].
+int dsv4_bf16_linear(const float* x, int64_t N, int64_t G, int64_t K, const void* W, int64_t R, float* y,
+                     int nthreads) {
+    return dense_linear(x, N, G, K, W, nullptr, 0, R, y, 0, nthreads);
 }
 
 }  // extern "C"
