@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dsv4cli.errors import DsvError
 from dsv4cli.kernels import ref
@@ -366,15 +365,7 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2
                   route_weight: torch.Tensor | None, swiglu_limit: float, act_quant: bool) -> torch.Tensor:
     """`ref.swiglu_expert` (the shared expert: FP8 in the checkpoints) step for step, with this
     module's `linear`, so its weights are read by the native kernels instead of dequantized per call."""
-    gate = linear(x, w1, s1, act_quant).float()
-    up = linear(x, w3, s3, act_quant).float()
-    if swiglu_limit > 0:
-        gate = gate.clamp(max=swiglu_limit)
-        up = up.clamp(-swiglu_limit, swiglu_limit)
-    hidden = F.silu(gate) * up
-    if route_weight is not None:
-        hidden = hidden * route_weight
-    return linear(hidden.to(x.dtype), w2, s2, act_quant).float()
+    return ref.swiglu_with(linear, x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)
 
 
 moe_experts_ref = ref.moe_experts  # the reference twin of `moe_experts`

@@ -64,15 +64,22 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2
     The gate is clamped from above only, the up projection on both sides; the routing
     weight multiplies before w2, as in the reference.
     """
-    gate = linear(x, w1, s1, act_quant).float()
-    up = linear(x, w3, s3, act_quant).float()
+    return swiglu_with(linear, x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)
+
+
+def swiglu_with(linear_fn, x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
+                s2: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
+                route_weight: torch.Tensor | None, swiglu_limit: float, act_quant: bool) -> torch.Tensor:
+    """`swiglu_expert` with the three projections done by `linear_fn` (a backend's `linear`)."""
+    gate = linear_fn(x, w1, s1, act_quant).float()
+    up = linear_fn(x, w3, s3, act_quant).float()
     if swiglu_limit > 0:
         gate = gate.clamp(max=swiglu_limit)
         up = up.clamp(-swiglu_limit, swiglu_limit)
     hidden = F.silu(gate) * up
     if route_weight is not None:
         hidden = hidden * route_weight
-    return linear(hidden.to(x.dtype), w2, s2, act_quant).float()
+    return linear_fn(hidden.to(x.dtype), w2, s2, act_quant).float()
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts, swiglu_limit: float,

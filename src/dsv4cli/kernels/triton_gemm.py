@@ -401,12 +401,4 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2
         return out.view(*x.shape[:-1], out.shape[-1])
     if w1.dtype != torch.float8_e4m3fn or not runs_here(x, w1) or not fp8_supported(x.device):
         return ref.swiglu_expert(x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)
-    gate = fp8_linear(x, w1, s1, act_quant).float()
-    up = fp8_linear(x, w3, s3, act_quant).float()
-    if swiglu_limit > 0:
-        gate = gate.clamp(max=swiglu_limit)
-        up = up.clamp(-swiglu_limit, swiglu_limit)
-    hidden = F.silu(gate) * up
-    if route_weight is not None:
-        hidden = hidden * route_weight
-    return fp8_linear(hidden.to(x.dtype), w2, s2, act_quant).float()
+    return ref.swiglu_with(fp8_linear, x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)
