@@ -307,10 +307,23 @@ def test_other_formats_and_inputs_use_the_reference():
     xs = torch.randn(2, 4, 64, generator=g)
     wb = w.view(4 * 24, 256)[:, :64].contiguous()
     assert torch.equal(cpu.grouped_linear(xs, wb), ref.grouped_linear(xs, wb))  # fp32 weights
-    w4, s4 = quantize_fp4_rows(wb)
-    assert torch.equal(cpu.grouped_linear(xs, w4, s4), ref.grouped_linear(xs, w4, s4))
     assert torch.equal(cpu.grouped_linear(xs.half(), *quantize_fp8_blocks(wb)),
                        ref.grouped_linear(xs.half(), *quantize_fp8_blocks(wb)))
+
+
+def test_grouped_linear_fp4_runs_natively(monkeypatch):
+    """FP4 grouped weights (`dsv4 quantize` dense fp4 for wo_a) take the native FP4 GEMV per group:
+    the same products as the reference, summed in another order."""
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(2, 4, 64, generator=g)
+    w4, s4 = quantize_fp4_rows(torch.randn(96, 64, generator=g))
+    expected = ref.grouped_linear(xs, w4, s4)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("FP4 grouped_linear must not fall back to the reference")
+
+    monkeypatch.setattr(ref, "grouped_linear", boom)
+    torch.testing.assert_close(cpu.grouped_linear(xs, w4, s4), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_kernels_ref_env_disables_native(monkeypatch):

@@ -196,6 +196,24 @@ def check_fp4_grouped_linear():
 
 
 @check
+def check_lowbit_dequantize_and_linear():
+    """int3/int2 (`dsv4 quantize`): the Triton decoder is bit-exact with `dequantize_lowbit`; the linear matches
+    `ref.linear` (odd shapes: partial row and column tiles)."""
+    from dsv4cli.kernels import triton_gemm as tg
+    from dsv4cli.quant_formats import dequantize_lowbit, quantize_lowbit
+
+    g = torch.Generator().manual_seed(7)
+    for fmt in ("int3", "int2"):
+        for o, k in ((5, 96), (33, 256)):
+            q, s = quantize_lowbit(torch.randn(o, k, generator=g), fmt)
+            assert torch.equal(bits(tg.lowbit_dequantize(q, s)), bits(dequantize_lowbit(q, s))), (fmt, o, k)
+            x = torch.randn(3, k, generator=g)
+            for act_quant in (False, True):
+                torch.testing.assert_close(tg.linear(x, q, s, act_quant), ref.linear(x, q, s, act_quant),
+                                           rtol=1e-5, atol=1e-5)
+
+
+@check
 def check_group_rows_layout():
     from dsv4cli.kernels.triton_gemm import group_rows
 
@@ -357,6 +375,10 @@ def compile_launches() -> dict[str, str | None]:
         x = torch.randn(rows, 512).to(bf16)
         triton_gemm.moe_experts_triton(x, torch.rand(rows, 2), idx, stacked(w4), stacked(w4t), stacked(w4), 10.0, True)
         triton_gemm.fp4_grouped_linear(x, table, None, idx[:, 0], False)
+    from dsv4cli.quant_formats import quantize_lowbit
+
+    for fmt in ("int3", "int2"):
+        triton_gemm.lowbit_dequantize(*quantize_lowbit(torch.randn(64, 512), fmt))
     for d, dtype in ((512, bf16), (128, torch.float32)):
         triton_attn.sparse_attn(torch.randn(1, 2, 64, d).to(dtype), torch.randn(1, 100, d).to(dtype), torch.randn(64),
                                 torch.randint(0, 100, (1, 2, 64)), d**-0.5)

@@ -170,12 +170,13 @@ def _one_shot_text(prompt: str | None) -> str | None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules."""
-    from dsv4cli import cli_bench, cli_convert, cli_hub, cli_plan
+    from dsv4cli import cli_bench, cli_convert, cli_hub, cli_plan, cli_quantize
 
     cli_hub.register(app)
     cli_convert.register(app)
     cli_bench.register(app)
     cli_plan.register(app)
+    cli_quantize.register(app)
 
 
 _register_commands()

@@ -4,7 +4,9 @@ Decode reads every weight it uses once per token, so CPU decode speed is memory-
 bound; `csrc/fp4_cpu.cpp` and `csrc/fp8_cpu.cpp` decode the stored codes in registers (never a
 dequantized matrix): an FP4 `linear` and a fused routed-MoE call (all selected experts of a
 layer in one OpenMP call), and an FP8 `linear` / `grouped_linear` (the dense projections and
-attention's grouped `wo_a`). The sources are compiled together with the system g++ on first use
+attention's grouped `wo_a`). The `dsv4 quantize` formats int3 / int2 (`csrc/lowbit.h`, bf16 block
+scales) run on the FP4 kernels' machinery: their own `linear`, and the fused MoE call takes each
+projection's format (FP4, int3 or int2). The sources are compiled together with the system g++ on first use
 (`-O3 -march=native -fopenmp`) into `$XDG_CACHE_HOME/dsv4/kernels/<hash>.so` and loaded with
 ctypes: no build step at install time and no dependency on torch's C++ ABI. Each function keeps
 the signature of its reference twin and falls back to it for whatever it does not cover (other
@@ -29,13 +31,13 @@ import torch
 
 from dsv4cli.errors import DsvError
 from dsv4cli.kernels import ref
-from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok
+from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operands_ok
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "fp4_cpu.cpp"
 #: translation units compiled into the one library (they share csrc/common.h)
 SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp")
-HEADERS = (CSRC / "common.h",)
+HEADERS = (CSRC / "common.h", CSRC / "lowbit.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNELS = "DSV4_KERNELS"
 ENV_CXX = "DSV4_CXX"
@@ -159,6 +161,10 @@ class NativeKernels:
         lib.dsv4_fp4_moe.restype = _int
         lib.dsv4_fp4_moe.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
                                      _i64, _f32, _int, _int, _ptr, _int]
+        lib.dsv4_lowbit_linear.restype = _int
+        lib.dsv4_lowbit_linear.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int, _int, _int]
+        lib.dsv4_quant_moe.restype = _int
+        lib.dsv4_quant_moe.argtypes = [*lib.dsv4_fp4_moe.argtypes, _int, _int, _int]
         lib.dsv4_fp8_isa.restype = ctypes.c_char_p
         lib.dsv4_fp8_isa.argtypes = []
         lib.dsv4_fp8_linear.restype = _int
@@ -188,6 +194,18 @@ class NativeKernels:
         _check(rc, "fp4 linear")
         return y
 
+    def lowbit_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int, act_quant: bool,
+                      threads: int) -> torch.Tensor:
+        """float32 [N, K] x int3 (bits 3) / int2 (bits 2) weight [O, K/32 * bytes] with bf16 scales [O, K/32]
+        -> float32 [N, O] (inputs already validated)."""
+        n, k = x.shape
+        o = weight.shape[0]
+        y = torch.empty(n, o, dtype=torch.float32)
+        rc = self.lib.dsv4_lowbit_linear(x.data_ptr(), n, k, weight.data_ptr(), scale.data_ptr(), o, y.data_ptr(),
+                                         int(act_quant), threads, bits)
+        _check(rc, f"int{bits} linear")
+        return y
+
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
                    threads: int) -> torch.Tensor:
         """float32 x [N, G, K] x FP8 weight [G*R, K] -> float32 [N, G, R]: group g uses rows
@@ -212,15 +230,20 @@ class NativeKernels:
 
     def fp4_moe(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, table: ExpertTable,
                 swiglu_limit: float, act_quant: bool, round_bf16: bool, threads: int) -> torch.Tensor:
-        """float32 x [N, D], weights [N, k] float32, indices [N, k] int64 -> float32 [N, D]."""
+        """float32 x [N, D], weights [N, k] float32, indices [N, k] int64 -> float32 [N, D].
+
+        The table's experts may be FP4, int3 or int2 per projection (`ExpertTable.bits`)."""
         n, d = x.shape
         out = torch.empty(n, d, dtype=torch.float32)
         p = table.pointers
-        rc = self.lib.dsv4_fp4_moe(x.data_ptr(), n, d, table.inter_dim, indices.data_ptr(), weights.data_ptr(),
-                                   indices.shape[1], *(t.data_ptr() for t in p), table.num_experts,
-                                   float(swiglu_limit), int(act_quant), int(round_bf16), out.data_ptr(), threads)
-        _check(rc, "fp4 moe")
+        rc = self.lib.dsv4_quant_moe(x.data_ptr(), n, d, table.inter_dim, indices.data_ptr(), weights.data_ptr(),
+                                     indices.shape[1], *(t.data_ptr() for t in p), table.num_experts,
+                                     float(swiglu_limit), int(act_quant), int(round_bf16), out.data_ptr(), threads,
+                                     *table.bits)
+        _check(rc, "quantized moe")
         return out
+
+    quant_moe = fp4_moe  # the same call: FP4, int3 and int2 experts alike
 
 
 def _check(rc: int, what: str) -> None:
@@ -320,7 +343,7 @@ def _fp8_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            act_quant: bool = False) -> torch.Tensor:
-    """`ref.linear` with the native kernels for FP4, FP8 and bf16 weights on CPU; the reference for the rest.
+    """`ref.linear` with the native kernels for FP4, int3/int2, FP8 and bf16 weights on CPU; the reference for the rest.
 
     bf16 weights: the reference's `F.linear(x, weight.to(x.dtype))` without converting the matrix
     (fp32 x: exact products, fp32 sums; bf16 x: fp32 sums rounded to bf16, as torch's bf16 GEMM).
@@ -331,6 +354,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if fp4_operands_ok(weight, scale, k):
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
         y = load().fp4_linear(x2, weight.contiguous(), scale.contiguous().view(torch.uint8), act_quant, threads())
+    elif bits := lowbit_operands_ok(weight, scale, k):
+        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+        y = load().lowbit_linear(x2, weight.contiguous(), scale.contiguous(), bits, act_quant, threads())
     elif fp8_operands_ok(weight, scale, k):
         x2 = x.reshape(-1, 1, k).to(torch.float32).contiguous()
         y = load().fp8_linear(x2, weight.contiguous(), _fp8_scale(scale), act_quant, threads())
@@ -344,13 +370,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """`ref.grouped_linear` with the native kernels: x [..., G, din], weight [G*r, din] -> [..., G, r].
 
-    FP8 (attention's wo_a) and bf16 weights; no activation quantization (the reference runs wo_a
-    in bf16). The reference for other weights and inputs the kernels do not take.
+    FP8 (attention's wo_a), FP4 (`dsv4 quantize` dense fp4: one FP4 call per group; e2m1 times a
+    power-of-two scale is exact in bf16, so this equals the reference's bf16-rounded weights) and
+    bf16 weights; no activation quantization (the reference runs wo_a in bf16). The reference for
+    other weights and inputs the kernels do not take.
     """
     if x.dim() < 2 or not _native_input(x):
         return ref.grouped_linear(x, weight, scale)
     g, k = x.shape[-2:]
-    if fp8_operands_ok(weight, scale, k, g):
+    if weight.shape[0] % g == 0 and fp4_operands_ok(weight, scale, k):
+        r = weight.shape[0] // g
+        x3 = x.reshape(-1, g, k).to(torch.float32)
+        w, s = weight.contiguous(), scale.contiguous().view(torch.uint8)
+        lib = load()
+        y = torch.stack([lib.fp4_linear(x3[:, i].contiguous(), w[i * r:(i + 1) * r], s[i * r:(i + 1) * r], False,
+                                        threads()) for i in range(g)], dim=1)
+    elif fp8_operands_ok(weight, scale, k, g):
         x3 = x.reshape(-1, g, k).to(torch.float32).contiguous()
         y = load().fp8_linear(x3, weight.contiguous(), _fp8_scale(scale), False, threads())
     elif bf16_operands_ok(weight, k, g):

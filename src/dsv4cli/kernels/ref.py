@@ -18,8 +18,11 @@ from dsv4cli.formats import (
     fake_quant_fp8,
     hadamard_matrix,
 )
+from dsv4cli.quant_formats import dequantize_lowbit
 
 ACT_QUANT_BLOCK = 128
+#: stored weight dtypes that `dequantize_weight` decodes: FP8, packed FP4 (int8), int3/int2 (uint8)
+QUANTIZED_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 
 
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -28,6 +31,8 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch
         return dequantize_fp8_blocks(weight, scale)
     if weight.dtype == torch.int8:
         return dequantize_fp4_rows(weight, scale)
+    if weight.dtype == torch.uint8:
+        return dequantize_lowbit(weight, scale)  # int3 / int2 (`dsv4 quantize`)
     return weight.float()
 
 
@@ -35,10 +40,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
            act_quant: bool = False) -> torch.Tensor:
     """y = x @ W.T for any stored format; output in x's dtype.
 
-    FP8/FP4 weights: `act_quant` simulates the reference's FP8 activation quantization
+    FP8/FP4/int3/int2 weights: `act_quant` simulates the reference's FP8 activation quantization
     (`fp8_gemm` / `fp4_gemm` inputs). Float weights: a plain `F.linear` in x's dtype.
     """
-    if weight.dtype in (torch.float8_e4m3fn, torch.int8):
+    if weight.dtype in QUANTIZED_DTYPES:
         if act_quant:
             x = fake_quant_fp8(x, ACT_QUANT_BLOCK)
         return (x.float() @ dequantize_weight(weight, scale).T).to(x.dtype)

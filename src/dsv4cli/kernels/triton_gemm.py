@@ -12,6 +12,11 @@
 * `moe_experts_triton`: routed experts for a batch: FP8 fake-quant of x, one fused w1/w3 pass
   with clamp-SwiGLU * route weight in the epilogue, fake-quant of the hidden state, w2, and the
   sum over each token's k selections; the twin of summing `ref.swiglu_expert` (`moe_experts_ref`).
+* `lowbit_dequantize` / `lowbit_linear`: the `dsv4 quantize` int3 / int2 formats (`quant_formats`):
+  a kernel decodes the packed codes times their bf16 block scales into a matrix (bit-exact with
+  `quant_formats.dequantize_lowbit`), then one float32 GEMM; not fused, for the dense linears.
+  Routed int3/int2 experts on the GPU take `ref.moe_experts` (torch dequantization per call):
+  there is no grouped int3/int2 Triton kernel.
 """
 
 from __future__ import annotations
@@ -374,24 +379,80 @@ def moe_experts_ref(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            act_quant: bool = False) -> torch.Tensor:
-    """Registry op (twin of `ref.linear`): FP8 and FP4 weights on the Triton kernels, others `F.linear`."""
+    """Registry op (twin of `ref.linear`): FP8, FP4 and int3/int2 weights on the Triton kernels, others `F.linear`."""
     if weight.dtype == torch.float8_e4m3fn and runs_here(x, weight) and fp8_supported(x.device):
         return fp8_linear(x, weight, scale, act_quant)
     if weight.dtype == torch.int8 and runs_here(x, weight):
         x2 = x.reshape(-1, x.shape[-1])
         ids = torch.zeros(x2.shape[0], dtype=torch.int32, device=x.device)
         return fp4_grouped_linear(x2, weight, scale, ids, act_quant).view(*x.shape[:-1], weight.shape[0])
-    if weight.dtype in (torch.float8_e4m3fn, torch.int8):
+    if weight.dtype == torch.uint8 and scale is not None and runs_here(x, weight):
+        return lowbit_linear(x, weight, scale, act_quant)
+    if weight.dtype in ref.QUANTIZED_DTYPES:
         return ref.linear(x, weight, scale, act_quant)
     return F.linear(x, weight.to(x.dtype))
+
+
+# --------------------------------------------------------------------------- int3 / int2 (dsv4 quantize)
+
+
+@jit
+def _lowbit_dequant_kernel(w_ptr, s_ptr, out_ptr, O, K, BITS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                           OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r, k] = (code(r, k) - OFFSET) * scale[r, k // 32]; input k's code sits at bit BITS * (k % 32) of
+    its block's BLOCK_BYTES little-endian bytes (read as two bytes, the second only inside the block)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rows[:, None] < O) & (cols[None, :] < K)
+    block = cols // 32
+    bit = (cols % 32) * BITS
+    byte = block * BLOCK_BYTES + bit // 8
+    row_bytes = (K // 32) * BLOCK_BYTES
+    base = w_ptr + rows[:, None].to(tl.int64) * row_bytes
+    lo = tl.load(base + byte[None, :], mask=ok, other=0).to(tl.int32)
+    has_hi = (bit // 8 + 1) < BLOCK_BYTES
+    hi = tl.load(base + byte[None, :] + 1, mask=ok & has_hi[None, :], other=0).to(tl.int32)
+    code = ((lo | (hi << 8)) >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+    scale = tl.load(s_ptr + rows[:, None].to(tl.int64) * (K // 32) + block[None, :], mask=ok, other=0.0)
+    value = (code - OFFSET).to(tl.float32) * scale.to(tl.float32)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], value, mask=ok)
+
+
+def lowbit_dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A stored int3/int2 weight (`U8 [O, K/32 * bytes]`, bf16 scales `[O, K/32]`) -> float32 `[O, K]`."""
+    from dsv4cli.quant_formats import LOWBIT, lowbit_format
+
+    fmt = lowbit_format(weight, scale)
+    if fmt is None:
+        raise ValueError(f"not an int3/int2 weight: {weight.dtype}{list(weight.shape)}")
+    check_runnable(weight, scale)
+    bits, nbytes, offset = LOWBIT[fmt]
+    o, k = weight.shape[0], scale.shape[1] * 32
+    out = torch.empty(o, k, dtype=torch.float32, device=weight.device)
+    block_r, block_k = 16, 128
+    grid = (triton.cdiv(o, block_r), triton.cdiv(k, block_k))
+    _lowbit_dequant_kernel[grid](weight.contiguous(), scale.contiguous(), out, o, k, BITS=bits, BLOCK_BYTES=nbytes,
+                                 OFFSET=offset, BLOCK_R=block_r, BLOCK_K=block_k)
+    return out
+
+
+def lowbit_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False
+                  ) -> torch.Tensor:
+    """`ref.linear` for int3/int2 weights: the kernel's dequantized matrix, FP8 activation fake-quant when
+    asked, a float32 GEMM; output in x's dtype."""
+    if act_quant:
+        x = fake_quant_fp8(x, ACT_BLOCK)
+    return (x.float() @ lowbit_dequantize(weight, scale).T).to(x.dtype)
 
 
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
                   s2: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
                   route_weight: torch.Tensor | None, swiglu_limit: float, act_quant: bool) -> torch.Tensor:
     """Registry op (twin of `ref.swiglu_expert`): FP4 experts run the fused grouped kernels with E = 1;
-    FP8 (shared expert) runs `fp8_linear` three times; other formats use the reference."""
-    if w1.dtype == torch.int8 and runs_here(x, w1):
+    FP8 (shared expert) runs `fp8_linear` three times; other formats and mixes of formats (a `dsv4 quantize`
+    recipe may keep one projection's format) go projection by projection through this module's `linear`."""
+    dtypes = {w1.dtype, w2.dtype, w3.dtype}
+    if dtypes == {torch.int8} and runs_here(x, w1):
         x2 = x.reshape(-1, x.shape[-1])
         n = x2.shape[0]
         rw = route_weight.reshape(n, 1) if route_weight is not None else x2.new_ones(n, 1, dtype=torch.float32)
@@ -399,6 +460,6 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2
         out = moe_experts_triton(x2, rw, ids, _as_experts(w1, s1), _as_experts(w2, s2), _as_experts(w3, s3),
                                  swiglu_limit, act_quant)
         return out.view(*x.shape[:-1], out.shape[-1])
-    if w1.dtype != torch.float8_e4m3fn or not runs_here(x, w1) or not fp8_supported(x.device):
-        return ref.swiglu_expert(x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)
+    if dtypes != {torch.float8_e4m3fn} or not runs_here(x, w1) or not fp8_supported(x.device):
+        return ref.swiglu_with(linear, x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)
     return ref.swiglu_with(fp8_linear, x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)

@@ -33,9 +33,11 @@ def implementations() -> dict[str, Callable]:
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts, swiglu_limit: float,
                 act_quant: bool) -> torch.Tensor:
     """Registry twin of `ref.moe_experts` on the grouped Triton kernel; the pointer tables are built
-    once per `ExpertTable` and kept on it. Falls back to the reference off the GPU or for non-FP4 experts."""
+    once per `ExpertTable` and kept on it. Falls back to the reference off the GPU or for experts that are not
+    FP4 in all three projections (`dsv4 quantize` int3/int2 experts are dequantized by the reference)."""
     first = experts.experts[0][0]
-    if x.device.type != "cuda" or first.device.type != "cuda" or first.dtype != torch.int8:
+    if (x.device.type != "cuda" or first.device.type != "cuda"
+            or any(experts.experts[0][i].dtype != torch.int8 for i in (0, 2, 4))):
         return ref.moe_experts(x, weights, indices, experts, swiglu_limit, act_quant)
     tables = experts.backend_cache.get("triton")
     if tables is None:

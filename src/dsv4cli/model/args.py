@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import ConfigError
+from dsv4cli.recipe import QUANT_KEY, Recipe, RecipeError, parse_recipe
 
 SWA, CSA, HCA = 0, 4, 128
 ATTENTION_KINDS = {SWA: "sliding", CSA: "csa", HCA: "hca"}
@@ -121,6 +122,9 @@ class ModelArgs:
     compress_ratios: tuple[int, ...] = field(
         default=(0, 0, *([4, 128] * 20), 4, 0)
     )
+    #: `dsv4 quantize` recipe (config.json key `dsv4_quantization`): per-linear formats that replace
+    #: `dtype` / `expert_dtype` (which keep naming the source checkpoint's formats); None = official.
+    quantization: Recipe | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -164,6 +168,8 @@ class ModelArgs:
             problems.append(f"expert_dtype must be 'fp4', 'fp8' or 'bf16', got {self.expert_dtype!r}")
         if self.expert_dtype == "fp4" and (self.dim % 32 or self.moe_inter_dim % 32):
             problems.append("FP4 experts need dim and moe_inter_dim divisible by 32")
+        if self.quantization is not None:
+            problems += self._quantization_problems()
         if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
             problems.append("hc_mult and hc_sinkhorn_iters must be positive")
         for name in ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "q_lora_rank",
@@ -173,6 +179,19 @@ class ModelArgs:
         if problems:
             raise ConfigError("inconsistent model config: " + "; ".join(problems),
                               "check config.json against the official DeepSeek-V4 release")
+
+    def _quantization_problems(self) -> list[str]:
+        recipe, problems = self.quantization, []
+        if recipe.max_layer() >= self.n_layers:
+            problems.append(f"quantization recipe names layer {recipe.max_layer()}, the model has {self.n_layers}")
+        used = recipe.formats_used()
+        if used & {"fp4", "int3", "int2"} and (self.dim % 32 or self.moe_inter_dim % 32):
+            problems.append("quantized experts need dim and moe_inter_dim divisible by 32")
+        dense_in = (self.dim, self.q_lora_rank, self.n_heads * self.head_dim // self.o_groups,
+                    self.o_groups * self.o_lora_rank, self.moe_inter_dim)
+        if "fp4" in used and any(n % 32 for n in dense_in):
+            problems.append("FP4 dense linears need every dense in_features divisible by 32")
+        return problems
 
     # ----------------------------------------------------------- derived values
     @property
@@ -185,6 +204,28 @@ class ModelArgs:
 
     def is_hash_layer(self, layer_id: int) -> bool:
         return layer_id < self.n_hash_layers
+
+    def layer_prefix(self, layer_id: int) -> str:
+        """Checkpoint name prefix of block `layer_id`: 'layers.3', or 'mtp.0' past the trunk."""
+        return f"layers.{layer_id}" if layer_id < self.n_layers else f"mtp.{layer_id - self.n_layers}"
+
+    def linear_format(self, layer_id: int, rel: str) -> str:
+        """Stored format of quantizable linear `rel` of block `layer_id`: 'ffn.experts.7.w2' (a routed
+        expert: `expert_dtype` or the recipe's) or a dense one such as 'attn.wq_a', 'ffn.shared_experts.w1',
+        'e_proj' (`dtype` or the recipe's)."""
+        expert = rel.startswith("ffn.experts.")
+        base = self.expert_dtype if expert else self.dtype
+        if self.quantization is None:
+            return base
+        name = f"{self.layer_prefix(layer_id)}.{rel}"
+        layer = layer_id if layer_id < self.n_layers else None
+        if expert:
+            return self.quantization.expert_format(name, layer, rel.rsplit(".", 1)[1], base)
+        return self.quantization.dense_format(name, layer, base)
+
+    def expert_formats(self, layer_id: int, expert: int = 0) -> tuple[str, str, str]:
+        """(w1, w2, w3) formats of a routed expert of block `layer_id`."""
+        return tuple(self.linear_format(layer_id, f"ffn.experts.{expert}.{p}") for p in ("w1", "w2", "w3"))
 
     @property
     def hc_dim(self) -> int:
@@ -206,6 +247,8 @@ class ModelArgs:
                                       f"(expected {HF_FIXED[key]!r})", "is this a DeepSeek-V4 checkpoint?")
             elif key in ("rope_scaling", "quantization_config") or key in HF_IGNORED:
                 continue
+            elif key == QUANT_KEY:
+                kwargs["quantization"] = _recipe(value, "config.json")
             else:
                 unknown.append(key)
         if unknown:
@@ -235,11 +278,14 @@ class ModelArgs:
     def from_inference_config(cls, cfg: dict[str, Any]) -> ModelArgs:
         """Build from the official `inference/config.json` (`ModelArgs` names, spec §1.3)."""
         names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in cfg if k not in names and k not in INFERENCE_SPECIAL
+        names.discard("quantization")
+        unknown = sorted(k for k in cfg if k not in names and k not in INFERENCE_SPECIAL and k != QUANT_KEY
                          and k not in ("n_mtp_layers", "max_batch_size", "max_seq_len", "scale_dtype"))
         if unknown:
             raise ConfigError(f"inference config has unknown keys {unknown}", "is this a DeepSeek-V4 config?")
         kwargs = {k: v for k, v in cfg.items() if k in names}
+        if QUANT_KEY in cfg:
+            kwargs["quantization"] = _recipe(cfg[QUANT_KEY], "inference config")
         if cfg.get("dtype", "fp8") not in ("fp8", "bf16"):
             raise ConfigError(f"inference config: dtype {cfg['dtype']!r} not supported", "use fp8 or bf16")
         if cfg.get("scale_fmt", "ue8m0") not in ("ue8m0", None):
@@ -274,7 +320,7 @@ class ModelArgs:
     def to_hf_config(self) -> dict[str, Any]:
         """The HF `config.json` dict for these args (what the checkpoint writer emits)."""
         inverse = {v: k for k, v in HF_TO_ARGS.items()}
-        mine = asdict(self)
+        mine = asdict(self.replace(quantization=None))
         cfg: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
         for name, value in mine.items():
             if name in inverse:
@@ -289,6 +335,8 @@ class ModelArgs:
                                           "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
         else:
             del cfg["expert_dtype"]
+        if self.quantization is not None:
+            cfg[QUANT_KEY] = self.quantization.to_config()
         return cfg
 
     def replace(self, **changes: Any) -> ModelArgs:
@@ -301,6 +349,13 @@ def _check_quantization(quant: dict[str, Any]) -> None:
         if quant.get(key, value) != value:
             raise ConfigError(f"config.json quantization_config.{key}={quant.get(key)!r} is not supported "
                               f"(expected {value!r})", "dsv4 reads the official FP8/FP4 release format")
+
+
+def _recipe(value: Any, source: str) -> Recipe:
+    try:
+        return parse_recipe(value)
+    except RecipeError as exc:
+        raise ConfigError(f"{source}: {QUANT_KEY}: {exc.message}", "re-run `dsv4 quantize`, or fix the key") from None
 
 
 def _construct(cls, kwargs: dict[str, Any], source: str) -> ModelArgs:

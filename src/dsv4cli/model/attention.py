@@ -93,11 +93,11 @@ class Indexer(nn.Module):
     """Lightning indexer (spec §2.5): scores every visible CSA entry for each query,
     sum_h w_h * relu(q_h . k), and keeps the `index_topk` best (-1 where fewer are visible)."""
 
-    def __init__(self, args: ModelArgs, numerics: Numerics):
+    def __init__(self, args: ModelArgs, numerics: Numerics, fmt: str | None = None):
         super().__init__()
         self.args, self.numerics = args, numerics
         self.n_heads, self.head_dim = args.index_n_heads, args.index_head_dim
-        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, args.dtype, numerics.fp8_act_quant)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, fmt or args.dtype, numerics.fp8_act_quant)
         self.weights_proj = Linear(args.dim, self.n_heads, "bf16")
         self.compressor = Compressor(args, CSA, self.head_dim, rotate=True, numerics=numerics)
 
@@ -135,20 +135,24 @@ class Attention(nn.Module):
         super().__init__()
         self.args, self.numerics = args, numerics
         self.ratio = args.layer_ratio(layer_id)
-        h, hd, fmt, aq = args.n_heads, args.head_dim, args.dtype, numerics.fp8_act_quant
+        h, hd, aq = args.n_heads, args.head_dim, numerics.fp8_act_quant
+
+        def fmt(name: str) -> str:
+            return args.linear_format(layer_id, f"attn.{name}")
+
         self.attn_sink = _frozen(h, dtype=torch.float32)
-        self.wq_a = Linear(args.dim, args.q_lora_rank, fmt, aq)
+        self.wq_a = Linear(args.dim, args.q_lora_rank, fmt("wq_a"), aq)
         self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
-        self.wq_b = Linear(args.q_lora_rank, h * hd, fmt, aq)
-        self.wkv = Linear(args.dim, hd, fmt, aq)
+        self.wq_b = Linear(args.q_lora_rank, h * hd, fmt("wq_b"), aq)
+        self.wkv = Linear(args.dim, hd, fmt("wkv"), aq)
         self.kv_norm = RMSNorm(hd, args.norm_eps)
         # The reference runs wo_a in bf16 (convert.py dequantizes it): no activation quant.
-        self.wo_a = Linear(h * hd // args.o_groups, args.o_groups * args.o_lora_rank, fmt, act_quant=False)
-        self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, fmt, aq)
+        self.wo_a = Linear(h * hd // args.o_groups, args.o_groups * args.o_lora_rank, fmt("wo_a"), act_quant=False)
+        self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, fmt("wo_b"), aq)
         if self.ratio != SWA:
             self.compressor = Compressor(args, self.ratio, hd, rotate=False, numerics=numerics)
         if self.ratio == CSA:
-            self.indexer = Indexer(args, numerics)
+            self.indexer = Indexer(args, numerics, fmt("indexer.wq_b"))
         with torch.device("cpu"):
             self.rotary = Rotary(rope_inv_freq(args, compressed=self.ratio != SWA))
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from dsv4cli import kernels
 from dsv4cli.model.args import ModelArgs, yarn_correction_range
+from dsv4cli.quant_formats import LOWBIT
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,25 @@ class RMSNorm(nn.Module):
         return (rms_normalize(x, self.eps) * self.weight.float()).to(x.dtype)
 
 
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn, "fp4": torch.int8}
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn, "fp4": torch.int8,
+                 "int3": torch.uint8, "int2": torch.uint8}
+#: formats whose inputs get the FP8 activation simulation (`Numerics.fp8_act_quant`)
+QUANTIZED_FORMATS = ("fp8", "fp4", "int3", "int2")
 
 
 class Linear(nn.Module):
     """A linear layer in any stored format: fp8 (+ 128x128 scales), fp4 (packed, + 1x32 scales),
-    bf16 or fp32. `act_quant` enables the FP8 activation simulation for quantized weights."""
+    int3 / int2 (packed, + bf16 1x32 scales; `dsv4 quantize`), bf16 or fp32. `act_quant` enables
+    the FP8 activation simulation for quantized weights."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, act_quant: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        self.act_quant = act_quant and fmt in ("fp8", "fp4")
-        if fmt == "fp4":
+        self.act_quant = act_quant and fmt in QUANTIZED_FORMATS
+        if fmt in LOWBIT:
+            self.weight = _frozen(out_features, in_features // 32 * LOWBIT[fmt][1], dtype=torch.uint8)
+            self.scale = _frozen(out_features, in_features // 32, dtype=torch.bfloat16)
+        elif fmt == "fp4":
             self.weight = _frozen(out_features, in_features // 2, dtype=torch.int8)
             self.scale = _frozen(out_features, in_features // 32, dtype=torch.float8_e8m0fnu)
         elif fmt == "fp8":

@@ -56,14 +56,17 @@ class Gate(nn.Module):
 
 
 class Expert(nn.Module):
-    """SwiGLU feed-forward with the clamp (`swiglu_limit`) on gate and up projections."""
+    """SwiGLU feed-forward with the clamp (`swiglu_limit`) on gate and up projections.
 
-    def __init__(self, args: ModelArgs, fmt: str, numerics: Numerics):
+    `fmt`: one stored format for all three projections, or (w1, w2, w3) formats (quantized checkpoints)."""
+
+    def __init__(self, args: ModelArgs, fmt: str | tuple[str, str, str], numerics: Numerics):
         super().__init__()
+        f1, f2, f3 = (fmt, fmt, fmt) if isinstance(fmt, str) else fmt
         self.swiglu_limit = args.swiglu_limit
-        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt, numerics.fp8_act_quant)
-        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt, numerics.fp8_act_quant)
-        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt, numerics.fp8_act_quant)
+        self.w1 = Linear(args.dim, args.moe_inter_dim, f1, numerics.fp8_act_quant)
+        self.w2 = Linear(args.moe_inter_dim, args.dim, f2, numerics.fp8_act_quant)
+        self.w3 = Linear(args.dim, args.moe_inter_dim, f3, numerics.fp8_act_quant)
 
     def forward(self, x: torch.Tensor, route_weight: torch.Tensor | None = None) -> torch.Tensor:
         """x [N,D] -> float32 [N,D]; `route_weight` [N,1] scales the hidden state before w2."""
@@ -76,9 +79,10 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, numerics: Numerics):
         super().__init__()
         self.gate = Gate(args, layer_id)
-        self.experts = nn.ModuleList(Expert(args, args.expert_dtype, numerics)
-                                     for _ in range(args.n_routed_experts))
-        self.shared_experts = Expert(args, args.dtype, numerics)
+        self.experts = nn.ModuleList(Expert(args, args.expert_formats(layer_id, e), numerics)
+                                     for e in range(args.n_routed_experts))
+        self.shared_experts = Expert(args, tuple(args.linear_format(layer_id, f"ffn.shared_experts.{p}")
+                                                 for p in ("w1", "w2", "w3")), numerics)
         self._table: ExpertTable | None = None
         #: replaces `routed` when set (the offload runtime decides where each expert runs)
         self.runner = None

@@ -75,8 +75,8 @@ class MTPBlock(Block):
     def __init__(self, args: ModelArgs, layer_id: int, numerics: Numerics):
         super().__init__(args, layer_id, numerics)
         aq = numerics.fp8_act_quant
-        self.e_proj = Linear(args.dim, args.dim, args.dtype, aq)
-        self.h_proj = Linear(args.dim, args.dim, args.dtype, aq)
+        self.e_proj = Linear(args.dim, args.dim, args.linear_format(layer_id, "e_proj"), aq)
+        self.h_proj = Linear(args.dim, args.dim, args.linear_format(layer_id, "h_proj"), aq)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
         self.hnorm = RMSNorm(args.dim, args.norm_eps)
         self.norm = RMSNorm(args.dim, args.norm_eps)

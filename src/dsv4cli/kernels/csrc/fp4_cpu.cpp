@@ -1,4 +1,7 @@
 // Fast CPU kernels for DeepSeek-V4 FP4 (e2m1) expert weights, reading the packed format directly.
+// The same GEMV machinery runs the `dsv4 quantize` int3 / int2 formats (tiles in lowbit.h); the linear
+// and the fused MoE call take each projection's format, so one MoE layer may mix them (q3: int3
+// gate/up, FP4 down).
 //
 // Weight format (spec §3.4): int8 [out, in/2], low nibble = element 2i, high nibble = 2i+1;
 // UE8M0 scale bytes [out, in/32], value 2^(byte-127). Nothing is ever dequantized to a matrix:
@@ -349,48 +352,66 @@ void gemv_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, int64_
     for (; r < r1; ++r) gemv_rows_r<1>(W, S, K, r, parts, xs, T, y, r - r0);
 }
 
+}  // namespace
+
+#include "lowbit.h"
+
+namespace {
+
+// Weight formats of the kernels below: FP4 e2m1 (+ UE8M0 scales) and the `dsv4 quantize` int3 / int2
+// (+ bf16 scales, lowbit.h). The codes are the bits per weight.
+constexpr int kFmtFp4 = 4, kFmtInt3 = 3, kFmtInt2 = 2;
+
+inline bool known_format(int fmt) { return fmt == kFmtFp4 || fmt == kFmtInt3 || fmt == kFmtInt2; }
+
+// Bytes per weight row / per scale row of a K-input row in format fmt.
+inline int64_t row_bytes(int fmt, int64_t K) {
+    return fmt == kFmtFp4 ? K / 2 : K / 32 * (fmt == kFmtInt3 ? 12 : 8);
+}
+inline int64_t scale_row_bytes(int fmt, int64_t K) { return fmt == kFmtFp4 ? K / 32 : K / 16; }
+// Bytes streamed per weight (codes and scales), for the thread count heuristics.
+inline double bytes_per_weight(int fmt) { return static_cast<double>(row_bytes(fmt, 32) + scale_row_bytes(fmt, 32)) / 32; }
+
+// gemv_rows for any format.
+inline void rows_fmt(int fmt, const void* W, const void* S, int64_t K, int64_t r0, int64_t r1, int parts,
+                     const XT* const* xs, int T, float* const* y) {
+    const auto* w = static_cast<const uint8_t*>(W);
+    if (fmt == kFmtInt3) {
+        lowbit_rows<3>(w, static_cast<const uint16_t*>(S), K, r0, r1, parts, xs, T, y);
+    } else if (fmt == kFmtInt2) {
+        lowbit_rows<2>(w, static_cast<const uint16_t*>(S), K, r0, r1, parts, xs, T, y);
+    } else {
+        gemv_rows(w, static_cast<const uint8_t*>(S), K, r0, r1, parts, xs, T, y);
+    }
+}
+
 // Prefetch (into L2) the first `rows` rows of a weight block starting at row r0: packed bytes
 // and scales.
-inline void prefetch_rows(const void* W, const void* S, int64_t K, int64_t r0, int64_t rows) {
+inline void prefetch_rows(int fmt, const void* W, const void* S, int64_t K, int64_t r0, int64_t rows) {
 #if defined(__SSE__) || defined(__x86_64__)
-    const auto* w = static_cast<const char*>(W) + r0 * (K / 2);
-    const auto* s = static_cast<const char*>(S) + r0 * (K / 32);
-    for (int64_t off = 0; off < rows * (K / 2); off += 64) _mm_prefetch(w + off, _MM_HINT_T1);
-    for (int64_t off = 0; off < rows * (K / 32); off += 64) _mm_prefetch(s + off, _MM_HINT_T1);
+    const int64_t rb = row_bytes(fmt, K), sb = scale_row_bytes(fmt, K);
+    const auto* w = static_cast<const char*>(W) + r0 * rb;
+    const auto* s = static_cast<const char*>(S) + r0 * sb;
+    for (int64_t off = 0; off < rows * rb; off += 64) _mm_prefetch(w + off, _MM_HINT_T1);
+    for (int64_t off = 0; off < rows * sb; off += 64) _mm_prefetch(s + off, _MM_HINT_T1);
 #else
-    (void)W; (void)S; (void)K; (void)r0; (void)rows;
+    (void)fmt; (void)W; (void)S; (void)K; (void)r0; (void)rows;
 #endif
 }
 
-}  // namespace
-
-// ===================================================================================== C ABI
-
-extern "C" {
-
-const char* dsv4_fp4_isa(void) { return kIsa; }
-
-int dsv4_max_threads(void) { return pick_threads(0); }
-
-// formats.fake_quant_fp8(x, block) for x [n, d] float32 (bit-exact); out may alias x.
-void dsv4_fake_quant_fp8(const float* x, int64_t n, int64_t d, int64_t block, float* out) {
-    for (int64_t i = 0; i < n; ++i) fake_quant_row(x + i * d, d, block, out + i * d);
-}
-
-// y[n, o] = sum_i xq[n, i] * dequant(W)[o, i] with xq = fake_quant_fp8(x, 128) if act_quant.
-// x [N, K] float32, W [O, K/2] packed e2m1, S [O, K/32] UE8M0, y [N, O] float32. K % 32 == 0.
-int dsv4_fp4_linear(const float* x, int64_t N, int64_t K, const void* W, const void* S, int64_t O,
-                    float* y, int act_quant, int nthreads) {
-    if (K % 32 || N < 0 || O < 0) return -1;
+// y[n, o] = sum_i xq[n, i] * dequant(W)[o, i] for a weight in format fmt (see dsv4_fp4_linear).
+int quant_linear(int fmt, const float* x, int64_t N, int64_t K, const void* W, const void* S, int64_t O, float* y,
+                 int act_quant, int nthreads) {
+    if (K % 32 || N < 0 || O < 0 || !known_format(fmt)) return -1;
     if (N == 0 || O == 0) return 0;
     try {
-        const int nt = threads_for(nthreads, static_cast<double>(O) * K * (0.5 + 1.0 / 32) * ((N + 63) / 64));
+        const int nt = threads_for(nthreads, static_cast<double>(O) * K * bytes_per_weight(fmt) * ((N + 63) / 64));
         const int64_t Kp = padded(K);
         std::vector<float> xq;
         const float* xin = x;
         if (act_quant) {
             xq.resize(static_cast<size_t>(N * K));
-            dsv4_fake_quant_fp8(x, N, K, 128, xq.data());
+            for (int64_t i = 0; i < N; ++i) fake_quant_row(x + i * K, K, 128, xq.data() + i * K);
             xin = xq.data();
         }
         const int parts = parts_needed(xin, N * K);
@@ -415,17 +436,46 @@ int dsv4_fp4_linear(const float* x, int64_t N, int64_t K, const void* W, const v
                 for (int64_t t0 = 0; t0 < N; t0 += TBLK) {
                     const int T = static_cast<int>(std::min<int64_t>(TBLK, N - t0));
                     for (int t = 0; t < T; ++t) sc.yp[t] = sc.ybuf.data() + t * chunk;
-                    gemv_rows(static_cast<const uint8_t*>(W), static_cast<const uint8_t*>(S), K, r0, r1, parts,
-                              xs.data() + t0, T, sc.yp.data());
+                    rows_fmt(fmt, W, S, K, r0, r1, parts, xs.data() + t0, T, sc.yp.data());
                     for (int t = 0; t < T; ++t)
                         std::memcpy(y + (t0 + t) * O + r0, sc.yp[t], (r1 - r0) * sizeof(float));
                 }
             },
-            [&](int64_t ci) { prefetch_rows(W, S, K, ci * chunk, std::min<int64_t>(4, O - ci * chunk)); });
+            [&](int64_t ci) { prefetch_rows(fmt, W, S, K, ci * chunk, std::min<int64_t>(4, O - ci * chunk)); });
     } catch (const std::bad_alloc&) {
         return -3;
     }
     return 0;
+}
+
+}  // namespace
+
+// ===================================================================================== C ABI
+
+extern "C" {
+
+const char* dsv4_fp4_isa(void) { return kIsa; }
+
+int dsv4_max_threads(void) { return pick_threads(0); }
+
+// formats.fake_quant_fp8(x, block) for x [n, d] float32 (bit-exact); out may alias x.
+void dsv4_fake_quant_fp8(const float* x, int64_t n, int64_t d, int64_t block, float* out) {
+    for (int64_t i = 0; i < n; ++i) fake_quant_row(x + i * d, d, block, out + i * d);
+}
+
+// y[n, o] = sum_i xq[n, i] * dequant(W)[o, i] with xq = fake_quant_fp8(x, 128) if act_quant.
+// x [N, K] float32, W [O, K/2] packed e2m1, S [O, K/32] UE8M0, y [N, O] float32. K % 32 == 0.
+int dsv4_fp4_linear(const float* x, int64_t N, int64_t K, const void* W, const void* S, int64_t O,
+                    float* y, int act_quant, int nthreads) {
+    return quant_linear(kFmtFp4, x, N, K, W, S, O, y, act_quant, nthreads);
+}
+
+// The same for the `dsv4 quantize` formats: bits = 3 (int3, W [O, K/32*12]) or 2 (int2, W [O, K/32*8]),
+// S [O, K/32] bf16 scales (lowbit.h).
+int dsv4_lowbit_linear(const float* x, int64_t N, int64_t K, const void* W, const void* S, int64_t O, float* y,
+                       int act_quant, int nthreads, int bits) {
+    if (bits != kFmtInt3 && bits != kFmtInt2) return -1;
+    return quant_linear(bits, x, N, K, W, S, O, y, act_quant, nthreads);
 }
 
 // Routed experts of one MoE layer in one call (spec §2.8), out [N, D] float32 (overwritten):
@@ -444,12 +494,14 @@ int dsv4_fp4_linear(const float* x, int64_t N, int64_t K, const void* W, const v
 // others keep taking items instead of waiting at a barrier for it. Per-pair outputs are summed
 // into `out` at the end in the reference's order (expert id, then token/slot), so the result does
 // not depend on the thread count.
+// f1, f3, f2: formats of the w1, w3 and w2 projections (4 FP4, 3 int3, 2 int2; dsv4_quant_moe).
 // Returns 0, -1 bad shapes, -2 expert id out of range, -3 out of memory.
-int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t* idx, const float* rw, int64_t k,
-                 const int64_t* w1, const int64_t* s1, const int64_t* w3, const int64_t* s3, const int64_t* w2,
-                 const int64_t* s2, int64_t E, float limit, int act_quant, int round_bf16, float* out,
-                 int nthreads) {
+int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t* idx, const float* rw, int64_t k,
+                   const int64_t* w1, const int64_t* s1, const int64_t* w3, const int64_t* s3, const int64_t* w2,
+                   const int64_t* s2, int64_t E, float limit, int act_quant, int round_bf16, float* out,
+                   int nthreads, int f1, int f3, int f2) {
     if (D % 32 || I % 32 || N < 0 || k < 0 || E < 0) return -1;
+    if (!known_format(f1) || !known_format(f3) || !known_format(f2)) return -1;
     if (N == 0) return 0;
     std::memset(out, 0, static_cast<size_t>(N * D) * sizeof(float));
     if (k == 0) return 0;
@@ -474,7 +526,8 @@ int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t*
                 max_pairs = std::max(max_pairs, start[e + 1] - start[e]);
             }
         const int64_t nused = static_cast<int64_t>(used.size());
-        const int nt = threads_for(nthreads, static_cast<double>(nused) * 3 * I * D * (0.5 + 1.0 / 32));
+        const double per_expert = I * D * (bytes_per_weight(f1) + bytes_per_weight(f3) + bytes_per_weight(f2));
+        const int nt = threads_for(nthreads, static_cast<double>(nused) * per_expert);
 
         // Prepared activations (one row per token) and hidden states (one row per pair).
         std::vector<float> xq;
@@ -543,10 +596,10 @@ int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t*
                         sc.gp[j] = sc.g.data() + j * HC;
                         sc.up[j] = sc.u.data() + j * HC;
                     }
-                    gemv_rows(reinterpret_cast<const uint8_t*>(w1[e]), reinterpret_cast<const uint8_t*>(s1[e]), D,
-                              r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.gp.data());
-                    gemv_rows(reinterpret_cast<const uint8_t*>(w3[e]), reinterpret_cast<const uint8_t*>(s3[e]), D,
-                              r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.up.data());
+                    rows_fmt(f1, reinterpret_cast<const void*>(w1[e]), reinterpret_cast<const void*>(s1[e]), D,
+                             r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.gp.data());
+                    rows_fmt(f3, reinterpret_cast<const void*>(w3[e]), reinterpret_cast<const void*>(s3[e]), D,
+                             r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.up.data());
                     float* hv = sc.hv.data();
                     for (int64_t j = 0; j < T; ++j) {
                         const float rwt = rw[pairs[q0 + j]];
@@ -574,8 +627,8 @@ int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t*
                         sc.yp[j] = ybuf + (q0 + j) * D + o0;
                         sc.xs[j] = hbuf + (q0 + j) * hp * Ip;
                     }
-                    gemv_rows(reinterpret_cast<const uint8_t*>(w2[e]), reinterpret_cast<const uint8_t*>(s2[e]), I,
-                              o0, o1, hp, sc.xs.data(), static_cast<int>(T), sc.yp.data());
+                    rows_fmt(f2, reinterpret_cast<const void*>(w2[e]), reinterpret_cast<const void*>(s2[e]), I,
+                             o0, o1, hp, sc.xs.data(), static_cast<int>(T), sc.yp.data());
                 }
             },
             [&](int64_t it) {
@@ -583,12 +636,12 @@ int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t*
                 const int64_t e = used[item.ue];
                 if (!item.down) {
                     const int64_t rows = std::min<int64_t>(4, I - item.r0);
-                    prefetch_rows(reinterpret_cast<const void*>(w1[e]), reinterpret_cast<const void*>(s1[e]), D,
+                    prefetch_rows(f1, reinterpret_cast<const void*>(w1[e]), reinterpret_cast<const void*>(s1[e]), D,
                                   item.r0, rows);
-                    prefetch_rows(reinterpret_cast<const void*>(w3[e]), reinterpret_cast<const void*>(s3[e]), D,
+                    prefetch_rows(f3, reinterpret_cast<const void*>(w3[e]), reinterpret_cast<const void*>(s3[e]), D,
                                   item.r0, rows);
                 } else {
-                    prefetch_rows(reinterpret_cast<const void*>(w2[e]), reinterpret_cast<const void*>(s2[e]), I,
+                    prefetch_rows(f2, reinterpret_cast<const void*>(w2[e]), reinterpret_cast<const void*>(s2[e]), I,
                                   item.r0, std::min<int64_t>(4, D - item.r0));
                 }
             });
@@ -617,6 +670,15 @@ int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t*
         return -3;
     }
     return 0;
+}
+
+// The FP4-only entry point (all three projections e2m1 + UE8M0).
+int dsv4_fp4_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_t* idx, const float* rw, int64_t k,
+                 const int64_t* w1, const int64_t* s1, const int64_t* w3, const int64_t* s3, const int64_t* w2,
+                 const int64_t* s2, int64_t E, float limit, int act_quant, int round_bf16, float* out,
+                 int nthreads) {
+    return dsv4_quant_moe(x, N, D, I, idx, rw, k, w1, s1, w3, s3, w2, s2, E, limit, act_quant, round_bf16, out,
+                          nthreads, kFmtFp4, kFmtFp4, kFmtFp4);
 }
 
 }  // extern "C"
