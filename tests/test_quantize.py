@@ -12,6 +12,7 @@ import torch
 
 from dsv4cli import cli, kernels
 from dsv4cli.cli_quantize import register
+from dsv4cli.describe import summarize
 from dsv4cli.errors import CheckpointError, ConfigError, UsageError
 from dsv4cli.formats import quantize_fp4_rows
 from dsv4cli.imatrix import Imatrix, boost_layers, collect_imatrix
@@ -209,6 +210,8 @@ def test_quantized_checkpoints_validate_and_load(quantized):
         assert written["output_bytes"] == result.output_bytes and written["formats"] == result.formats
         assert not list(result.path.parent.glob(f"{name}.*"))  # no staging leftovers
     assert quantized["q3"][0].formats == {"fp4": 40, "fp8": 44, "int3": 80}
+    with Checkpoint.open(quantized["q3"][0].path) as ckpt:
+        assert summarize(ckpt.args).expert_dtype == "q3: w1 int3, w2 fp4, w3 int3"
     assert quantized["q2"][0].formats == {"fp8": 44, "int2": 80, "int3": 40}
 
 

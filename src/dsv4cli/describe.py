@@ -37,6 +37,18 @@ class ModelSummary:
         return asdict(self)
 
 
+def expert_formats_label(args: ModelArgs) -> str:
+    """'fp4' for an official checkpoint; for a `dsv4 quantize` one the recipe and each projection's
+    formats over the trunk layers, e.g. 'q3+imatrix: w1 int3/fp4, w2 fp4, w3 int3/fp4'."""
+    if args.quantization is None:
+        return args.expert_dtype
+    parts = []
+    for proj in ("w1", "w2", "w3"):
+        formats = dict.fromkeys(args.linear_format(layer, f"ffn.experts.0.{proj}") for layer in range(args.n_layers))
+        parts.append(f"{proj} {'/'.join(formats)}")
+    return f"{args.quantization.name}: {', '.join(parts)}"
+
+
 def summarize(args: ModelArgs) -> ModelSummary:
     specs = checkpoint_specs(args)
     trunk = checkpoint_specs(args, include_mtp=False)
@@ -60,7 +72,7 @@ def summarize(args: ModelArgs) -> ModelSummary:
         heads=args.n_heads,
         routed_experts=args.n_routed_experts,
         experts_per_token=args.n_activated_experts,
-        expert_dtype=args.expert_dtype,
+        expert_dtype=expert_formats_label(args),
         params_total=logical_params(specs),
         params_trunk=trunk_params,
         params_active=trunk_params - routed_params + per_expert_params * args.n_activated_experts * args.n_layers,
