@@ -67,6 +67,17 @@ class PlacementPlan:
             (f"routed experts in host memory ({self.n_host_experts:,})", host, self.n_host_experts * self.expert_bytes),
         ]
 
+    def summary(self) -> str:
+        """One line for the chat banner: what runs where."""
+        gib = 2**30
+        experts = (self.n_gpu_experts + self.staging_slots) * self.expert_bytes
+        on_device = self.dense_bytes + self.kv_cache_bytes + experts
+        host = "host RAM" if self.host_mode == "ram" else "the memory-mapped files"
+        pretend = " (host memory standing in for a GPU)" if self.device == "cpu" else ""
+        return (f"placement: dense weights and KV cache on {self.device}{pretend}, {self.n_gpu_experts:,} routed "
+                f"experts resident there + {self.staging_slots} staging slots ({on_device / gib:.1f} GiB), "
+                f"{self.n_host_experts:,} in {host}")
+
     def to_json(self) -> str:
         data = asdict(self)
         data["version"] = PLAN_VERSION
@@ -111,9 +122,12 @@ def model_bytes(args: ModelArgs) -> tuple[int, int]:
 def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: int = 0,
                    cpu_budget_bytes: int | None = None, context: int = 16384,
                    frequencies: dict[int, list[float]] | None = None,
-                   staging_slots: int = DEFAULT_STAGING_SLOTS) -> PlacementPlan:
+                   staging_slots: int = DEFAULT_STAGING_SLOTS, accelerated: bool | None = None) -> PlacementPlan:
     """Decide where everything goes. `frequencies[layer][expert]` = how often the router picks it
-    (any scale); without them experts are spread evenly over the layers."""
+    (any scale); without them experts are spread evenly over the layers. `accelerated` (default:
+    device is not the CPU) splits the experts by `gpu_budget_bytes`; with device "cpu" that makes
+    host memory stand in for a GPU of that size (to measure the expert cache without one)."""
+    accelerated = device != "cpu" if accelerated is None else accelerated
     dense, expert = model_bytes(args)
     kv = int(ModelCache.bytes_per_token(args) * context) + args.n_layers * args.window_size * args.head_dim * 2
     total_experts = args.n_layers * args.n_routed_experts
@@ -121,12 +135,13 @@ def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: in
                          n_layers=args.n_layers, n_experts=args.n_routed_experts,
                          gpu_budget_bytes=gpu_budget_bytes, cpu_budget_bytes=cpu_budget_bytes or 0)
     host_needed = total_experts * expert
-    if device != "cpu":
-        free = gpu_budget_bytes - dense - kv - GPU_RESERVE_BYTES
+    if accelerated:
+        reserve = GPU_RESERVE_BYTES if device != "cpu" else 0  # a pretend GPU needs no workspace
+        free = gpu_budget_bytes - dense - kv - reserve
         if free < 0:
             raise OutOfMemory(
                 f"the GPU budget of {gpu_budget_bytes / 2**30:.1f} GiB cannot hold the dense weights and "
-                f"KV cache ({(dense + kv + GPU_RESERVE_BYTES) / 2**30:.1f} GiB with reserve)",
+                f"KV cache ({(dense + kv + reserve) / 2**30:.1f} GiB with reserve)",
                 "lower --ctx, raise --gpu-memory, or run on the CPU (--device cpu)")
         plan.staging_slots = min(staging_slots, free // expert, total_experts)
         free -= plan.staging_slots * expert
