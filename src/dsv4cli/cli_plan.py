@@ -30,16 +30,22 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
         simulate: bool = typer.Option(False, "--simulate", help="Plan with host memory standing in for a GPU of "
                                       "--gpu-memory bytes (measure the expert cache without a GPU)."),
+        cache_policy: str = typer.Option("mru", "--cache-policy", help="Staging-slot eviction: mru, lru or lfu "
+                                         "(prefill cycles through layers: lru evicts what the next pass needs)."),
     ) -> None:
         """Compute where dense weights, KV cache and each routed expert go for given memory budgets."""
         from dsv4cli.cli import resolve_args
         from dsv4cli.runtime.options import PlacementOptions, resolve_plan
+        from dsv4cli.runtime.placement import CACHE_POLICIES
 
         args = resolve_args(model)
         if ctx < 16:
             raise UsageError("--ctx must be at least 16 tokens")
         routing = _routing_counts(model, counts, profile, save_counts)
-        options = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, simulate=simulate)
+        if cache_policy not in CACHE_POLICIES:
+            raise UsageError(f"unknown --cache-policy {cache_policy!r}", f"choose one of: {', '.join(CACHE_POLICIES)}")
+        options = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, simulate=simulate,
+                                   cache_policy=cache_policy)
         result = resolve_plan(args, options, ctx, routing)
         if save is not None:
             result.save(save)

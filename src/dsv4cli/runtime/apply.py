@@ -70,8 +70,7 @@ def move_dense(model: Transformer, device: torch.device | str) -> int:
     return moved
 
 
-def place_model(model: Transformer, plan: PlacementPlan, *, policy: str = "lru", prefetch: bool = True
-                ) -> OffloadedExperts | None:
+def place_model(model: Transformer, plan: PlacementPlan, *, prefetch: bool = True) -> OffloadedExperts | None:
     """Apply `plan` to `model` (loaded on the CPU). Returns the attached offload runtime, or None
     when the plan keeps everything in host memory (plain CPU execution: nothing to do)."""
     check_plan(model, plan)
@@ -80,7 +79,7 @@ def place_model(model: Transformer, plan: PlacementPlan, *, policy: str = "lru",
         return None
     try:
         move_dense(model, device)
-        return OffloadedExperts(model, plan, device, policy=policy, prefetch=prefetch).attach()
+        return OffloadedExperts(model, plan, device, policy=plan.cache_policy, prefetch=prefetch).attach()
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"{plan.device} ran out of memory while placing the model "
                           f"({plan.n_gpu_experts} resident experts, {plan.staging_slots} staging slots)",

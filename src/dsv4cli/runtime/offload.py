@@ -24,7 +24,7 @@ import torch
 from dsv4cli import kernels
 from dsv4cli.kernels.experts import ExpertTable
 from dsv4cli.model.transformer import Transformer
-from dsv4cli.runtime.placement import PlacementPlan
+from dsv4cli.runtime.placement import CACHE_POLICIES, PlacementPlan
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -45,10 +45,14 @@ class OffloadStats:
 
 
 class SlotCache:
-    """`n_slots` device copies of host experts with LRU or LFU eviction."""
+    """`n_slots` device copies of host experts with LRU, LFU or MRU eviction.
+
+    MRU suits prefills that need more host experts per pass than there are slots: layers are
+    visited in a cycle, and LRU then evicts exactly what the next pass needs first (no hits at
+    all), while MRU keeps the earlier layers' experts in place for the next chunk."""
 
     def __init__(self, n_slots: int, device: torch.device, policy: str = "lru"):
-        if policy not in ("lru", "lfu"):
+        if policy not in CACHE_POLICIES:
             raise ValueError(f"unknown cache policy {policy!r}")
         self.n_slots, self.device, self.policy = n_slots, device, policy
         self.entries: OrderedDict[ExpertKey, tuple[torch.Tensor, ...]] = OrderedDict()
@@ -67,7 +71,10 @@ class SlotCache:
             victims = [k for k in self.entries if k not in keep]
             if not victims:
                 raise RuntimeError("every slot is in use by the current step")
-            victim = min(victims, key=lambda k: self.uses.get(k, 0)) if self.policy == "lfu" else victims[0]
+            if self.policy == "lfu":
+                victim = min(victims, key=lambda k: self.uses.get(k, 0))
+            else:
+                victim = victims[-1] if self.policy == "mru" else victims[0]
             del self.entries[victim]
         copied = tuple(t.to(self.device, non_blocking=True) for t in host)
         self.entries[key] = copied

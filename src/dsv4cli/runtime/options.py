@@ -44,6 +44,7 @@ class PlacementOptions:
     plan: Path | None = None
     counts: Path | None = None
     simulate: bool = False  # plan as if host memory were a GPU of --gpu-memory bytes
+    cache_policy: str = "mru"  # staging-slot eviction (lru, lfu, mru)
 
     @property
     def given(self) -> bool:
@@ -87,4 +88,5 @@ def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
         routing_counts = load_counts(options.counts)
     return plan_placement(args, device=device, gpu_budget_bytes=gpu_budget, cpu_budget_bytes=cpu_budget,
                           context=context, accelerated=device != "cpu" or options.simulate,
+                          cache_policy=options.cache_policy,
                           frequencies=frequencies_from_counts(routing_counts) if routing_counts else None)

@@ -20,6 +20,7 @@ from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.cache import ModelCache
 
 PLAN_VERSION = 1
+CACHE_POLICIES = ("lru", "lfu", "mru")
 #: GPU bytes kept free for activations, allocator slack and kernels' workspaces.
 GPU_RESERVE_BYTES = 2 << 30
 #: Expert slots on the GPU for staging host experts during prefill (per plan, shared by layers).
@@ -38,6 +39,7 @@ class PlacementPlan:
     gpu_experts: dict[int, list[int]] = field(default_factory=dict)  # layer -> resident expert ids
     staging_slots: int = 0
     host_mode: str = "ram"  # "ram" (fits in the CPU budget) or "mmap" (read from the files on demand)
+    cache_policy: str = "mru"  # eviction of the staging slots: lru, lfu or mru (see runtime.offload.SlotCache)
     gpu_budget_bytes: int = 0
     cpu_budget_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -91,7 +93,10 @@ class PlacementPlan:
             if data.pop("version", None) != PLAN_VERSION:
                 raise ValueError(f"unsupported plan version (expected {PLAN_VERSION})")
             data["gpu_experts"] = {int(k): list(v) for k, v in data["gpu_experts"].items()}
-            return cls(**data)
+            plan = cls(**data)
+            if plan.cache_policy not in CACHE_POLICIES:
+                raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}")
+            return plan
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UsageError(f"invalid placement plan: {exc}", "write one with `dsv4 plan --save`") from None
 
@@ -122,7 +127,8 @@ def model_bytes(args: ModelArgs) -> tuple[int, int]:
 def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: int = 0,
                    cpu_budget_bytes: int | None = None, context: int = 16384,
                    frequencies: dict[int, list[float]] | None = None,
-                   staging_slots: int = DEFAULT_STAGING_SLOTS, accelerated: bool | None = None) -> PlacementPlan:
+                   staging_slots: int = DEFAULT_STAGING_SLOTS, accelerated: bool | None = None,
+                   cache_policy: str = "mru") -> PlacementPlan:
     """Decide where everything goes. `frequencies[layer][expert]` = how often the router picks it
     (any scale); without them experts are spread evenly over the layers. `accelerated` (default:
     device is not the CPU) splits the experts by `gpu_budget_bytes`; with device "cpu" that makes
@@ -133,7 +139,8 @@ def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: in
     total_experts = args.n_layers * args.n_routed_experts
     plan = PlacementPlan(device=device, context=context, dense_bytes=dense, kv_cache_bytes=kv, expert_bytes=expert,
                          n_layers=args.n_layers, n_experts=args.n_routed_experts,
-                         gpu_budget_bytes=gpu_budget_bytes, cpu_budget_bytes=cpu_budget_bytes or 0)
+                         gpu_budget_bytes=gpu_budget_bytes, cpu_budget_bytes=cpu_budget_bytes or 0,
+                         cache_policy=cache_policy)
     host_needed = total_experts * expert
     if accelerated:
         reserve = GPU_RESERVE_BYTES if device != "cpu" else 0  # a pretend GPU needs no workspace
