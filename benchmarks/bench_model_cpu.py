@@ -193,12 +193,6 @@ def bench_ours(path: Path, mode: str, ids: torch.Tensor, decode_ids: torch.Tenso
             out = run_arm(lambda t: model(t, state["cache"]), lambda t: model(t, state["cache"]), reset, hooks,
                           kinds, ids, decode_ids, repeats, decode_steps)
             hooks.remove()
-            if mode == "native":
-                # The output head multiplies by the whole bf16 matrix in fp32 chunks (transformer.py,
-                # not changed here); the same product through cpu.linear's bf16 kernel, for comparison.
-                y = torch.randn(1, model.args.dim, generator=torch.Generator().manual_seed(1))
-                _, med = time_calls(lambda i: cpu.linear(y, model.head.weight), 4)
-                out["head_native_bf16_s"] = med
         out["kernels"] = short_kernels(kernels.active())
         return out
     finally:
@@ -339,11 +333,6 @@ def report(res: dict) -> str:
                      f"{100 * roof / fd:.0f}% | {pk} | {1e3 * p['outside_layers_s']:.0f} | "
                      f"{fmt_rate(res['prompt'], fp)} | {fmt_rate(1, d['total_s'])} | "
                      f"{fmt_rate(res['prompt'], p['total_s'])} |")
-        if "flash_decode_native_head_s" in r:
-            fh = r["flash_decode_native_head_s"]
-            lines.append(f"| {arm}, head via cpu.linear (not wired) | {dk} | "
-                         f"{1e3 * (d['outside_layers_s'] - d['head_s'] + r['head_native_bf16_s']):.0f} | {fh:.3f} | "
-                         f"{1 / fh:.3g} | {100 * roof / fh:.0f}% | - | - | - | - | - |")
     lines += ["", "Flash = 2 sliding + 21 CSA + 20 HCA layers at the measured per-kind times + the measured head and "
               "rest (embedding, hc_head, norm, output head); 'of roofline' = roofline s/token / Flash s/token. "
               "Prefill: the slice reads all its experts; the real model would read ~240 of 256 per layer."]
@@ -432,10 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in r:
             r["flash_decode_s"] = flash_estimate(r["decode"])
             r["flash_prefill_s"] = flash_estimate(r["prefill"])
-            if "head_native_bf16_s" in r:
-                d = r["decode"]
-                r["flash_decode_native_head_s"] = flash_estimate(
-                    d, d["outside_layers_s"] - d["head_s"] + r["head_native_bf16_s"])
         r["wall_s"] = time.perf_counter() - t0
         res["arms"][arm] = r
         gc.collect()

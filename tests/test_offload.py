@@ -84,3 +84,37 @@ def test_engine_reports_the_hit_rate():
         model.offload.detach()
     stats = events[-1]
     assert isinstance(stats, GenerationStats) and stats.expert_cache_hit_rate is not None
+
+
+def test_mru_keeps_earlier_layers_when_a_pass_needs_more_than_the_slots():
+    """Layers visited in a cycle, each needing 3 host experts, 4 slots: LRU never hits, MRU does."""
+    host = (torch.zeros(4),)
+
+    def hits(policy: str) -> int:
+        cache, count = SlotCache(4, torch.device("cpu"), policy), 0
+        for _ in range(4):  # four prefill passes
+            for layer in range(3):
+                keep: set = set()
+                for e in range(3):
+                    if cache.get((layer, e)) is not None:
+                        count += 1
+                    else:
+                        cache.put((layer, e), host, keep)
+                    keep.add((layer, e))
+        return count
+
+    assert hits("lru") == 0
+    assert hits("mru") == 5  # of 36 lookups; LRU evicts exactly what the next pass needs first
+
+
+def test_plan_cache_policy_round_trip_and_validation():
+    import pytest
+
+    from dsv4cli.errors import UsageError
+
+    saved = plan({}, 2)
+    saved.cache_policy = "mru"
+    assert PlacementPlan.from_json(saved.to_json()).cache_policy == "mru"
+    saved.cache_policy = "fifo"
+    with pytest.raises(UsageError, match="cache_policy must be one of"):
+        PlacementPlan.from_json(saved.to_json())

@@ -44,6 +44,8 @@ from dsv4cli.io.checkpoint import INDEX_NAME
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.paths import cache_dir
+from dsv4cli.runtime.apply import Placement, place_by_options
+from dsv4cli.runtime.options import PlacementOptions
 from dsv4cli.sampling import SamplingParams
 from dsv4cli.units import human_bytes, human_count
 
@@ -78,6 +80,7 @@ class BenchSettings:
     seed: int = 0
     warmup: bool = True
     stream_bytes: int = DEFAULT_STREAM_BYTES  # size of each array of the memory-bandwidth test
+    placement: PlacementOptions = field(default_factory=PlacementOptions)  # the placement flags of `dsv4 chat`
 
     def __post_init__(self) -> None:
         if self.model is not None and self.synth is not None:
@@ -187,6 +190,7 @@ class TestResult:
     end_position: int = 0
     reused_tokens: int = 0  # prompt tokens the engine took from the cache (= depth)
     expert_cache_hit_rate: float | None = None
+    expert_bytes_moved: list[int] = field(default_factory=list)  # host -> device, per timed repetition
     peak_memory_bytes: int = 0
     bytes_per_token: int | None = None  # tg only
     reference_bandwidth: float | None = None  # measured triad bytes/s
@@ -206,6 +210,11 @@ class TestResult:
     @property
     def std(self) -> float:
         return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+    @property
+    def expert_bytes_moved_per_token(self) -> float | None:
+        """Mean host -> device expert bytes per processed token (None without the offload runtime)."""
+        return statistics.fmean(self.expert_bytes_moved) / self.tokens if self.expert_bytes_moved else None
 
     @property
     def bandwidth(self) -> float | None:
@@ -229,7 +238,9 @@ class TestResult:
             "bytes_per_token": self.bytes_per_token,
             "bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
             "bandwidth_ratio": self.bandwidth_ratio,
-            "expert_cache_hit_rate": self.expert_cache_hit_rate, "peak_memory_bytes": self.peak_memory_bytes,
+            "expert_cache_hit_rate": self.expert_cache_hit_rate,
+            "expert_bytes_moved_per_token": self.expert_bytes_moved_per_token,
+            "peak_memory_bytes": self.peak_memory_bytes,
         }
 
 
@@ -398,6 +409,8 @@ def measure(engine: Engine, fill: _Fill, traces: Traces, test: str, tokens: int,
         result.peak_memory_bytes = max(result.peak_memory_bytes, stats.peak_memory_bytes)
         if stats.expert_cache_hit_rate is not None:
             hit_rates.append(stats.expert_cache_hit_rate)
+        if engine.model.offload is not None:
+            result.expert_bytes_moved.append(stats.expert_bytes_moved)
     result.expert_cache_hit_rate = statistics.fmean(hit_rates) if hit_rates else None
     return result
 
@@ -515,7 +528,11 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         _say(progress, notice)
     _say(progress, f"loading {name}")
     model, checkpoint = load_model(path)
+    placement = Placement()
     try:
+        placement = place_by_options(model, settings.placement, settings.context, path)
+        for warning in placement.warnings:
+            _say(progress, warning)
         with thread_count(settings.threads) as threads, torch.inference_mode():
             engine = Engine(model, max_context=settings.context)
             if model.device.type == "cuda":
@@ -525,6 +542,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
             bandwidth = measure_memory_bandwidth(model.device, settings.stream_bytes)
             machine = machine_info(threads)
     finally:
+        placement.detach()
         checkpoint.close()
     args = model.args
     token_bytes = decoded_token_bytes(args)
@@ -535,7 +553,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
     model_info = {"name": name, "kind": kind, "path": str(path), "size_bytes": summary.bytes_total,
                   "params": summary.params_total, "params_active": summary.params_active, "layers": args.n_layers,
                   "routed_experts": args.n_routed_experts, "experts_per_token": args.n_activated_experts,
-                  "expert_dtype": args.expert_dtype, "device": str(model.device)}
+                  "expert_dtype": args.expert_dtype, "device": str(model.device), "placement": placement.summary()}
     return BenchReport(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), machine=machine,
         versions=versions(), kernels=kernels.active(), model=model_info, settings=_settings_dict(settings, engine),
@@ -628,6 +646,11 @@ def render_markdown(report: BenchReport) -> str:
         f"triad {bw.triad / 1e9:.2f} GB/s, copy {bw.copy / 1e9:.2f} GB/s; \"of mem BW\" = tg GB/s / triad",
         f"peak memory: {human_bytes(report.peak_memory_bytes)} ({report.peak_memory_kind.upper()})",
     ]
+    if report.model.get("placement"):
+        footer.append(report.model["placement"])
+        footer += [f"{r.label} @ d{r.depth}: expert cache hit {_fmt_ratio(r.expert_cache_hit_rate)}, "
+                   f"{human_bytes(int(r.expert_bytes_moved_per_token or 0))} of experts moved per token"
+                   for r in report.results]
     table = markdown_table(TABLE_HEADER, table_rows(report))
     return "\n".join([*(f"- {h}" for h in header), "", table, "", *(f"- {f}" for f in footer)])
 

@@ -6,7 +6,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.transformer import Transformer
+from dsv4cli.runtime.apply import Placement, place_by_options
+from dsv4cli.runtime.options import PlacementOptions
 from dsv4cli.session import ChatSession, ChatSettings
 from dsv4cli.tokenizer import Tokenizer
 
@@ -30,8 +32,10 @@ class OpenModel:
     path: Path
     label: str
     is_demo: bool
+    placement: Placement = field(default_factory=Placement)
 
     def close(self) -> None:
+        self.placement.detach()
         self.checkpoint.close()
 
 
@@ -56,22 +60,31 @@ def resolve_model_dir(model: str | None) -> tuple[Path, bool]:
     return local.path, False
 
 
-def open_model(model: str | None, numerics: Numerics | None = None, notices: list[str] | None = None) -> OpenModel:
-    """Load a model for chatting; kernel-selection notices (e.g. no compiler) are appended to `notices`."""
+def open_model(model: str | None, numerics: Numerics | None = None, notices: list[str] | None = None,
+               placement: PlacementOptions | None = None, context: int = 16384) -> OpenModel:
+    """Load a model for chatting and place it: by the placement flags when given, on the GPU
+    when one is visible, else on the CPU from the memory-mapped files. Warnings (no compiler, plan
+    warnings, weights larger than RAM) are appended to `notices`."""
     from dsv4cli import kernels
 
+    notices = notices if notices is not None else []
     path, is_demo = resolve_model_dir(model)
-    messages = kernels.select()
-    if notices is not None:
-        notices.extend(messages)
+    notices.extend(kernels.select())
     tokenizer = Tokenizer.from_dir(path)
     net, checkpoint = load_model(path, numerics)
-    if tokenizer.vocab_size > net.args.vocab_size:
-        checkpoint.close()
-        raise ModelNotFound(f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
-                            f"{net.args.vocab_size}", "use the tokenizer.json that came with the checkpoint")
-    label = DEMO_LABEL if is_demo else f"{path.name} ({net.args.n_layers} layers, {net.args.n_routed_experts} experts)"
-    return OpenModel(net, checkpoint, tokenizer, path, label, is_demo)
+    opened = OpenModel(net, checkpoint, tokenizer, path, "", is_demo)
+    try:
+        if tokenizer.vocab_size > net.args.vocab_size:
+            raise ModelNotFound(f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
+                                f"{net.args.vocab_size}", "use the tokenizer.json that came with the checkpoint")
+        opened.label = DEMO_LABEL if is_demo else (f"{path.name} ({net.args.n_layers} layers, "
+                                                   f"{net.args.n_routed_experts} experts)")
+        opened.placement = place_by_options(net, placement or PlacementOptions(), context, path)
+        notices.extend(opened.placement.warnings)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
 
 
 def new_session(opened: OpenModel, settings: ChatSettings, context: int) -> ChatSession:

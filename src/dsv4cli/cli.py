@@ -111,11 +111,17 @@ def chat(
     no_markdown: bool = typer.Option(False, "--no-markdown", help="REPL: print the answer as plain text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print the stats line to stderr."),
     no_history: bool = typer.Option(False, "--no-history", help="REPL: do not read or write the history file."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda:N (default: the first GPU if any)."),
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="GPU budget, e.g. 24GB (default: free)."),
+    cpu_memory: str | None = typer.Option(None, "--cpu-memory", help="Host RAM budget (default: available)."),
+    plan: Path | None = typer.Option(None, "--plan", help="A placement plan saved by `dsv4 plan --save`."),
+    counts: Path | None = typer.Option(None, "--counts", help="Routing counts (JSON) to pick the GPU's experts."),
 ) -> None:
     """Chat with a model: a REPL on a terminal, one-shot with -p or piped stdin."""
     from dsv4cli.chat import new_session, open_model, run_prompt
     from dsv4cli.encoding import ThinkMode
     from dsv4cli.render import make_renderer
+    from dsv4cli.runtime.options import PlacementOptions
     from dsv4cli.sampling import SamplingParams
     from dsv4cli.session import ChatSettings
 
@@ -136,7 +142,10 @@ def chat(
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     notices: list[str] = []
-    opened = open_model(model, notices=notices)
+    placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
+                                 counts=counts)
+    opened = open_model(model, notices=notices, placement=placement, context=ctx)
+    placed = opened.placement.summary()
     settings = ChatSettings(mode=think, system=system, sampling=sampling,
                             max_tokens=max_tokens or (256 if opened.is_demo else 8192),
                             reasoning_budget=reasoning_budget if reasoning_budget is not None else
@@ -148,6 +157,8 @@ def chat(
         renderer = make_renderer("tty", show_thinking=thinking_view, markdown=not no_markdown)
         for notice in notices:
             renderer.warning(notice)
+        if placed:
+            renderer.notice(placed)
         raise typer.Exit(run_repl(session, renderer, banner=opened.label, use_history=not no_history))
     renderer = make_renderer("json") if as_json else make_renderer("plain", show_thinking=show_thinking,
                                                                       verbose=verbose)
@@ -156,6 +167,8 @@ def chat(
             renderer.warning(warning)
     if opened.is_demo and not as_json:
         renderer.notice(f"using the {opened.label}")
+    if placed and not as_json:
+        renderer.notice(placed)
     raise typer.Exit(run_prompt(session, text, renderer))
 
 

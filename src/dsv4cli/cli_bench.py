@@ -59,6 +59,11 @@ def register(app: typer.Typer) -> None:
         layers: int | None = typer.Option(None, "--layers", help="--synth: override the number of layers."),
         experts: int | None = typer.Option(None, "--experts", help="--synth: override the routed experts."),
         seed: int = typer.Option(0, "--seed", help="Seed of the token traces (and of --synth weights)."),
+        device: str | None = typer.Option(None, "--device", help="cpu or cuda:N (default: the first GPU if any)."),
+        gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="GPU budget, e.g. 24GB (default: free)."),
+        cpu_memory: str | None = typer.Option(None, "--cpu-memory", help="Host RAM budget (default: available)."),
+        plan: Path | None = typer.Option(None, "--plan", help="A placement plan saved by `dsv4 plan --save`."),
+        counts: Path | None = typer.Option(None, "--counts", help="Routing counts (JSON) to pick the GPU's experts."),
     ) -> None:
         from dsv4cli.bench import (
             OUTPUTS,
@@ -69,13 +74,16 @@ def register(app: typer.Typer) -> None:
             run_bench,
             write_plot,
         )
+        from dsv4cli.runtime.options import PlacementOptions
 
         if output not in OUTPUTS:
             raise UsageError(f"unknown output format {output!r}", f"choose one of: {', '.join(OUTPUTS)}")
         settings = BenchSettings(
             model=model, synth=synth, layers=layers, experts=experts, prompt_tokens=parse_counts("-p", n_prompt),
             gen_tokens=parse_counts("-n", n_gen), depths=parse_counts("-d", n_depth), repetitions=repetitions,
-            ctx=ctx, threads=threads, seed=seed)
+            ctx=ctx, threads=threads, seed=seed,
+            placement=PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
+                                       counts=counts))
         if plot is not None:
             require_matplotlib()
         with progress_status(sys.stderr.isatty()) as progress:

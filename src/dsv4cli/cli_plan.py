@@ -7,30 +7,7 @@ from pathlib import Path
 import typer
 
 from dsv4cli.errors import UsageError
-from dsv4cli.units import human_bytes, parse_size
-
-
-def available_ram_bytes() -> int:
-    """MemAvailable from /proc/meminfo (what the kernel can give without swapping)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def free_gpu_bytes() -> tuple[str, int]:
-    """("cuda:0", free bytes) of the first GPU, or ("cpu", 0) without one."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu", 0
-    free, _total = torch.cuda.mem_get_info(0)
-    return "cuda:0", int(free)
+from dsv4cli.units import human_bytes
 
 
 def register(app: typer.Typer) -> None:
@@ -51,25 +28,25 @@ def register(app: typer.Typer) -> None:
         save_counts: Path | None = typer.Option(None, "--save-counts", help="Where to write the measured counts."),
         save: Path | None = typer.Option(None, "--save", help="Write the plan as JSON."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+        simulate: bool = typer.Option(False, "--simulate", help="Plan with host memory standing in for a GPU of "
+                                      "--gpu-memory bytes (measure the expert cache without a GPU)."),
+        cache_policy: str = typer.Option("mru", "--cache-policy", help="Staging-slot eviction: mru, lru or lfu "
+                                         "(prefill cycles through layers: lru evicts what the next pass needs)."),
     ) -> None:
         """Compute where dense weights, KV cache and each routed expert go for given memory budgets."""
         from dsv4cli.cli import resolve_args
-        from dsv4cli.runtime.placement import frequencies_from_counts, plan_placement
+        from dsv4cli.runtime.options import PlacementOptions, resolve_plan
+        from dsv4cli.runtime.placement import CACHE_POLICIES
 
         args = resolve_args(model)
         if ctx < 16:
             raise UsageError("--ctx must be at least 16 tokens")
-        detected_device, free_gpu = free_gpu_bytes()
-        device = device or detected_device
-        if device != "cpu" and not device.startswith("cuda"):
-            raise UsageError(f"--device must be cpu or cuda:N, not {device!r}")
-        gpu_budget = parse_size(gpu_memory) if gpu_memory else free_gpu
-        if device != "cpu" and gpu_budget == 0:
-            raise UsageError("no GPU memory budget", "pass --gpu-memory (no CUDA GPU is visible here)")
-        cpu_budget = parse_size(cpu_memory) if cpu_memory else available_ram_bytes()
         routing = _routing_counts(model, counts, profile, save_counts)
-        result = plan_placement(args, device=device, gpu_budget_bytes=gpu_budget, cpu_budget_bytes=cpu_budget,
-                                context=ctx, frequencies=frequencies_from_counts(routing) if routing else None)
+        if cache_policy not in CACHE_POLICIES:
+            raise UsageError(f"unknown --cache-policy {cache_policy!r}", f"choose one of: {', '.join(CACHE_POLICIES)}")
+        options = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, simulate=simulate,
+                                   cache_policy=cache_policy)
+        result = resolve_plan(args, options, ctx, routing)
         if save is not None:
             result.save(save)
         if as_json:

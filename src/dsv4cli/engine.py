@@ -129,12 +129,13 @@ class Engine:
         stop_ids = set(stop)
         sample = make_sampler(sampling or SamplingParams())
         stats = GenerationStats(prompt_tokens=len(prompt))
+        offload_before = self._offload_counts()
         started = time.perf_counter()
         logits, stats.cached_tokens = self._prefill(prompt, cancel)
         stats.prefill_seconds = time.perf_counter() - started
         if logits is None:
             stats.finish_reason = "cancelled"
-            yield self._finish(stats)
+            yield self._finish(stats, offload_before)
             return
         in_reasoning = reasoning
         decode_started = time.perf_counter()
@@ -161,12 +162,19 @@ class Engine:
             if index + 1 < max_tokens:
                 logits = self._feed([token], None)
         stats.decode_seconds = time.perf_counter() - decode_started
-        yield self._finish(stats)
+        yield self._finish(stats, offload_before)
 
-    def _finish(self, stats: GenerationStats) -> GenerationStats:
+    def _offload_counts(self) -> tuple[int, int, int]:
+        """(hits, misses, bytes moved) of the offload runtime so far; zeros without one."""
+        offload = self.model.offload
+        return (0, 0, 0) if offload is None else (offload.stats.hits, offload.stats.misses, offload.stats.bytes_moved)
+
+    def _finish(self, stats: GenerationStats, offload_before: tuple[int, int, int]) -> GenerationStats:
         stats.peak_memory_bytes = peak_memory_bytes(self.model.device)
         if self.model.offload is not None:
-            stats.expert_cache_hit_rate = self.model.offload.stats.hit_rate
+            hits, misses, moved = (now - then for now, then in zip(self._offload_counts(), offload_before, strict=True))
+            stats.expert_cache_hit_rate = hits / (hits + misses) if hits + misses else None
+            stats.expert_bytes_moved = moved
         return stats
 
 

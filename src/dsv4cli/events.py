@@ -32,7 +32,9 @@ class GenerationStats:
     finish_reason: FinishReason = "stop"
     reasoning_tokens: int = 0
     reasoning_seconds: float = 0.0
-    expert_cache_hit_rate: float | None = None  # filled by the offload runtime when it is used
+    # filled when the offload runtime is used, for this call only:
+    expert_cache_hit_rate: float | None = None  # host experts found in a device slot / looked up
+    expert_bytes_moved: int = 0  # host -> device expert bytes (staging and prefetch)
 
     @property
     def prefill_tokens_per_second(self) -> float:

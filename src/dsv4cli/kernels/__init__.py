@@ -32,16 +32,37 @@ def use(name: str, fn: Callable) -> None:
     _active[name] = fn
 
 
+class ByDevice:
+    """An op that sends CUDA inputs to `gpu` and everything else to `host`.
+
+    With a GPU, the offload runtime runs some experts there and the rest on the CPU in the same
+    step; each half must get its own fast kernel (the Triton ops alone would fall back to the slow
+    reference for CPU tensors). The first argument of every op is the activation tensor."""
+
+    def __init__(self, gpu: Callable, host: Callable):
+        self.gpu, self.host = gpu, host
+
+    def __call__(self, x, *args, **kwargs):
+        return (self.gpu if x.device.type == "cuda" else self.host)(x, *args, **kwargs)
+
+
+def _qualname(fn: Callable) -> str:
+    if isinstance(fn, ByDevice):
+        return f"{_qualname(fn.gpu)} (cuda) + {_qualname(fn.host)} (cpu)"
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
 def active() -> dict[str, str]:
     """Op name -> qualified name of the implementation in use."""
-    return {name: f"{fn.__module__}.{fn.__qualname__}" for name, fn in _active.items()}
+    return {name: _qualname(fn) for name, fn in _active.items()}
 
 
 def select(mode: str | None = None) -> list[str]:
     """Route ops to the fastest implementations available; returns notices for the user.
 
     `auto` (default): native CPU kernels when they build, Triton kernels when CUDA and
-    Triton are present, the reference otherwise (with a notice saying why). An explicit
+    Triton are present (both: CUDA tensors go to Triton, host tensors to the CPU kernels), the
+    reference otherwise (with a notice saying why). An explicit
     `cpu` or `triton` that cannot be honoured raises.
     """
     from dsv4cli.errors import UsageError
@@ -66,8 +87,12 @@ def select(mode: str | None = None) -> list[str]:
     if mode in ("auto", "triton"):
         from dsv4cli.kernels import triton_ops
 
+        host = dict(_active)
         if triton_ops.available():
             triton_ops.register()
+            for name, fn in host.items():  # keep the native CPU kernels for tensors in host memory
+                if fn is not getattr(ref, name):
+                    _active[name] = ByDevice(_active[name], fn)
         elif mode == "triton":
             raise UsageError("DSV4_KERNELS=triton needs a CUDA GPU and the triton package")
     return notices

@@ -24,7 +24,7 @@ import torch
 from dsv4cli import kernels
 from dsv4cli.kernels.experts import ExpertTable
 from dsv4cli.model.transformer import Transformer
-from dsv4cli.runtime.placement import PlacementPlan
+from dsv4cli.runtime.placement import CACHE_POLICIES, PlacementPlan
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -45,10 +45,14 @@ class OffloadStats:
 
 
 class SlotCache:
-    """`n_slots` device copies of host experts with LRU or LFU eviction."""
+    """`n_slots` device copies of host experts with LRU, LFU or MRU eviction.
+
+    MRU suits prefills that need more host experts per pass than there are slots: layers are
+    visited in a cycle, and LRU then evicts exactly what the next pass needs first (no hits at
+    all), while MRU keeps the earlier layers' experts in place for the next chunk."""
 
     def __init__(self, n_slots: int, device: torch.device, policy: str = "lru"):
-        if policy not in ("lru", "lfu"):
+        if policy not in CACHE_POLICIES:
             raise ValueError(f"unknown cache policy {policy!r}")
         self.n_slots, self.device, self.policy = n_slots, device, policy
         self.entries: OrderedDict[ExpertKey, tuple[torch.Tensor, ...]] = OrderedDict()
@@ -67,7 +71,10 @@ class SlotCache:
             victims = [k for k in self.entries if k not in keep]
             if not victims:
                 raise RuntimeError("every slot is in use by the current step")
-            victim = min(victims, key=lambda k: self.uses.get(k, 0)) if self.policy == "lfu" else victims[0]
+            if self.policy == "lfu":
+                victim = min(victims, key=lambda k: self.uses.get(k, 0))
+            else:
+                victim = victims[-1] if self.policy == "mru" else victims[0]
             del self.entries[victim]
         copied = tuple(t.to(self.device, non_blocking=True) for t in host)
         self.entries[key] = copied
@@ -85,12 +92,17 @@ class OffloadedExperts:
         self.stats = OffloadStats()
         self.slots = SlotCache(plan.staging_slots, self.device, policy)
         self.host: list[list[tuple[torch.Tensor, ...]]] = []
+        self.host_tables: list[ExpertTable] = []  # every expert of a layer, host memory, global ids
         self.resident: list[dict[int, tuple[torch.Tensor, ...]]] = []
+        self.resident_tables: list[ExpertTable | None] = []  # the resident experts, ids in sorted order
         for layer_id, layer in enumerate(model.layers):
-            host = list(layer.ffn.expert_table().experts)
-            self.host.append(host)
-            self.resident.append({e: tuple(t.to(self.device) for t in host[e])
-                                  for e in plan.gpu_experts.get(layer_id, [])})
+            table = layer.ffn.expert_table()
+            self.host.append(list(table.experts))
+            self.host_tables.append(table)
+            resident = {e: tuple(t.to(self.device) for t in table.experts[e])
+                        for e in sorted(plan.gpu_experts.get(layer_id, []))}
+            self.resident.append(resident)
+            self.resident_tables.append(ExpertTable.from_experts(list(resident.values())) if resident else None)
 
     def attach(self) -> OffloadedExperts:
         for layer_id, layer in enumerate(self.model.layers):
@@ -111,13 +123,24 @@ class OffloadedExperts:
         resident = self.resident[layer_id]
         on_device = {e: resident[e] for e in selected if e in resident}
         host_ids = [e for e in selected if e not in resident]
+        staged = {}
         if x.shape[0] > self.decode_max_tokens and self.slots.n_slots > 0:
-            on_device.update(self._stage(layer_id, host_ids))
+            staged = self._stage(layer_id, host_ids)
         # decode, or more host experts than slots: the rest runs on the CPU
-        on_cpu = {e: self.host[layer_id][e] for e in host_ids if e not in on_device}
+        on_cpu = [e for e in host_ids if e not in staged]
+        # the CPU half's inputs are copied out first, so that the CPU computes while the device
+        # half is in flight (CUDA kernels are asynchronous; a later device->host copy would wait)
+        cpu_part = self._gather(x, weights, indices, on_cpu, None, torch.device("cpu"))
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        self._accumulate(out, x, weights, indices, on_device, self.device)
-        self._accumulate(out, x, weights, indices, on_cpu, torch.device("cpu"))
+        if staged:  # a one-off table of resident + staged experts
+            on_device.update(staged)
+            ids = sorted(on_device)
+            self._run(out, self._gather(x, weights, indices, ids, ids, self.device),
+                      ExpertTable.from_experts([on_device[e] for e in ids]))
+        elif on_device:
+            self._run(out, self._gather(x, weights, indices, sorted(on_device), sorted(resident), self.device),
+                      self.resident_tables[layer_id])
+        self._run(out, cpu_part, self.host_tables[layer_id])
         self.stats.device_expert_calls += len(on_device)
         self.stats.cpu_expert_calls += len(on_cpu)
         if self.prefetch and x.shape[0] > self.decode_max_tokens:
@@ -161,16 +184,25 @@ class OffloadedExperts:
                 self.stats.bytes_moved += sum(t.numel() * t.element_size() for t in self.host[layer_id + 1][e])
                 self.stats.prefetched += 1
 
-    def _accumulate(self, out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                    experts: dict[int, tuple[torch.Tensor, ...]], device: torch.device) -> None:
-        """out += the (token, expert) pairs whose expert is in `experts`, computed on `device`."""
-        if not experts:
+    @staticmethod
+    def _gather(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, expert_ids: list[int],
+                table_ids: list[int] | None, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """(token rows, inputs, route weights, table entries) on `device` of the (token, expert) pairs whose
+        expert is in `expert_ids`; table entry i is expert `table_ids[i]` (None: expert i)."""
+        if not expert_ids:
+            return None
+        wanted = torch.tensor(expert_ids, device=indices.device)
+        token, slot = torch.where(torch.isin(indices, wanted))
+        chosen = indices[token, slot]
+        if table_ids is not None:
+            chosen = torch.searchsorted(torch.tensor(table_ids, device=indices.device), chosen)
+        return token, x[token].to(device), weights[token, slot, None].to(device), chosen[:, None].to(device)
+
+    def _run(self, out: torch.Tensor, part: tuple[torch.Tensor, ...] | None, table: ExpertTable) -> None:
+        """out += the experts' outputs for one gathered part."""
+        if part is None:
             return
-        ids = torch.tensor(sorted(experts), device=indices.device)
-        token, slot = torch.where(torch.isin(indices, ids))
-        local = torch.searchsorted(ids, indices[token, slot])
-        table = ExpertTable.from_experts([experts[e] for e in ids.tolist()])
+        token, xs, ws, entries = part
         moe = self.model.layers[0].ffn.experts[0]
-        y = kernels.moe_experts(x[token].to(device), weights[token, slot, None].to(device), local[:, None].to(device),
-                                table, moe.swiglu_limit, moe.w1.act_quant)
+        y = kernels.moe_experts(xs, ws, entries, table, moe.swiglu_limit, moe.w1.act_quant)
         out.index_add_(0, token, y.to(out.device))

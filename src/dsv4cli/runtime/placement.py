@@ -20,6 +20,7 @@ from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.cache import ModelCache
 
 PLAN_VERSION = 1
+CACHE_POLICIES = ("lru", "lfu", "mru")
 #: GPU bytes kept free for activations, allocator slack and kernels' workspaces.
 GPU_RESERVE_BYTES = 2 << 30
 #: Expert slots on the GPU for staging host experts during prefill (per plan, shared by layers).
@@ -38,6 +39,7 @@ class PlacementPlan:
     gpu_experts: dict[int, list[int]] = field(default_factory=dict)  # layer -> resident expert ids
     staging_slots: int = 0
     host_mode: str = "ram"  # "ram" (fits in the CPU budget) or "mmap" (read from the files on demand)
+    cache_policy: str = "mru"  # eviction of the staging slots: lru, lfu or mru (see runtime.offload.SlotCache)
     gpu_budget_bytes: int = 0
     cpu_budget_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -67,6 +69,17 @@ class PlacementPlan:
             (f"routed experts in host memory ({self.n_host_experts:,})", host, self.n_host_experts * self.expert_bytes),
         ]
 
+    def summary(self) -> str:
+        """One line for the chat banner: what runs where."""
+        gib = 2**30
+        experts = (self.n_gpu_experts + self.staging_slots) * self.expert_bytes
+        on_device = self.dense_bytes + self.kv_cache_bytes + experts
+        host = "host RAM" if self.host_mode == "ram" else "the memory-mapped files"
+        pretend = " (host memory standing in for a GPU)" if self.device == "cpu" else ""
+        return (f"placement: dense weights and KV cache on {self.device}{pretend}, {self.n_gpu_experts:,} routed "
+                f"experts resident there + {self.staging_slots} staging slots ({on_device / gib:.1f} GiB), "
+                f"{self.n_host_experts:,} in {host}")
+
     def to_json(self) -> str:
         data = asdict(self)
         data["version"] = PLAN_VERSION
@@ -80,7 +93,10 @@ class PlacementPlan:
             if data.pop("version", None) != PLAN_VERSION:
                 raise ValueError(f"unsupported plan version (expected {PLAN_VERSION})")
             data["gpu_experts"] = {int(k): list(v) for k, v in data["gpu_experts"].items()}
-            return cls(**data)
+            plan = cls(**data)
+            if plan.cache_policy not in CACHE_POLICIES:
+                raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}")
+            return plan
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UsageError(f"invalid placement plan: {exc}", "write one with `dsv4 plan --save`") from None
 
@@ -111,22 +127,28 @@ def model_bytes(args: ModelArgs) -> tuple[int, int]:
 def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: int = 0,
                    cpu_budget_bytes: int | None = None, context: int = 16384,
                    frequencies: dict[int, list[float]] | None = None,
-                   staging_slots: int = DEFAULT_STAGING_SLOTS) -> PlacementPlan:
+                   staging_slots: int = DEFAULT_STAGING_SLOTS, accelerated: bool | None = None,
+                   cache_policy: str = "mru") -> PlacementPlan:
     """Decide where everything goes. `frequencies[layer][expert]` = how often the router picks it
-    (any scale); without them experts are spread evenly over the layers."""
+    (any scale); without them experts are spread evenly over the layers. `accelerated` (default:
+    device is not the CPU) splits the experts by `gpu_budget_bytes`; with device "cpu" that makes
+    host memory stand in for a GPU of that size (to measure the expert cache without one)."""
+    accelerated = device != "cpu" if accelerated is None else accelerated
     dense, expert = model_bytes(args)
     kv = int(ModelCache.bytes_per_token(args) * context) + args.n_layers * args.window_size * args.head_dim * 2
     total_experts = args.n_layers * args.n_routed_experts
     plan = PlacementPlan(device=device, context=context, dense_bytes=dense, kv_cache_bytes=kv, expert_bytes=expert,
                          n_layers=args.n_layers, n_experts=args.n_routed_experts,
-                         gpu_budget_bytes=gpu_budget_bytes, cpu_budget_bytes=cpu_budget_bytes or 0)
+                         gpu_budget_bytes=gpu_budget_bytes, cpu_budget_bytes=cpu_budget_bytes or 0,
+                         cache_policy=cache_policy)
     host_needed = total_experts * expert
-    if device != "cpu":
-        free = gpu_budget_bytes - dense - kv - GPU_RESERVE_BYTES
+    if accelerated:
+        reserve = GPU_RESERVE_BYTES if device != "cpu" else 0  # a pretend GPU needs no workspace
+        free = gpu_budget_bytes - dense - kv - reserve
         if free < 0:
             raise OutOfMemory(
                 f"the GPU budget of {gpu_budget_bytes / 2**30:.1f} GiB cannot hold the dense weights and "
-                f"KV cache ({(dense + kv + GPU_RESERVE_BYTES) / 2**30:.1f} GiB with reserve)",
+                f"KV cache ({(dense + kv + reserve) / 2**30:.1f} GiB with reserve)",
                 "lower --ctx, raise --gpu-memory, or run on the CPU (--device cpu)")
         plan.staging_slots = min(staging_slots, free // expert, total_experts)
         free -= plan.staging_slots * expert

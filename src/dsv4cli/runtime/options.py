@@ -1,0 +1,92 @@
+"""From the user's placement flags (`--device`, `--gpu-memory`, `--cpu-memory`, `--plan`, `--counts`,
+`--simulate`) to a `PlacementPlan`, the same way for `dsv4 plan`, `dsv4 chat` and `dsv4 bench`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsv4cli.errors import UsageError
+from dsv4cli.model.args import ModelArgs
+from dsv4cli.runtime.placement import PlacementPlan, frequencies_from_counts, plan_placement
+from dsv4cli.units import parse_size
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def free_gpu_bytes() -> tuple[str, int]:
+    """("cuda:0", free bytes) of the first GPU, or ("cpu", 0) without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", 0
+    free, _total = torch.cuda.mem_get_info(0)
+    return "cuda:0", int(free)
+
+
+@dataclass(frozen=True)
+class PlacementOptions:
+    """The placement flags as given (None = not given)."""
+
+    device: str | None = None
+    gpu_memory: str | None = None
+    cpu_memory: str | None = None
+    plan: Path | None = None
+    counts: Path | None = None
+    simulate: bool = False  # plan as if host memory were a GPU of --gpu-memory bytes
+    cache_policy: str = "mru"  # staging-slot eviction (lru, lfu, mru)
+
+    @property
+    def given(self) -> bool:
+        return any(v not in (None, False) for v in (self.device, self.gpu_memory, self.cpu_memory, self.plan,
+                                                     self.counts, self.simulate))
+
+
+def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
+                 routing_counts: dict[int, list[int]] | None = None) -> PlacementPlan:
+    """The plan the flags ask for: a saved one (`--plan`), or one computed from the budgets
+    (defaults: the first GPU's free memory when there is a GPU, the available RAM)."""
+    if options.plan is not None:
+        if options.simulate or any(v is not None for v in (options.device, options.gpu_memory, options.cpu_memory,
+                                                            options.counts)):
+            raise UsageError("--plan already says where everything goes",
+                             "drop --device/--gpu-memory/--cpu-memory/--counts/--simulate, or drop --plan")
+        return PlacementPlan.load(options.plan)
+    detected, free_gpu = free_gpu_bytes()
+    if options.simulate:
+        if options.device not in (None, "cpu"):
+            raise UsageError("--simulate plans for the CPU standing in for a GPU", "drop --device or use --device cpu")
+        if options.gpu_memory is None:
+            raise UsageError("--simulate needs --gpu-memory (the size of the pretend GPU)")
+        device = "cpu"
+    else:
+        device = options.device or detected
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device must be cpu or cuda:N, not {device!r}")
+    if device == "cpu" and options.gpu_memory is not None and not options.simulate:
+        raise UsageError("--gpu-memory needs a GPU and none is visible here (or --device cpu was given)",
+                         "add --device cuda:N to plan for a GPU machine, or --simulate to let host memory "
+                         "stand in for a GPU")
+    gpu_budget = parse_size(options.gpu_memory) if options.gpu_memory else free_gpu
+    if device != "cpu" and gpu_budget == 0:
+        raise UsageError(f"--device {device}, but no CUDA GPU is visible here",
+                         "pass --gpu-memory to plan for another machine, or use --device cpu")
+    cpu_budget = parse_size(options.cpu_memory) if options.cpu_memory else available_ram_bytes()
+    if routing_counts is None and options.counts is not None:
+        from dsv4cli.runtime.profiling import load_counts
+
+        routing_counts = load_counts(options.counts)
+    return plan_placement(args, device=device, gpu_budget_bytes=gpu_budget, cpu_budget_bytes=cpu_budget,
+                          context=context, accelerated=device != "cpu" or options.simulate,
+                          cache_policy=options.cache_policy,
+                          frequencies=frequencies_from_counts(routing_counts) if routing_counts else None)
