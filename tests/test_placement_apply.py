@@ -214,3 +214,25 @@ def test_chat_with_a_simulated_plan(tmp_path):
     assert "placement: dense weights and KV cache on cpu" in shown.stderr
     wrong = dsv4("chat", "-p", "hi", "--device", "cpu", "--gpu-memory", "1GB", env=env)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "--gpu-memory needs a GPU" in wrong.stderr
+
+
+def test_offload_runs_quantized_experts(tiny_checkpoint, tmp_path):
+    """A `dsv4 quantize` q2 checkpoint (int2 w1/w3, int3 w2 experts) through the offload runtime, native kernels."""
+    from dsv4cli import kernels
+    from dsv4cli.quantize import quantize_checkpoint
+    from dsv4cli.recipe import load_recipe
+
+    kernels.select()
+    done = quantize_checkpoint(tiny_checkpoint, tmp_path / "q2", load_recipe("q2")).path
+    plain, plain_ckpt = load_model(done)
+    placed, placed_ckpt = load_model(done)
+    with plain_ckpt, placed_ckpt, torch.no_grad():
+        assert placed.args.expert_formats(1) == ("int2", "int3", "int2")
+        offload = place_model(placed, sim_plan({1: [0, 5], 3: [2]}, slots=4))
+        prompt = token_ids(30)
+        expected = [e.token_id for e in Engine(plain, 64).generate(prompt, GREEDY, max_tokens=5)
+                    if hasattr(e, "token_id")]
+        events = list(Engine(placed, 64).generate(prompt, GREEDY, max_tokens=5))
+        offload.detach()
+    assert [e.token_id for e in events[:-1]] == expected
+    assert events[-1].expert_bytes_moved > 0
