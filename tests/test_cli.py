@@ -90,7 +90,10 @@ def test_json_one_shot(xdg):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert set(data) >= {"content", "reasoning", "tool_calls", "usage", "timings", "finish_reason"}
-    assert data["usage"]["completion_tokens"] == 16 and data["reasoning"] == ""
+    assert data["reasoning"] == ""
+    # the trained demo may end its reply before the -n limit; when it stops for the limit, it used all of it
+    assert 1 <= data["usage"]["completion_tokens"] <= 16
+    assert data["finish_reason"] != "length" or data["usage"]["completion_tokens"] == 16
     assert data["usage"]["prompt_tokens"] == 5  # BOS, <｜User｜>, "hi", <｜Assistant｜>, </think>
 
 
@@ -102,7 +105,9 @@ def test_stdin_and_prompt_are_joined_and_empty_stdin_is_a_usage_error(xdg):
 
 
 def test_broken_pipe_is_quiet(xdg):
-    cmd = f"{sys.executable} -m dsv4cli chat -p story -n 400 --mode non-think --seed 5 | head -c 1"
+    # a very high temperature samples almost uniformly from the whole vocabulary: the demo does not stop
+    cmd = (f"{sys.executable} -m dsv4cli chat -p story -n 400 --mode non-think --seed 5 --temperature 50 "
+           "| head -c 1")
     result = subprocess.run(["bash", "-c", cmd], capture_output=True, env={**os.environ, **xdg}, timeout=120)
     assert len(result.stdout) == 1
     assert b"Traceback" not in result.stderr and b"BrokenPipe" not in result.stderr
@@ -114,8 +119,8 @@ def test_ctrl_c_exits_130(xdg):
 
     env = {**os.environ, **xdg, "NO_COLOR": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dsv4cli", "chat", "-p", "story", "-n", "100000",
-                             "--mode", "non-think"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                             "--mode", "non-think", "--temperature", "50"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert "demo model" in proc.stderr.readline()  # printed once the model is loaded
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
