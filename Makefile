@@ -24,10 +24,10 @@ test-gpu: $(BIN)/dsv4
 	$(BIN)/python -m pytest -q -m gpu
 
 lint: $(BIN)/dsv4
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 fmt: $(BIN)/dsv4
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -269,3 +269,37 @@ def test_training_script_runs_its_whole_pipeline_on_a_few_steps(tmp_path, monkey
     model, checkpoint = load_model(demo.demo_model_dir(tmp_path / "cache"))
     checkpoint.close()
     assert model.args == demo.DEMO_ARGS
+
+
+# ------------------------------------------------------------------ quantized demo, README example
+
+
+def test_quantized_demo_keeps_its_accuracy(demo_dir, tmp_path):
+    """README's example: `dsv4 quantize demo OUT --recipe q2`, then `tools/eval_demo.py demo OUT`."""
+    env = {**os.environ, "NO_COLOR": "1", "XDG_CACHE_HOME": str(demo_dir.parent.parent)}
+    made = subprocess.run([sys.executable, "-m", "dsv4cli", "quantize", "demo", str(tmp_path / "q2"), "--recipe",
+                           "q2"], capture_output=True, text=True, env=env, timeout=300)
+    assert made.returncode == 0, made.stderr
+    tool = Path(__file__).resolve().parents[1] / "tools" / "eval_demo.py"
+    scored = subprocess.run([sys.executable, str(tool), "demo", str(tmp_path / "q2"), "--per-kind", "2", "--kinds",
+                             "add,mul,word", "--json", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    assert "| demo |" in scored.stdout and "think-high" in scored.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    for model in ("demo", str(tmp_path / "q2")):
+        assert results[model]["think-high"]["accuracy"] >= 5 / 6, results[model]["think-high"]
+        assert results[model]["think-high"]["questions"] == 6
+    missing = subprocess.run([sys.executable, str(tool), "no-such-model"], capture_output=True, text=True, env=env,
+                             timeout=120)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no model 'no-such-model'" in missing.stderr
+
+
+def test_demo_alias_names_the_built_in_model(demo_dir, monkeypatch):
+    from dsv4cli.chat import resolve_model_dir
+    from dsv4cli.cli import resolve_args
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_dir.parent.parent))
+    monkeypatch.chdir(demo_dir.parent)  # no directory called `demo` here
+    assert resolve_model_dir("demo") == (demo_dir, True)
+    assert resolve_args("demo") == demo.DEMO_ARGS

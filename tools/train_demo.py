@@ -417,6 +417,11 @@ class QuietRenderer:
         return lambda *args, **kwargs: None
 
 
+def held_out_problems(training_seed: int, per_kind: int, kinds: tuple[str, ...]) -> list[Problem]:
+    """The evaluation questions of a run trained with `training_seed` (a different stream: never trained on)."""
+    return eval_problems(training_seed + 1, per_kind, kinds)
+
+
 def evaluate(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], mode: ThinkMode) -> dict:
     """Greedy answers through the chat session, as `dsv4 chat --temperature 0` on the demo gives them."""
     torch.set_grad_enabled(False)
@@ -508,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         full, results = train_and_export(opts, tokenizer, log, argv)
     info = results["info"]
     if not opts.skip_eval:
-        problems = eval_problems(opts.seed + 1, opts.eval_per_kind, tuple(opts.eval_kinds.split(",")))
+        problems = held_out_problems(opts.seed, opts.eval_per_kind, tuple(opts.eval_kinds.split(",")))
         kernels.reset()
         results["float32"] = evaluate_both(float_model(full), tokenizer, problems, log, "float32")
         kernels.select()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4cli.demo import DEMO_LABEL, demo_model_dir
+from dsv4cli.demo import DEMO_ALIAS, DEMO_LABEL, demo_model_dir
 from dsv4cli.engine import Engine
 from dsv4cli.errors import ModelNotFound
 from dsv4cli.io.checkpoint import Checkpoint
@@ -40,12 +40,15 @@ class OpenModel:
 
 
 def resolve_model_dir(model: str | None) -> tuple[Path, bool]:
-    """The checkpoint directory for a `chat`/`bench` MODEL argument, and whether it is the demo."""
+    """The checkpoint directory for a MODEL argument (a directory, `demo` or None for the built-in
+    demo model, or a downloaded model's name), and whether it is the demo."""
     if model is None:
         return demo_model_dir(), True
     path = Path(model).expanduser()
     if path.is_dir():
         return path, False
+    if model == DEMO_ALIAS:
+        return demo_model_dir(), True
     from dsv4cli.hub import find_local_model
 
     try:

@@ -38,7 +38,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def resolve_args(model: str):
-    """A model directory (its config.json), a config file, or a preset name -> ModelArgs."""
+    """A model directory (its config.json), a config file, a preset name or `demo` -> ModelArgs."""
+    from dsv4cli.demo import DEMO_ALIAS, demo_model_dir
     from dsv4cli.model.args import ModelArgs
     from dsv4cli.presets import PRESETS, get_preset
 
@@ -47,7 +48,9 @@ def resolve_args(model: str):
         return ModelArgs.from_file(path)
     if model in PRESETS:
         return get_preset(model)
-    raise UsageError(f"{model!r} is neither a model directory, a config file nor a preset",
+    if model == DEMO_ALIAS:
+        return ModelArgs.from_file(demo_model_dir())
+    raise UsageError(f"{model!r} is neither a model directory, a config file, a preset nor `demo`",
                      f"presets: {', '.join(PRESETS)}")
 
 

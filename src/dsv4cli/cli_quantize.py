@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="quantize")
     def quantize(
-        src: Path = typer.Argument(..., help="Source checkpoint directory (the original)."),
+        source: str = typer.Argument(..., metavar="SRC", help="Source checkpoint: a directory, a downloaded "
+                                                                "model's name, or `demo` (the built-in model)."),
         out: Path = typer.Argument(..., help="Output directory (created atomically); with --eval-only, an "
                                              "existing quantized checkpoint to evaluate."),
         recipe: str = typer.Option("q3", "--recipe", help=RECIPE_HELP),
@@ -91,6 +92,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Quantize a checkpoint (experts to int3/int2, dense linears to FP4) and optionally measure its quality."""
         from dsv4cli import kernels
+        from dsv4cli.chat import resolve_model_dir
         from dsv4cli.cli_convert import progress_bar
         from dsv4cli.imatrix import Imatrix
         from dsv4cli.quality import evaluate_quality
@@ -102,6 +104,9 @@ def register(app: typer.Typer) -> None:
         if not 0 <= boost_layers <= 1:
             raise UsageError(f"--boost-layers must be between 0 and 1, got {boost_layers}")
         text = _read_text(eval_text, "--eval-text")
+        src = Path(source).expanduser()
+        if not src.exists() and "/" not in source:  # a name: `demo` or a downloaded model
+            src = resolve_model_dir(source)[0]
         report: dict[str, Any] = {}
         for notice in kernels.select():
             _say(notice)

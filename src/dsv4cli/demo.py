@@ -23,6 +23,8 @@ from dsv4cli.model.args import ModelArgs
 from dsv4cli.paths import cache_dir
 
 DEMO_NAME = "dsv4-demo-arith-v1"
+#: what MODEL arguments (`dsv4 chat demo`, `dsv4 quantize demo OUT`) call the built-in model
+DEMO_ALIAS = "demo"
 DEMO_LABEL = ("built-in demo model (tiny, trained only on synthetic arithmetic chats; "
               "real V4 architecture and tokenizer)")
 DEMO_ARGS = ModelArgs(
