@@ -15,7 +15,7 @@ $(BIN)/dsv4:
 install: $(BIN)/dsv4
 
 demo: $(BIN)/dsv4
-	$(BIN)/dsv4 chat --mode think-high -p "What is 17 + 25?"
+	$(BIN)/dsv4 chat --mode think-high --show-thinking -p "What is 487 + 356?"
 
 test: $(BIN)/dsv4
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4cli.demo import DEMO_ALIAS, DEMO_LABEL, demo_model_dir
+from dsv4cli.demo import DEMO_ALIAS, DEMO_LABEL, DEMO_TEMPERATURE, demo_model_dir
 from dsv4cli.engine import Engine
 from dsv4cli.errors import ModelNotFound
 from dsv4cli.io.checkpoint import Checkpoint
@@ -88,6 +89,23 @@ def open_model(model: str | None, numerics: Numerics | None = None, notices: lis
         opened.close()
         raise
     return opened
+
+
+def sampling_defaults(opened: OpenModel) -> tuple[float, float]:
+    """(temperature, top_p) when the user gives none: the demo's, else the checkpoint's
+    generation_config.json (greedy when it says do_sample false), else DeepSeek's 1.0 / 1.0."""
+    if opened.is_demo:
+        return DEMO_TEMPERATURE, 1.0
+    try:
+        config = json.loads((opened.path / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1.0, 1.0
+    if not isinstance(config, dict):
+        return 1.0, 1.0
+    temperature = config.get("temperature", 1.0) if config.get("do_sample", True) else 0.0
+    top_p = config.get("top_p", 1.0)
+    valid = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (temperature, top_p))
+    return (float(temperature), float(top_p)) if valid and temperature >= 0 and 0 < top_p <= 1 else (1.0, 1.0)
 
 
 def new_session(opened: OpenModel, settings: ChatSettings, context: int) -> ChatSession:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -99,8 +100,9 @@ def chat(
     nothink: bool = typer.Option(False, "--nothink", help="Shortcut for --mode non-think."),
     think_max: bool = typer.Option(False, "--think-max", help="Shortcut for --mode think-max."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature (0 = greedy). Default: the model's "
+                                             "generation_config.json (DeepSeek: 1.0; the demo: 0.5)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold (default: as temperature)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep only the k most likely tokens (0 = off)."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
     seed: int | None = typer.Option(None, help="Random seed for reproducible sampling."),
@@ -121,7 +123,7 @@ def chat(
     counts: Path | None = typer.Option(None, "--counts", help="Routing counts (JSON) to pick the GPU's experts."),
 ) -> None:
     """Chat with a model: a REPL on a terminal, one-shot with -p or piped stdin."""
-    from dsv4cli.chat import new_session, open_model, run_prompt
+    from dsv4cli.chat import new_session, open_model, run_prompt, sampling_defaults
     from dsv4cli.encoding import ThinkMode
     from dsv4cli.render import make_renderer
     from dsv4cli.runtime.options import PlacementOptions
@@ -143,11 +145,15 @@ def chat(
     interactive = text is None
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    sampling = SamplingParams(temperature=1.0 if temperature is None else temperature,
+                              top_p=1.0 if top_p is None else top_p, top_k=top_k, min_p=min_p, seed=seed)
     notices: list[str] = []
     placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
                                  counts=counts)
     opened = open_model(model, notices=notices, placement=placement, context=ctx)
+    default_temperature, default_top_p = sampling_defaults(opened)
+    sampling = dataclasses.replace(sampling, temperature=default_temperature if temperature is None else temperature,
+                                   top_p=default_top_p if top_p is None else top_p)
     placed = opened.placement.summary()
     settings = ChatSettings(mode=think, system=system, sampling=sampling,
                             max_tokens=max_tokens or (256 if opened.is_demo else 8192),

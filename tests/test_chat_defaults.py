@@ -1,0 +1,39 @@
+"""Sampling defaults of `dsv4 chat` when the user gives none: the demo's, or the checkpoint's generation_config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsv4cli.chat import OpenModel, sampling_defaults
+from dsv4cli.demo import DEMO_TEMPERATURE
+
+
+def opened(path: Path, is_demo: bool = False) -> OpenModel:
+    return OpenModel(model=None, checkpoint=None, tokenizer=None, path=path, label="", is_demo=is_demo)
+
+
+def test_demo_samples_cooler_than_deepseek_default(tmp_path):
+    assert sampling_defaults(opened(tmp_path, is_demo=True)) == (DEMO_TEMPERATURE, 1.0)
+    assert 0 < DEMO_TEMPERATURE < 1
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"do_sample": True, "temperature": 0.7, "top_p": 0.95}, (0.7, 0.95)),
+    ({"do_sample": False, "temperature": 0.7}, (0.0, 1.0)),  # greedy
+    ({"temperature": 1.0, "top_p": 1.0, "bos_token_id": 0}, (1.0, 1.0)),  # the official V4 file
+    ({"temperature": -1}, (1.0, 1.0)),
+    ({"temperature": "hot"}, (1.0, 1.0)),
+    ([1, 2], (1.0, 1.0)),
+])
+def test_generation_config_gives_the_defaults(tmp_path, config, expected):
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert sampling_defaults(opened(tmp_path)) == expected
+
+
+def test_missing_or_broken_generation_config_falls_back_to_deepseek(tmp_path):
+    assert sampling_defaults(opened(tmp_path)) == (1.0, 1.0)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert sampling_defaults(opened(tmp_path)) == (1.0, 1.0)
