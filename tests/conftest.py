@@ -37,3 +37,27 @@ def reference_kernels():
     kernels.reset()
     yield
     kernels.reset()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a
+    busy machine every 2-thread torch op can wait milliseconds for its second thread, which dominates
+    small tests. Kernel thread counts are tested explicitly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`dsv4 ARGV` in-process through the real entry point: (exit code, stdout, stderr)."""
+    from dsv4cli import cli
+
+    try:
+        cli.main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from dsv4cli import bench, cli
+from dsv4cli import bench
 from dsv4cli.bench import BenchSettings, Traces, fill_to_depth, rewind, run_bench, run_once
 from dsv4cli.cli_bench import register
 from dsv4cli.describe import summarize
@@ -21,6 +21,7 @@ from dsv4cli.events import TokenEvent
 from dsv4cli.loader import load_model
 from dsv4cli.presets import PRESETS
 from dsv4cli.runtime.placement import model_bytes
+from tests.conftest import run_cli
 
 # one thread: on a busy 2-core machine two OpenMP threads can stall for seconds
 SMALL = dict(synth="tiny", prompt_tokens=(8,), gen_tokens=(3,), depths=(6, 0), repetitions=2, threads=1,
@@ -46,15 +47,6 @@ def data(report):
     return report.to_dict()
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    register(cli.app)
-    try:
-        cli.main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ------------------------------------------------------------------ service

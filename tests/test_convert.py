@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4cli import cli
 from dsv4cli.cli_convert import parse_size, progress_bar, register
 from dsv4cli.convert import (
     PARTIAL_SUFFIX,
@@ -42,7 +41,7 @@ from dsv4cli.io.writer import random_tensor, tensor_generator, write_checkpoint,
 from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.presets import PRESETS
-from tests.conftest import tiny_tensors
+from tests.conftest import run_cli, tiny_tensors
 
 ARGS = PRESETS["tiny"]
 SMALL_SHARDS = 1 << 20
@@ -490,15 +489,6 @@ def test_parse_size():
             parse_size(bad)
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    register(cli.app)
-    try:
-        cli.main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_convert_and_exit_codes(source, tmp_path, capsys):

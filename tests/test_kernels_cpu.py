@@ -49,15 +49,7 @@ if HAS_CXX:
     VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The reference twins on one thread: on a busy machine every 2-thread torch op can wait
-    milliseconds for its second thread, which dominates these small tests. Kernel thread
-    counts are tested explicitly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

@@ -47,13 +47,7 @@ if HAS_CXX:
     VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Reference twins on one thread (see tests/test_kernels_cpu.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

@@ -10,8 +10,7 @@ import shutil
 import pytest
 import torch
 
-from dsv4cli import cli, kernels
-from dsv4cli.cli_quantize import register
+from dsv4cli import kernels
 from dsv4cli.describe import summarize
 from dsv4cli.errors import CheckpointError, ConfigError, UsageError
 from dsv4cli.formats import quantize_fp4_rows
@@ -32,6 +31,7 @@ from dsv4cli.quant_formats import (
 )
 from dsv4cli.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoint
 from dsv4cli.recipe import QUANT_KEY, RecipeError, load_recipe, parse_recipe
+from tests.conftest import run_cli
 from tests.test_kernels_cpu import HAS_CXX, VARIANTS, _prebuild
 
 RECIPES = ("q4", "q4-dense4", "q3", "q3-dense4", "q2")
@@ -41,12 +41,7 @@ KL_BOUND_4BIT = 0.15
 TOP1_BOUND_4BIT = 0.30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------ codecs
@@ -295,15 +290,6 @@ def test_imatrix_collect_save_load_and_boost(tiny_checkpoint, tmp_path):
 # ------------------------------------------------------------------------------ the CLI
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    register(cli.app)
-    try:
-        cli.main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_quantize_calibrate_eval_json(tiny_checkpoint, tmp_path, capsys, monkeypatch):
