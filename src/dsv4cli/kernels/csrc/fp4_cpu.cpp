@@ -211,6 +211,37 @@ void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
     (void)Kp;
 }
 
+// acc[r][t] += scale_r * (decoded block row r . inputs 32b..32b+31 of token t); the decoded block
+// is f[r][0..3] = 8 values each, in the order the inputs were prepared (shared with lowbit.h).
+template <int R, int TB>
+inline void fma_block_avx2(const __m256 (&f)[R][4], const __m256 (&sc)[R], const XT* const* xs, int64_t b,
+                           __m256 (&acc)[R][TB]) {
+    for (int t = 0; t < TB; ++t) {
+        const float* xp = xs[t] + 32 * b;
+        const __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
+        const __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
+        for (int r = 0; r < R; ++r) {
+            __m256 p = _mm256_mul_ps(f[r][0], x0);
+            p = _mm256_fmadd_ps(f[r][1], x1, p);
+            p = _mm256_fmadd_ps(f[r][2], x2, p);
+            p = _mm256_fmadd_ps(f[r][3], x3, p);
+            acc[r][t] = _mm256_fmadd_ps(p, sc[r], acc[r][t]);
+        }
+    }
+}
+
+// y[t][yoff + r] = horizontal sum of acc[r][t].
+template <int R, int TB>
+inline void store_sums_avx2(const __m256 (&acc)[R][TB], float* const* y, int64_t yoff) {
+    for (int t = 0; t < TB; ++t)
+        for (int r = 0; r < R; ++r) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            y[t][yoff + r] = _mm_cvtss_f32(v);
+        }
+}
+
 template <int R, int TB>
 inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp, int parts,
                       const XT* const* xs, float* const* y, int64_t yoff) {
@@ -237,26 +268,9 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
             f[r][3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
             sc[r] = _mm256_set1_ps(0.5f * ue8m0(s[r * sb + b]));
         }
-        for (int t = 0; t < TB; ++t) {
-            const float* xp = xs[t] + 32 * b;
-            const __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
-            const __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
-            for (int r = 0; r < R; ++r) {
-                __m256 p = _mm256_mul_ps(f[r][0], x0);
-                p = _mm256_fmadd_ps(f[r][1], x1, p);
-                p = _mm256_fmadd_ps(f[r][2], x2, p);
-                p = _mm256_fmadd_ps(f[r][3], x3, p);
-                acc[r][t] = _mm256_fmadd_ps(p, sc[r], acc[r][t]);
-            }
-        }
+        fma_block_avx2<R, TB>(f, sc, xs, b, acc);
     }
-    for (int t = 0; t < TB; ++t)
-        for (int r = 0; r < R; ++r) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            y[t][yoff + r] = _mm_cvtss_f32(v);
-        }
+    store_sums_avx2<R, TB>(acc, y, yoff);
 }
 
 #else

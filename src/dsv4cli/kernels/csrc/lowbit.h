@@ -242,26 +242,9 @@ inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t 
             }
             sc[r] = _mm256_set1_ps(bf16_value(s[r * sb + b]));
         }
-        for (int t = 0; t < TB; ++t) {
-            const float* xp = xs[t] + 32 * b;
-            const __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
-            const __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
-            for (int r = 0; r < R; ++r) {
-                __m256 pr = _mm256_mul_ps(f[r][0], x0);
-                pr = _mm256_fmadd_ps(f[r][1], x1, pr);
-                pr = _mm256_fmadd_ps(f[r][2], x2, pr);
-                pr = _mm256_fmadd_ps(f[r][3], x3, pr);
-                acc[r][t] = _mm256_fmadd_ps(pr, sc[r], acc[r][t]);
-            }
-        }
+        fma_block_avx2<R, TB>(f, sc, xs, b, acc);
     }
-    for (int t = 0; t < TB; ++t)
-        for (int r = 0; r < R; ++r) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            y[t][yoff + r] = _mm_cvtss_f32(v);
-        }
+    store_sums_avx2<R, TB>(acc, y, yoff);
 }
 
 #elif DSV4_PATH_SCALAR
