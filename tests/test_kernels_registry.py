@@ -36,3 +36,25 @@ def test_auto_with_a_gpu_keeps_the_native_cpu_kernels_for_host_tensors(monkeypat
     weight, scale = quantize_fp8_blocks(torch.randn(128, 256) * 0.05)
     assert torch.equal(kernels.linear(x, weight, scale, True), cpu.linear(x, weight, scale, True))
     assert torch.allclose(kernels.linear(x, weight, scale, True), ref.linear(x, weight, scale, True), atol=1e-4)
+
+
+def test_triton_moe_checks_every_experts_format():
+    """A layer whose expert 0 is FP4 but expert 1 int3 must not reach the FP4-only grouped kernel."""
+    pytest.importorskip("triton")
+    from dsv4cli.formats import quantize_fp4_rows
+    from dsv4cli.kernels import triton_ops
+    from dsv4cli.kernels.experts import ExpertTable
+    from dsv4cli.quant_formats import quantize_lowbit
+
+    def fp4(o, i):
+        return quantize_fp4_rows(torch.randn(o, i) * 0.05)
+
+    def int3(o, i):
+        return quantize_lowbit(torch.randn(o, i) * 0.05, "int3")
+
+    experts = [(*fp4(64, 64), *fp4(64, 64), *fp4(64, 64)), (*int3(64, 64), *fp4(64, 64), *int3(64, 64))]
+    table = ExpertTable.from_experts(experts)
+    x, weights, indices = torch.randn(3, 64), torch.rand(3, 2), torch.tensor([[0, 1], [1, 0], [0, 1]])
+    out = triton_ops.moe_experts(x, weights, indices, table, 10.0, False)
+    assert table.backend_cache["triton_all_fp4"] is False
+    assert torch.allclose(out, ref.moe_experts(x, weights, indices, table, 10.0, False))

@@ -3,6 +3,7 @@ and the plan reaching `dsv4 chat` and `dsv4 bench` (host memory standing in for 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_contradictory_flags(flags, message):
 
 
 def test_cuda_without_a_gpu_or_budget(monkeypatch):
-    monkeypatch.setattr(options, "free_gpu_bytes", lambda: ("cpu", 0))
+    monkeypatch.setattr(options, "free_gpu_bytes", lambda device=None: ("cpu", 0))
     with pytest.raises(UsageError, match="no CUDA GPU is visible"):
         resolve_plan(ARGS, PlacementOptions(device="cuda:0"), context=256)
     planned = resolve_plan(ARGS, PlacementOptions(device="cuda:0", gpu_memory="4GB"), context=256)
@@ -236,3 +237,76 @@ def test_offload_runs_quantized_experts(tiny_checkpoint, tmp_path):
         offload.detach()
     assert [e.token_id for e in events[:-1]] == expected
     assert events[-1].expert_bytes_moved > 0
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def test_prefetch_keeps_what_it_fetched_under_mru():
+    model = tiny_model("tiny", Numerics.plain(torch.float32))
+    offload = place_model(model, sim_plan({}, slots=4))
+    offload.slots.policy = "mru"
+    for e in range(4):  # a full cache of another layer's experts
+        offload.slots.put((0, e), offload.host[0][e], keep=set())
+    x = torch.randn(12, ARGS.dim)
+    offload._prefetch_next(1, x)  # layer 2 is learned-routed
+    fetched = [key for key in offload.slots.entries if key[0] == 2]
+    offload.detach()
+    assert len(fetched) == offload.stats.prefetched == 2  # n_slots // 2, none evicted by the next
+
+
+def test_host_experts_beyond_the_slots_count_as_misses():
+    model = tiny_model("tiny", Numerics.plain(torch.float32))
+    offload = place_model(model, sim_plan({}, slots=1))
+    with torch.no_grad():
+        model.full_logits(torch.tensor([token_ids(40)]))
+    offload.detach()
+    s = offload.stats
+    assert s.misses > s.bytes_moved // max(1, sum(t.numel() * t.element_size() for t in offload.host[0][0]))
+    assert s.cpu_expert_calls > 0 and s.hit_rate < 0.5
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "tpu", "cpu:3"])
+def test_malformed_devices_are_usage_errors(device, tmp_path):
+    with pytest.raises(UsageError, match="--device must be cpu or cuda:N"):
+        resolve_plan(ARGS, PlacementOptions(device=device, gpu_memory="4GB"), context=256)
+    saved = sim_plan({}, 1)
+    saved.device = device
+    (tmp_path / "p.json").write_text(saved.to_json())
+    with pytest.raises(UsageError, match="invalid placement plan"):
+        PlacementPlan.load(tmp_path / "p.json")
+
+
+def test_a_plan_for_a_shorter_context_is_refused(tiny_checkpoint, tmp_path):
+    saved = sim_plan({}, 2)
+    saved.save(tmp_path / "p.json")
+    model, checkpoint = load_model(tiny_checkpoint)
+    with checkpoint, pytest.raises(UsageError, match="budgets the KV cache for 256 tokens, --ctx asks for 1,024"):
+        place_by_options(model, PlacementOptions(plan=tmp_path / "p.json"), 1024, tiny_checkpoint)
+
+
+def test_gpu_out_of_memory_is_one_line(monkeypatch, capsys):
+    from dsv4cli import chat
+    from tests.conftest import run_cli
+
+    def no_room(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(chat, "open_model", no_room)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # nothing piped
+    code, out, err = run_cli(capsys, "chat", "-p", "hi")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "the GPU ran out of memory" in err
+
+
+def test_plan_profiles_the_demo_by_name(tmp_path, monkeypatch):
+    from tests.test_cli import dsv4
+
+    text = tmp_path / "text.txt"
+    text.write_text("What is 12 + 30?\n\nHow many letters r are in strawberry?\n")
+    env = {f"XDG_{k}_HOME": str(tmp_path / k.lower()) for k in ("CACHE", "STATE", "DATA", "CONFIG")}
+    made = dsv4("plan", "demo", "--profile", str(text), "--simulate", "--gpu-memory", "80MB", "--ctx", "256",
+                "--json", env=env)
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["device"] == "cpu"
+    bad = dsv4("plan", "demo", "--profile", str(text), "--cache-policy", "fifo", env=env)
+    assert bad.returncode == 2 and "unknown --cache-policy" in bad.stderr

@@ -93,7 +93,8 @@ def open_model(model: str | None, numerics: Numerics | None = None, notices: lis
 
 def sampling_defaults(opened: OpenModel) -> tuple[float, float]:
     """(temperature, top_p) when the user gives none: the demo's, else the checkpoint's
-    generation_config.json (greedy when it says do_sample false), else DeepSeek's 1.0 / 1.0."""
+    generation_config.json (greedy when it says do_sample false; a missing do_sample counts as
+    sampling, as every DeepSeek release sets it true), else DeepSeek's 1.0 / 1.0."""
     if opened.is_demo:
         return DEMO_TEMPERATURE, 1.0
     try:

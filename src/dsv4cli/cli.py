@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except MemoryError:
         _fail("out of memory", 1, "use a smaller model, fewer layers, or more swap")
+    except RuntimeError as err:
+        if type(err).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
+            raise
+        _fail("the GPU ran out of memory", 1, "lower --gpu-memory or --ctx, or free the GPU (see nvidia-smi)")
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -41,12 +41,14 @@ def register(app: typer.Typer) -> None:
         args = resolve_args(model)
         if ctx < 16:
             raise UsageError("--ctx must be at least 16 tokens")
-        routing = _routing_counts(model, counts, profile, save_counts)
         if cache_policy not in CACHE_POLICIES:
             raise UsageError(f"unknown --cache-policy {cache_policy!r}", f"choose one of: {', '.join(CACHE_POLICIES)}")
         options = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, simulate=simulate,
                                    cache_policy=cache_policy)
-        result = resolve_plan(args, options, ctx, routing)
+        result = resolve_plan(args, options, ctx)  # the flags are checked before a --profile run
+        routing = _routing_counts(model, counts, profile, save_counts)
+        if routing:
+            result = resolve_plan(args, options, ctx, routing)
         if save is not None:
             result.save(save)
         if as_json:
@@ -73,12 +75,12 @@ def _routing_counts(model: str, counts: Path | None, profile: Path | None,
 
 def _profile(model: str, text_file: Path) -> dict[int, list[int]]:
     from dsv4cli import kernels
+    from dsv4cli.chat import resolve_model_dir
     from dsv4cli.loader import load_model
     from dsv4cli.runtime.profiling import count_routes
     from dsv4cli.tokenizer import Tokenizer
 
-    if not Path(model).is_dir():
-        raise UsageError("--profile needs a model directory (it runs the model)")
+    model = str(resolve_model_dir(model)[0])  # a directory, `demo` or a downloaded model: it runs the model
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--boost-layers must be between 0 and 1, got {boost_layers}")
         text = _read_text(eval_text, "--eval-text")
         src = Path(source).expanduser()
-        if not src.exists() and "/" not in source:  # a name: `demo` or a downloaded model
+        if not src.is_dir() and "/" not in source:  # a name: `demo` or a downloaded model
             src = resolve_model_dir(source)[0]
         report: dict[str, Any] = {}
         for notice in kernels.select():

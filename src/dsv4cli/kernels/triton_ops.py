@@ -36,8 +36,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, e
     once per `ExpertTable` and kept on it. Falls back to the reference off the GPU or for experts that are not
     FP4 in all three projections (`dsv4 quantize` int3/int2 experts are dequantized by the reference)."""
     first = experts.experts[0][0]
-    if (x.device.type != "cuda" or first.device.type != "cuda"
-            or any(experts.experts[0][i].dtype != torch.int8 for i in (0, 2, 4))):
+    all_fp4 = experts.backend_cache.get("triton_all_fp4")
+    if all_fp4 is None:  # every expert, every projection (a recipe's `keep` can mix formats in one layer)
+        all_fp4 = all(e[i].dtype == torch.int8 for e in experts.experts for i in (0, 2, 4))
+        experts.backend_cache["triton_all_fp4"] = all_fp4
+    if x.device.type != "cuda" or first.device.type != "cuda" or not all_fp4:
         return ref.moe_experts(x, weights, indices, experts, swiglu_limit, act_quant)
     tables = experts.backend_cache.get("triton")
     if tables is None:

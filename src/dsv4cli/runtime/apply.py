@@ -6,8 +6,9 @@ trunk (attention, norms, routers, shared experts, embedding, head, mHC) are copi
 device; routed experts stay where they are (host RAM or the mapped files) and the
 `OffloadedExperts` runtime copies the plan's resident set to the device and runs the rest.
 A plan whose device is "cpu" but that names resident experts or staging slots runs the same
-machinery with host memory standing in for the GPU (`dsv4 plan --simulate`): the copies and
-the cache accounting are real, only the speed is not a GPU's.
+machinery with host memory standing in for the GPU (`dsv4 plan --simulate`): the cache decisions
+and the bytes a GPU would move are counted for real; the copies themselves are no-ops (the tensors
+already live in host memory), so speeds exclude copy costs.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def place_model(model: Transformer, plan: PlacementPlan, *, prefetch: bool = Tru
     if device.type == "cpu" and not plan.gpu_experts and not plan.staging_slots:
         return None
     try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton launches on the current device
         move_dense(model, device)
         return OffloadedExperts(model, plan, device, policy=plan.cache_policy, prefetch=prefetch).attach()
     except torch.OutOfMemoryError:
@@ -108,6 +111,9 @@ def place_by_options(model: Transformer, options: PlacementOptions, context: int
     placement = Placement()
     if options.given or torch.cuda.is_available():
         placement.plan = resolve_plan(model.args, options, context)
+        if placement.plan.context < context:
+            raise UsageError(f"the placement plan budgets the KV cache for {placement.plan.context:,} tokens, "
+                             f"--ctx asks for {context:,}", f"re-plan with `dsv4 plan --ctx {context}`, or lower --ctx")
         placement.warnings.extend(placement.plan.warnings)
         placement.offload = place_model(model, placement.plan)
     if placement.offload is None:

@@ -9,8 +9,9 @@ Per MoE layer and step, each selected expert runs where it is cheapest:
   cache keyed by (layer, expert); after each layer the next layer's likely experts (its
   router applied to this layer's input) are prefetched into slots.
 
-Hits, misses and bytes moved are counted. The device may be the CPU itself (no GPU): then
-"copies" are memory copies, which is how CI exercises every path.
+Hits, misses and bytes moved are counted. The device may be the CPU itself (no GPU): then a
+"copy" to the device is the same tensor (`.to("cpu")` is a no-op) while the cache decisions and
+the bytes a GPU would move are counted as for a GPU; this is how CI exercises every path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 @dataclass
 class OffloadStats:
     hits: int = 0  # host experts found in a device slot
-    misses: int = 0  # host experts copied into a slot
+    misses: int = 0  # host experts not in a slot (copied into one, or run on the CPU when the slots are full)
     bytes_moved: int = 0  # host -> device bytes
     cpu_expert_calls: int = 0  # (layer, expert) evaluations on the CPU
     device_expert_calls: int = 0
@@ -158,11 +159,11 @@ class OffloadedExperts:
         for e in expert_ids:
             if e in staged:
                 continue
+            self.stats.misses += 1  # also when the slots are full: then it runs on the CPU instead
             if len(staged) >= self.slots.n_slots:
-                break
+                continue
             host = self.host[layer_id][e]
             staged[e] = self.slots.put((layer_id, e), host, keep={(layer_id, k) for k in staged})
-            self.stats.misses += 1
             self.stats.bytes_moved += sum(t.numel() * t.element_size() for t in host)
         return staged
 
@@ -177,10 +178,12 @@ class OffloadedExperts:
         likely = torch.topk(scores, gate.args.n_activated_experts, dim=-1).indices.flatten().tolist()
         resident = self.resident[layer_id + 1]
         wanted = [e for e in dict.fromkeys(likely) if e not in resident][: self.slots.n_slots // 2]
+        fetched: set[ExpertKey] = set()  # kept: MRU eviction would otherwise evict the previous prefetch
         for e in wanted:
             key = (layer_id + 1, e)
+            fetched.add(key)
             if key not in self.slots.entries:
-                self.slots.put(key, self.host[layer_id + 1][e], keep=set())
+                self.slots.put(key, self.host[layer_id + 1][e], keep=fetched)
                 self.stats.bytes_moved += sum(t.numel() * t.element_size() for t in self.host[layer_id + 1][e])
                 self.stats.prefetched += 1
 

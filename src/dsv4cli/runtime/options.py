@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dsv4cli.errors import UsageError
 from dsv4cli.model.args import ModelArgs
-from dsv4cli.runtime.placement import PlacementPlan, frequencies_from_counts, plan_placement
+from dsv4cli.runtime.placement import PlacementPlan, frequencies_from_counts, is_valid_device, plan_placement
 from dsv4cli.units import parse_size
 
 
@@ -24,14 +24,20 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def free_gpu_bytes() -> tuple[str, int]:
-    """("cuda:0", free bytes) of the first GPU, or ("cpu", 0) without one."""
+def free_gpu_bytes(device: str | None = None) -> tuple[str, int]:
+    """(device, free bytes) of `device` (default: the first GPU), or ("cpu", 0) without a GPU."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu", 0
-    free, _total = torch.cuda.mem_get_info(0)
-    return "cuda:0", int(free)
+    device = device or "cuda:0"
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return device, int(free)
+
+
+def check_device(device: str) -> None:
+    if not is_valid_device(device):
+        raise UsageError(f"--device must be cpu or cuda:N, not {device!r}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,9 @@ def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
             raise UsageError("--plan already says where everything goes",
                              "drop --device/--gpu-memory/--cpu-memory/--counts/--simulate, or drop --plan")
         return PlacementPlan.load(options.plan)
-    detected, free_gpu = free_gpu_bytes()
+    if options.device is not None:
+        check_device(options.device)
+    detected, free_gpu = free_gpu_bytes(options.device if (options.device or "cpu") != "cpu" else None)
     if options.simulate:
         if options.device not in (None, "cpu"):
             raise UsageError("--simulate plans for the CPU standing in for a GPU", "drop --device or use --device cpu")
@@ -71,8 +79,6 @@ def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
         device = "cpu"
     else:
         device = options.device or detected
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"--device must be cpu or cuda:N, not {device!r}")
     if device == "cpu" and options.gpu_memory is not None and not options.simulate:
         raise UsageError("--gpu-memory needs a GPU and none is visible here (or --device cpu was given)",
                          "add --device cuda:N to plan for a GPU machine, or --simulate to let host memory "

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dsv4cli.errors import OutOfMemory, UsageError
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
@@ -94,6 +96,8 @@ class PlacementPlan:
                 raise ValueError(f"unsupported plan version (expected {PLAN_VERSION})")
             data["gpu_experts"] = {int(k): list(v) for k, v in data["gpu_experts"].items()}
             plan = cls(**data)
+            if not is_valid_device(plan.device):
+                raise ValueError(f"device must be cpu or cuda:N, not {plan.device!r}")
             if plan.cache_policy not in CACHE_POLICIES:
                 raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}")
             return plan
@@ -112,6 +116,15 @@ class PlacementPlan:
             return cls.from_json(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise UsageError(f"cannot read placement plan {path}: {exc.strerror}") from None
+
+
+def is_valid_device(device: str) -> bool:
+    """Whether `device` is "cpu", "cuda" or "cuda:N" (what plans and --device accept)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return False
+    return parsed.type == "cuda" or (parsed.type == "cpu" and parsed.index is None)
 
 
 def model_bytes(args: ModelArgs) -> tuple[int, int]:
