@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from dsv4cli import __version__
+from dsv4cli.cli_placement import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import DsvError, UsageError
 
 # typer may vendor its own click: take the exception classes from typer itself.
@@ -116,11 +117,11 @@ def chat(
     no_markdown: bool = typer.Option(False, "--no-markdown", help="REPL: print the answer as plain text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print the stats line to stderr."),
     no_history: bool = typer.Option(False, "--no-history", help="REPL: do not read or write the history file."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda:N (default: the first GPU if any)."),
-    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="GPU budget, e.g. 24GB (default: free)."),
-    cpu_memory: str | None = typer.Option(None, "--cpu-memory", help="Host RAM budget (default: available)."),
-    plan: Path | None = typer.Option(None, "--plan", help="A placement plan saved by `dsv4 plan --save`."),
-    counts: Path | None = typer.Option(None, "--counts", help="Routing counts (JSON) to pick the GPU's experts."),
+    device: Device = None,
+    gpu_memory: GpuMemory = None,
+    cpu_memory: CpuMemory = None,
+    plan: SavedPlan = None,
+    counts: RoutingCounts = None,
 ) -> None:
     """Chat with a model: a REPL on a terminal, one-shot with -p or piped stdin."""
     from dsv4cli.chat import new_session, open_model, run_prompt, sampling_defaults

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from dsv4cli.cli_placement import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import UsageError
 
 BENCH_HELP = "\n\n".join([
@@ -59,11 +60,11 @@ def register(app: typer.Typer) -> None:
         layers: int | None = typer.Option(None, "--layers", help="--synth: override the number of layers."),
         experts: int | None = typer.Option(None, "--experts", help="--synth: override the routed experts."),
         seed: int = typer.Option(0, "--seed", help="Seed of the token traces (and of --synth weights)."),
-        device: str | None = typer.Option(None, "--device", help="cpu or cuda:N (default: the first GPU if any)."),
-        gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="GPU budget, e.g. 24GB (default: free)."),
-        cpu_memory: str | None = typer.Option(None, "--cpu-memory", help="Host RAM budget (default: available)."),
-        plan: Path | None = typer.Option(None, "--plan", help="A placement plan saved by `dsv4 plan --save`."),
-        counts: Path | None = typer.Option(None, "--counts", help="Routing counts (JSON) to pick the GPU's experts."),
+        device: Device = None,
+        gpu_memory: GpuMemory = None,
+        cpu_memory: CpuMemory = None,
+        plan: SavedPlan = None,
+        counts: RoutingCounts = None,
     ) -> None:
         from dsv4cli.bench import (
             OUTPUTS,

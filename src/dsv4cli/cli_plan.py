@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dsv4cli.cli_placement import CpuMemory, Device, GpuMemory, RoutingCounts
 from dsv4cli.errors import UsageError
 from dsv4cli.units import human_bytes
 
@@ -17,12 +18,11 @@ def register(app: typer.Typer) -> None:
     @app.command(name="plan")
     def plan(
         model: str = typer.Argument(..., help="Model directory, config.json, or preset (flash, pro, ...)."),
-        device: str | None = typer.Option(None, help="cpu or cuda:N (default: the first GPU if there is one)."),
-        gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="GPU budget, e.g. 24GB (default: free)."),
-        cpu_memory: str | None = typer.Option(None, "--cpu-memory",
-                                              help="Host RAM budget, e.g. 200GB (default: available RAM)."),
+        device: Device = None,
+        gpu_memory: GpuMemory = None,
+        cpu_memory: CpuMemory = None,
         ctx: int = typer.Option(16384, "--ctx", help="Context size the KV cache must hold."),
-        counts: Path | None = typer.Option(None, "--counts", help="Routing counts (JSON) to pick hot experts."),
+        counts: RoutingCounts = None,
         profile: Path | None = typer.Option(None, "--profile",
                                             help="Text file to run through MODEL (a directory) to count routing."),
         save_counts: Path | None = typer.Option(None, "--save-counts", help="Where to write the measured counts."),
