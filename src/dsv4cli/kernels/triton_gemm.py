@@ -222,6 +222,19 @@ def _fp4_tile(acc, x_even, x_odd, w_rows, s_rows, k0, kh, n_ok, K, DOT: tl.const
 
 
 @jit
+def _expert_rows(w_ptr, s_ptr, expert, rn, stride_we, stride_wn, stride_se, stride_sn, PTR_TABLE: tl.constexpr):
+    """Pointers to rows `rn` of expert `expert`'s packed weight and scales: from a table of per-expert
+    base addresses (PTR_TABLE) or from one stacked tensor."""
+    if PTR_TABLE:
+        w_base = tl.load(w_ptr + expert).to(tl.pointer_type(tl.uint8))
+        s_base = tl.load(s_ptr + expert).to(tl.pointer_type(tl.uint8))
+    else:
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        s_base = s_ptr + expert.to(tl.int64) * stride_se
+    return w_base + rn[:, None].to(tl.int64) * stride_wn, s_base + rn[:, None].to(tl.int64) * stride_sn
+
+
+@jit
 def _fp4_grouped_kernel(x_ptr, w_ptr, s_ptr, w3_ptr, s3_ptr, out_ptr, rw_ptr, rows_ptr, block_expert_ptr,
                         n_rows, N, K, x_div, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                         swiglu_limit,
@@ -237,24 +250,11 @@ def _fp4_grouped_kernel(x_ptr, w_ptr, s_ptr, w3_ptr, s3_ptr, out_ptr, rw_ptr, ro
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         kh = tl.arange(0, BLOCK_K // 2)
-        if PTR_TABLE:
-            w_base = tl.load(w_ptr + expert).to(tl.pointer_type(tl.uint8))
-            s_base = tl.load(s_ptr + expert).to(tl.pointer_type(tl.uint8))
-        else:
-            w_base = w_ptr + expert.to(tl.int64) * stride_we
-            s_base = s_ptr + expert.to(tl.int64) * stride_se
-        w_rows = w_base + rn[:, None].to(tl.int64) * stride_wn
-        s_rows = s_base + rn[:, None].to(tl.int64) * stride_sn
+        w_rows, s_rows = _expert_rows(w_ptr, s_ptr, expert, rn, stride_we, stride_wn, stride_se, stride_sn, PTR_TABLE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if SWIGLU:
-            if PTR_TABLE:
-                w3_base = tl.load(w3_ptr + expert).to(tl.pointer_type(tl.uint8))
-                s3_base = tl.load(s3_ptr + expert).to(tl.pointer_type(tl.uint8))
-            else:
-                w3_base = w3_ptr + expert.to(tl.int64) * stride_we
-                s3_base = s3_ptr + expert.to(tl.int64) * stride_se
-            w3_rows = w3_base + rn[:, None].to(tl.int64) * stride_wn
-            s3_rows = s3_base + rn[:, None].to(tl.int64) * stride_sn
+            w3_rows, s3_rows = _expert_rows(w3_ptr, s3_ptr, expert, rn, stride_we, stride_wn, stride_se, stride_sn,
+                                            PTR_TABLE)
             acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_rows = x_ptr + src[:, None].to(tl.int64) * stride_xm
         for k0 in range(0, K, BLOCK_K):
