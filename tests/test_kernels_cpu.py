@@ -8,13 +8,9 @@ is compiled once into the user's kernel cache; the AVX-512F, AVX2 and scalar var
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import math
-import os
-import shutil
 import stat
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,25 +21,13 @@ from dsv4cli.formats import fake_quant_fp8, quantize_fp4_rows
 from dsv4cli.io.safetensors_file import SafetensorsFile
 from dsv4cli.io.writer import write_safetensors
 from dsv4cli.kernels import cpu, ref
-
-HAS_CXX = shutil.which(os.environ.get(cpu.ENV_CXX) or cpu.DEFAULT_CXX) is not None
-native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler to build the native kernels")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
+from tests.native_builds import HAS_CXX, cpu_flags, load_variant, native
 
 #: (extra flags, expected isa) of the variants this CPU can execute; the native build first.
 VARIANTS = [((), None)]
-if HAS_CXX and {"avx512f", "avx512_bf16"} <= _cpu_flags():
+if HAS_CXX and {"avx512f", "avx512_bf16"} <= cpu_flags():
     VARIANTS.append((("-mno-avx512bf16",), "avx512f"))
-if HAS_CXX and {"avx2", "fma"} <= _cpu_flags():
+if HAS_CXX and {"avx2", "fma"} <= cpu_flags():
     VARIANTS.append((("-mno-avx512f",), "avx2"))
 if HAS_CXX:
     VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
@@ -52,21 +36,10 @@ if HAS_CXX:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@functools.cache
-def _prebuild() -> None:
-    """Compile every variant concurrently once (each build takes seconds)."""
-    with concurrent.futures.ThreadPoolExecutor(len(VARIANTS)) as pool:
-        for future in [pool.submit(cpu.build, None, flags) for flags, _ in VARIANTS]:
-            future.result()
-
-
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
 def lib(request) -> cpu.NativeKernels:
-    if not HAS_CXX:
-        pytest.skip("no C++ compiler")
-    _prebuild()
     flags, isa = request.param
-    built = cpu.load(extra_flags=flags)
+    built = load_variant(flags, VARIANTS)
     if isa is not None:
         assert built.isa == isa
     return built

@@ -9,12 +9,7 @@ built too (when the CPU can run them) so every code path the CPU can execute is 
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import math
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,21 +17,9 @@ import torch
 from dsv4cli import kernels
 from dsv4cli.formats import fake_quant_fp8, quantize_fp4_rows, quantize_fp8_blocks
 from dsv4cli.kernels import cpu, ref
+from tests.native_builds import HAS_CXX, cpu_flags, load_variant, native
 
-HAS_CXX = shutil.which(os.environ.get(cpu.ENV_CXX) or cpu.DEFAULT_CXX) is not None
-native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler to build the native kernels")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-FLAGS = _cpu_flags()
+FLAGS = cpu_flags()
 #: (extra flags, expected FP8 isa) of the variants this CPU can execute; the native build first.
 VARIANTS = [((), None)]
 if HAS_CXX and {"avx512f", "avx512_bf16", "avx512vbmi"} <= FLAGS:
@@ -50,20 +33,10 @@ if HAS_CXX:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@functools.cache
-def _prebuild() -> None:
-    with concurrent.futures.ThreadPoolExecutor(len(VARIANTS)) as pool:
-        for future in [pool.submit(cpu.build, None, flags) for flags, _ in VARIANTS]:
-            future.result()
-
-
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
 def lib(request) -> cpu.NativeKernels:
-    if not HAS_CXX:
-        pytest.skip("no C++ compiler")
-    _prebuild()
     flags, isa = request.param
-    built = cpu.load(extra_flags=flags)
+    built = load_variant(flags, VARIANTS)
     if isa is not None:
         assert built.fp8_isa == isa
     elif {"avx512_bf16", "avx512vbmi", "avx512bw"} <= FLAGS:

@@ -32,7 +32,8 @@ from dsv4cli.quant_formats import (
 from dsv4cli.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoint
 from dsv4cli.recipe import QUANT_KEY, RecipeError, load_recipe, parse_recipe
 from tests.conftest import run_cli
-from tests.test_kernels_cpu import HAS_CXX, VARIANTS, _prebuild
+from tests.native_builds import HAS_CXX, load_variant
+from tests.test_kernels_cpu import VARIANTS
 
 RECIPES = ("q4", "q4-dense4", "q3", "q3-dense4", "q2")
 EVAL_TOKENS = 192
@@ -100,10 +101,7 @@ def test_random_round_trip_and_quantizer_error(fmt):
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
 def lib(request) -> cpu.NativeKernels:
-    if not HAS_CXX:
-        pytest.skip("no C++ compiler")
-    _prebuild()
-    return cpu.load(extra_flags=request.param[0])
+    return load_variant(request.param[0], VARIANTS)
 
 
 @pytest.mark.parametrize("fmt", ["int3", "int2"])
