@@ -35,11 +35,6 @@ def free_gpu_bytes(device: str | None = None) -> tuple[str, int]:
     return device, int(free)
 
 
-def check_device(device: str) -> None:
-    if not is_valid_device(device):
-        raise UsageError(f"--device must be cpu or cuda:N, not {device!r}")
-
-
 @dataclass(frozen=True)
 class PlacementOptions:
     """The placement flags as given (None = not given)."""
@@ -53,9 +48,14 @@ class PlacementOptions:
     cache_policy: str = "mru"  # staging-slot eviction (lru, lfu, mru)
 
     @property
+    def planning_flags_given(self) -> bool:
+        """Any flag that computes a plan (the alternative to --plan)."""
+        return self.simulate or any(v is not None for v in (self.device, self.gpu_memory, self.cpu_memory,
+                                                             self.counts))
+
+    @property
     def given(self) -> bool:
-        return any(v not in (None, False) for v in (self.device, self.gpu_memory, self.cpu_memory, self.plan,
-                                                     self.counts, self.simulate))
+        return self.plan is not None or self.planning_flags_given
 
 
 def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
@@ -63,14 +63,13 @@ def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
     """The plan the flags ask for: a saved one (`--plan`), or one computed from the budgets
     (defaults: the first GPU's free memory when there is a GPU, the available RAM)."""
     if options.plan is not None:
-        if options.simulate or any(v is not None for v in (options.device, options.gpu_memory, options.cpu_memory,
-                                                            options.counts)):
+        if options.planning_flags_given:
             raise UsageError("--plan already says where everything goes",
                              "drop --device/--gpu-memory/--cpu-memory/--counts/--simulate, or drop --plan")
         return PlacementPlan.load(options.plan)
-    if options.device is not None:
-        check_device(options.device)
-    detected, free_gpu = free_gpu_bytes(options.device if (options.device or "cpu") != "cpu" else None)
+    if options.device is not None and not is_valid_device(options.device):
+        raise UsageError(f"--device must be cpu or cuda:N, not {options.device!r}")
+    detected, free_gpu = free_gpu_bytes(None if options.device in (None, "cpu") else options.device)
     if options.simulate:
         if options.device not in (None, "cpu"):
             raise UsageError("--simulate plans for the CPU standing in for a GPU", "drop --device or use --device cpu")
