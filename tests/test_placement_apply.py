@@ -310,3 +310,11 @@ def test_plan_profiles_the_demo_by_name(tmp_path, monkeypatch):
     assert json.loads(made.stdout)["device"] == "cpu"
     bad = dsv4("plan", "demo", "--profile", str(text), "--cache-policy", "fifo", env=env)
     assert bad.returncode == 2 and "unknown --cache-policy" in bad.stderr
+
+
+def test_ram_shortage_is_warned_once(tiny_checkpoint, monkeypatch):
+    model, checkpoint = load_model(tiny_checkpoint)
+    with checkpoint:
+        monkeypatch.setattr(apply, "available_ram_bytes", lambda: 1 * MB)
+        placement = place_by_options(model, PlacementOptions(device="cpu", cpu_memory="1MB"), 256, tiny_checkpoint)
+    assert len(placement.warnings) == 1 and "memory-mapped files" in placement.warnings[0]

@@ -116,7 +116,8 @@ def place_by_options(model: Transformer, options: PlacementOptions, context: int
                              f"--ctx asks for {context:,}", f"re-plan with `dsv4 plan --ctx {context}`, or lower --ctx")
         placement.warnings.extend(placement.plan.warnings)
         placement.offload = place_model(model, placement.plan)
-    if placement.offload is None:
+    already_warned = placement.plan is not None and placement.plan.host_mode == "mmap"
+    if placement.offload is None and not already_warned:
         weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
         ram = available_ram_bytes()
         if weights > ram:
