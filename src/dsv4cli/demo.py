@@ -108,18 +108,12 @@ def _unpack(target: Path, manifest: dict[str, Any]) -> None:
 def _move_into_place(staging: Path, path: Path, manifest: dict[str, Any]) -> None:
     """Rename `staging` to `path`, replacing an outdated or broken unpack; a concurrent process
     that finished first wins."""
+    from dsv4cli.io.writer import move_into_place  # (imports torch: only when unpacking)
+
     if _is_unpacked(path, manifest):
         return  # another process unpacked it meanwhile
-    if path.exists():
-        old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        try:
-            os.rename(path, old)
-        except FileNotFoundError:
-            pass
-        else:
-            shutil.rmtree(old, ignore_errors=True)
     try:
-        os.rename(staging, path)
+        move_into_place(staging, path)
     except OSError:
         if not _is_unpacked(path, manifest):
             raise
