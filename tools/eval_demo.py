@@ -21,7 +21,7 @@ import torch
 
 from dsv4cli import kernels
 from dsv4cli.chat import resolve_model_dir
-from dsv4cli.demo import DEMO_ALIAS, packaged_tokenizer_dir
+from dsv4cli.demo import DEMO_ALIAS
 from dsv4cli.demo_corpus import EVAL_KINDS
 from dsv4cli.errors import DsvError
 from dsv4cli.loader import load_model
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(notice, file=sys.stderr)
         for model in opts.models:
             path, _ = resolve_model_dir(model)
-            tokenizer_dir = path if (path / "tokenizer.json").is_file() else packaged_tokenizer_dir(path / "tokenizer")
-            tokenizer = Tokenizer.from_dir(tokenizer_dir)
+            tokenizer = Tokenizer.from_dir(path)
             net, checkpoint = load_model(path)
             started = time.perf_counter()
             with checkpoint:
