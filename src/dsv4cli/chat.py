@@ -57,7 +57,7 @@ def resolve_model_dir(model: str | None) -> tuple[Path, bool]:
     except ModelNotFound:
         raise ModelNotFound(f"no model {model!r}: not a directory and not a downloaded model",
                             "`dsv4 list` shows downloaded models, `dsv4 download flash` fetches one; "
-                            "omit MODEL to use the built-in demo") from None
+                            "`demo` names the built-in demo model") from None
     if not local.complete:
         raise ModelNotFound(f"the download of {model!r} in {local.path} is incomplete "
                             f"({local.files_present}/{local.files} files)", f"run `dsv4 download {model}` to finish it")

@@ -115,7 +115,8 @@ class PlacementPlan:
         try:
             return cls.from_json(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
-            raise UsageError(f"cannot read placement plan {path}: {exc.strerror}") from None
+            raise UsageError(f"cannot read placement plan {path}: {exc.strerror}",
+                             "check the path, or write a plan with `dsv4 plan MODEL --save FILE`") from None
 
 
 def is_valid_device(device: str) -> bool:
