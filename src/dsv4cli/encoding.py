@@ -207,15 +207,38 @@ def _call_specs(msg: dict[str, Any]) -> list[tuple[Any, Any]]:
 
 
 def _call_id(call: Any) -> Any:
-    """The id used to order tool results: `id`, else `function.id`, else ""."""
+    """The id used to order tool results: `id`, else `function.id`, else "".
+
+    Any hashable id works, as upstream; a non-empty unhashable one (a list, a dict) raises
+    ValueError where upstream fails with TypeError.
+    """
     if not isinstance(call, dict):
         raise ValueError(f"tool call must be a dict, got {call!r}")
-    if call.get("id"):
-        return call["id"]
-    function = call.get("function", {})
-    if not isinstance(function, dict):
-        raise ValueError(f"tool call function must be a dict, got {function!r}")
-    return function.get("id", "")
+    ident = call.get("id")
+    if not ident:
+        function = call.get("function", {})
+        if not isinstance(function, dict):
+            raise ValueError(f"tool call function must be a dict, got {function!r}")
+        ident = function.get("id", "")
+    if ident and not _is_hashable(ident):
+        raise ValueError(f"tool call id must be a string or another hashable value, got {ident!r}")
+    return ident
+
+
+def _is_hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _iter_calls(calls: Any) -> Iterable[Any]:
+    """A message's `tool_calls` as an iterable; ValueError if it is not one (upstream: TypeError)."""
+    try:
+        return iter(calls)
+    except TypeError as err:
+        raise ValueError(f"tool_calls must be a list of tool calls, got {calls!r}") from err
 
 
 def _last_user_index(msgs: Sequence[dict[str, Any]]) -> int:
@@ -278,7 +301,7 @@ def _order_tool_results(messages: Sequence[Any]) -> list[Any]:
         role = msg.get("role")
         if role == "assistant" and msg.get("tool_calls"):
             call_order = {}
-            for position, call in enumerate(msg["tool_calls"]):
+            for position, call in enumerate(_iter_calls(msg["tool_calls"])):
                 ident = _call_id(call)
                 if ident:
                     call_order[ident] = position
@@ -690,57 +713,104 @@ def _parse_invoke(cursor: _Cursor, problems: list[str]) -> dict[str, Any] | None
     return {"type": "function", "function": {"name": name, "arguments": _arguments_json(params, name, problems)}}
 
 
-def _parse_tool_block(body: str, problems: list[str]) -> list[dict[str, Any]]:
-    """Tool calls from the text after `<｜DSML｜tool_calls` (spec 4.4 grammar, tolerant)."""
+def _parse_tool_block(body: str, problems: list[str]) -> tuple[list[dict[str, Any]], str, bool]:
+    """Tool calls from the text after `<｜DSML｜tool_calls` (spec 4.4 grammar, tolerant).
+
+    Returns the calls, the text after the closing tag and whether there was one.
+    """
     cursor = _Cursor(body)
     calls: list[dict[str, Any]] = []
-    closed = False
     while not cursor.at_end:
         gap, stop = cursor.read_until(INVOKE_OPEN, TOOL_CALLS_CLOSE)
         if gap != ">\n":
             problems.append(f"unexpected text {_snippet(gap)} between tool-call tags")
         if stop == TOOL_CALLS_CLOSE:
-            closed = True
-            break
+            return calls, cursor.rest(), True
         if stop is None:
             break
         call = _parse_invoke(cursor, problems)
         if call is not None:
             calls.append(call)
-    if not closed:
-        problems.append("tool-call block is not closed (output truncated?)")
-    if cursor.rest():
-        problems.append(f"unexpected text {_snippet(cursor.rest())} after the tool-call block")
-    return calls
+    problems.append("tool-call block is not closed (output truncated?)")
+    return calls, cursor.rest(), False
 
 
-def _parse_answer(text: str) -> tuple[str, list[dict[str, Any]], list[str]]:
-    """Split the post-reasoning text into content and tool calls; problems found on the way."""
+def _parse_tool_section(body: str, eos_ends: bool) -> tuple[list[dict[str, Any]], list[str], str]:
+    """Calls, problems and the text after EOS, from the text after a tool-call tag.
+
+    With `eos_ends`, an EOS in a block that closes after it is argument text, as upstream
+    reads it; a block that never closes ends at its first EOS, where generation stopped.
+    """
     problems: list[str] = []
+    calls, rest, closed = _parse_tool_block(body, problems)
+    if eos_ends and not closed and EOS in body:
+        body, _, after_eos = body.partition(EOS)
+        problems = []
+        calls, _, _ = _parse_tool_block(body, problems)
+        return calls, problems, after_eos
+    after_eos = ""
+    if eos_ends:
+        rest, _, after_eos = rest.partition(EOS)
+    if rest:
+        problems.append(f"unexpected text {_snippet(rest)} after the tool-call block")
+    return calls, problems, after_eos
+
+
+def _parse_answer(text: str, eos_ends: bool) -> tuple[str, list[dict[str, Any]], list[str], str]:
+    """Split the post-reasoning text into content, tool calls, problems and the text after EOS.
+
+    With `eos_ends` (a whole completion), EOS ends the message unless it lies inside a
+    tool-call block; otherwise (a token stream, where the EOS token ended it) it is text.
+    """
     found = _find_tool_block(text)
+    end = text.find(EOS) if eos_ends else -1
+    if end >= 0 and (found is None or end < found[0]):
+        return text[:end], [], [], text[end + len(EOS) :]
     if found is None:
-        return text, [], problems
+        return text, [], [], ""
     content_end, tag, blank_line = found
-    if not blank_line:
-        problems.append("tool-call block is not preceded by a blank line")
-    calls = _parse_tool_block(text[tag + len(_TOOL_CALLS_TAG) :], problems)
-    return text[:content_end], calls, problems
+    problems = [] if blank_line else ["tool-call block is not preceded by a blank line"]
+    calls, block_problems, after_eos = _parse_tool_section(text[tag + len(_TOOL_CALLS_TAG) :], eos_ends)
+    return text[:content_end], calls, problems + block_problems, after_eos
+
+
+_MISSING_THINK_END = "missing </think>: the reasoning never finished"
+_TOOLS_IN_REASONING = "tool-call block started before </think>"
 
 
 def _split_reasoning(text: str) -> tuple[str, str, list[str]]:
-    """Reasoning up to `</think>`, and the rest (spec 4.6); a tool block also ends reasoning."""
-    end = text.find(THINK_END)
+    """Reasoning up to `</think>`, and the rest (spec 4.6).
+
+    A tool-call block also ends the reasoning (upstream stops there too, then rejects the
+    output; we recover the calls), and so does EOS, which then starts the rest.
+    """
     block = _find_tool_block(text)
-    if block is not None and (end < 0 or block[0] < end):
-        return text[: block[0]], text[block[0] :], ["tool-call block started before </think>"]
-    if end < 0:
-        return text, "", ["missing </think>: the reasoning never finished"]
-    return text[:end], text[end + len(THINK_END) :], []
+    ends = [(text.find(THINK_END), THINK_END), (block[0] if block else -1, _TOOL_CALLS_TAG), (text.find(EOS), EOS)]
+    found = [(at, marker) for at, marker in ends if at >= 0]
+    if not found:
+        return text, "", [_MISSING_THINK_END]
+    at, marker = min(found)
+    if marker == THINK_END:
+        return text[:at], text[at + len(THINK_END) :], []
+    return text[:at], text[at:], [_TOOLS_IN_REASONING if marker == _TOOL_CALLS_TAG else _MISSING_THINK_END]
 
 
-def _finalize(reasoning: str, answer: str, problems: list[str]) -> ParsedMessage:
-    content, calls, answer_problems = _parse_answer(answer)
-    problems = problems + answer_problems + _leak_problems(reasoning, "reasoning") + _leak_problems(content, "content")
+def _trailing_problems(trailing: str) -> list[str]:
+    return [f"text after the end-of-sentence token: {_snippet(trailing)}"] if trailing else []
+
+
+def _finalize(
+    reasoning: str, answer: str, problems: list[str], *, eos_ends: bool = False, trailing: str = ""
+) -> ParsedMessage:
+    """The message from split-off reasoning and answer text; `trailing` followed an EOS token."""
+    content, calls, answer_problems, after_eos = _parse_answer(answer, eos_ends)
+    problems = [
+        *problems,
+        *answer_problems,
+        *_trailing_problems(after_eos or trailing),
+        *_leak_problems(reasoning, "reasoning"),
+        *_leak_problems(content, "content"),
+    ]
     return ParsedMessage(
         content=content,
         reasoning_content=reasoning,
@@ -750,26 +820,26 @@ def _finalize(reasoning: str, answer: str, problems: list[str]) -> ParsedMessage
     )
 
 
+def _as_text(value: Any) -> str:
+    """Model text as a string: None is empty, anything else not a string is `str()`-ed."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else str(value)
+
+
 def parse_completion(text: str, thinking_mode: str | ThinkMode) -> ParsedMessage:
     """Parse the text generated after a prompt into an assistant message (spec 4.6).
 
-    `text` may end with EOS or not. Never raises on any string: on output the official parser
-    accepts it returns the same content, reasoning and tool calls; otherwise it recovers what
-    it can and sets `malformed` with human-readable `problems`. A tool-call block cut short
-    is flagged even where the official parser accepts it.
+    `text` may end with EOS or not; EOS ends the message, except inside a tool-call block,
+    where upstream reads it as argument text. Never raises on any string: on output the
+    official parser accepts it returns the same content, reasoning and tool calls; otherwise
+    it recovers what it can and sets `malformed` with human-readable `problems`. A tool-call
+    block cut short is flagged even where the official parser accepts it.
     """
     thinking = _resolve_thinking(thinking_mode)
-    if not isinstance(text, str):
-        text = "" if text is None else str(text)
-    problems: list[str] = []
-    body, eos, trailing = text.partition(EOS)
-    if eos and trailing:
-        problems.append(f"text after the end-of-sentence token: {_snippet(trailing)}")
-    reasoning, answer = "", body
-    if thinking:
-        reasoning, answer, reasoning_problems = _split_reasoning(body)
-        problems += reasoning_problems
-    return _finalize(reasoning, answer, problems)
+    text = _as_text(text)
+    reasoning, answer, problems = _split_reasoning(text) if thinking else ("", text, [])
+    return _finalize(reasoning, answer, problems, eos_ends=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,13 +869,39 @@ def _partial_tag_length(text: str) -> int:
     return longest
 
 
+class _TagWatch:
+    """Holds back streamed text while it could still grow into a DSML tool-call tag."""
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, str | None]:
+        """(text now known not to start a tool-call block, the block's text if one began)."""
+        self.held += text
+        found = _find_tool_block(self.held)
+        if found is not None:
+            safe, block = self.held[: found[0]], self.held[found[0] :]
+            self.held = ""
+            return safe, block
+        cut = len(self.held) - _partial_tag_length(self.held)
+        safe, self.held = self.held[:cut], self.held[cut:]
+        return safe, None
+
+    def take(self) -> str:
+        """Everything held back: the stream or the reasoning ended."""
+        held, self.held = self.held, ""
+        return held
+
+
 class StreamingOutputParser:
     """Route streamed tokens to the reasoning or content channel (spec 4.6).
 
     Reasoning switches to content exactly when the `think_end_id` token arrives and the
-    `eos_id` token ends the message; both ids come from the tokenizer. Content that might be
-    the start of a DSML tool-call block is held back until it is known not to be one; a real
-    block is never emitted (its calls come from `finish()`).
+    `eos_id` token ends the message; both ids come from the tokenizer. After the reasoning a
+    `</think>` token is text like any other (it may sit in a tool-call argument). Text that
+    might be the start of a DSML tool-call block is held back until it is known not to be one;
+    a real block is never emitted (its calls come from `finish()`), and one that starts inside
+    the reasoning ends it. `finish()` returns what `parse_completion` returns for the same text.
     """
 
     def __init__(self, think_end_id: int, eos_id: int, thinking: bool) -> None:
@@ -815,12 +911,11 @@ class StreamingOutputParser:
         self._channel = REASONING_CHANNEL if self.thinking else CONTENT_CHANNEL
         self._reasoning: list[str] = []
         self._answer: list[str] = []
-        self._held = ""
+        self._watch = _TagWatch()
         self._in_tool_block = False
-        self._saw_think_end = False
+        self._reasoning_problem = _MISSING_THINK_END if self.thinking else ""
         self._done = False
         self._trailing = ""
-        self._problems: list[str] = []
 
     @property
     def channel(self) -> str:
@@ -838,55 +933,67 @@ class StreamingOutputParser:
         return self._in_tool_block
 
     def feed(self, token_id: int, text_delta: str) -> list[OutputDelta]:
-        """Consume one generated token and its decoded text; return the deltas now showable."""
-        text = text_delta if isinstance(text_delta, str) else ("" if text_delta is None else str(text_delta))
-        if self._done:
-            self._trailing += text
-            return []
-        if token_id == self.eos_id:
-            self._done = True
-            return self.flush()
-        if token_id == self.think_end_id:
-            if self._channel == REASONING_CHANNEL:
-                self._channel = CONTENT_CHANNEL
-                self._saw_think_end = True
-            else:
-                self._problems.append("unexpected </think> token in the answer (ignored)")
-            return []
-        if self._channel == REASONING_CHANNEL:
-            self._reasoning.append(text)
-            return [OutputDelta(REASONING_CHANNEL, text)] if text else []
-        return self._feed_content(text)
+        """Consume one generated token and its decoded text; return the deltas now showable.
 
-    def _feed_content(self, text: str) -> list[OutputDelta]:
-        self._answer.append(text)
-        if self._in_tool_block:
+        A special token stands for its own text whether the detokenizer gave it or skipped it;
+        text the detokenizer gives before it (a pending character) comes first.
+        """
+        text = _as_text(text_delta)
+        marker = self._special_text(token_id)
+        before = text.removesuffix(marker) if marker else text
+        if self._done:
+            self._trailing += before + marker
             return []
-        self._held += text
-        found = _find_tool_block(self._held)
-        if found is not None:
-            release = self._held[: found[0]]
-            self._held = ""
-            self._in_tool_block = True
-        else:
-            keep = _partial_tag_length(self._held)
-            release = self._held[: len(self._held) - keep]
-            self._held = self._held[len(self._held) - keep :]
-        return [OutputDelta(CONTENT_CHANNEL, release)] if release else []
+        deltas = self._route(before)
+        if marker == EOS:
+            self._done = True
+            return deltas + self.flush()
+        if marker == THINK_END and self._channel == REASONING_CHANNEL:
+            return deltas + self._end_reasoning()
+        return deltas + self._route(marker) if marker else deltas
+
+    def _special_text(self, token_id: int) -> str:
+        if token_id == self.eos_id:
+            return EOS
+        return THINK_END if token_id == self.think_end_id else ""
+
+    def _route(self, text: str) -> list[OutputDelta]:
+        """Send ordinary text to the current channel, holding back what may start a tool-call block."""
+        if self._in_tool_block:
+            self._answer.append(text)
+            return []
+        safe, block = self._watch.push(text)
+        deltas = self._emit(safe)
+        if block is not None:
+            self._start_tool_block(block)
+        return deltas
+
+    def _emit(self, text: str) -> list[OutputDelta]:
+        if not text:
+            return []
+        (self._reasoning if self._channel == REASONING_CHANNEL else self._answer).append(text)
+        return [OutputDelta(self._channel, text)]
+
+    def _start_tool_block(self, block: str) -> None:
+        """The rest of the message is a tool-call block; inside the reasoning, it ends it (flagged)."""
+        if self._channel == REASONING_CHANNEL:
+            self._channel = CONTENT_CHANNEL
+            self._reasoning_problem = _TOOLS_IN_REASONING
+        self._in_tool_block = True
+        self._answer.append(block)
+
+    def _end_reasoning(self) -> list[OutputDelta]:
+        deltas = self._emit(self._watch.take())
+        self._channel = CONTENT_CHANNEL
+        self._reasoning_problem = ""
+        return deltas
 
     def flush(self) -> list[OutputDelta]:
-        """Release held-back content (end of stream); called automatically on EOS."""
-        if self._in_tool_block or not self._held:
-            return []
-        release, self._held = self._held, ""
-        return [OutputDelta(CONTENT_CHANNEL, release)]
+        """Release held-back text (end of stream); called automatically on EOS."""
+        return self._emit(self._watch.take())
 
     def finish(self) -> ParsedMessage:
         """The whole message: reasoning, content, parsed tool calls and any problems."""
         self.flush()
-        problems = list(self._problems)
-        if self.thinking and not self._saw_think_end:
-            problems.append("missing </think>: the reasoning never finished")
-        if self._trailing:
-            problems.append(f"text after the end-of-sentence token: {_snippet(self._trailing)}")
-        return _finalize("".join(self._reasoning), "".join(self._answer), problems)
+        problems = [self._reasoning_problem] if self._reasoning_problem else []
+        return _finalize("".join(self._reasoning), "".join(self._answer), problems, trailing=self._trailing)
