@@ -92,7 +92,7 @@ def test_unknown_key_is_rejected():
         ({"num_key_value_heads": 8}, "num_key_value_heads"),
         ({"model_type": "deepseek_v3"}, "model_type"),
         ({"o_groups": 7}, "o_groups"),
-        ({"num_experts_per_tok": 300}, "n_activated_experts"),
+        ({"num_experts_per_tok": 300}, "num_experts_per_tok=300"),
         ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling"),
         ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, "fmt"),
         ({"tie_word_embeddings": True}, "tie_word_embeddings"),

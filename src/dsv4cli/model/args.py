@@ -2,13 +2,18 @@
 
 Field names follow the official `inference/config.json` (`dim`, `n_layers`, ...);
 `from_hf_config` maps the Hugging Face `config.json` names onto them through one
-explicit table, and rejects unknown or inconsistent keys with a `ConfigError`.
+explicit table. Every field has a type and an allowed range (`FIELD_RULES`); a value
+that breaks them, an unknown key or an unreadable file raises a one-line `ConfigError`
+that names the key as the file spells it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +60,15 @@ HF_TO_ARGS = {
     "eos_token_id": "eos_token_id",
     "expert_dtype": "expert_dtype",
 }
+#: HF `rope_scaling` key -> ModelArgs field (YaRN of the compressed layers).
+ROPE_SCALING_TO_ARGS = {
+    "factor": "rope_factor",
+    "original_max_position_embeddings": "original_seq_len",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+}
+#: `rope_scaling` keys without a default (beta_fast / beta_slow default to YaRN's 32 / 1, V4's values).
+ROPE_SCALING_REQUIRED = ("factor", "original_max_position_embeddings")
 #: HF keys whose value is fixed for V4: key -> accepted value.
 HF_FIXED = {
     "num_key_value_heads": 1,
@@ -73,6 +87,61 @@ HF_IGNORED = {
 }
 #: inference/config.json keys handled specially (the rest map 1:1 onto fields).
 INFERENCE_SPECIAL = {"dtype", "scale_fmt", "original_seq_len", "rope_factor", "beta_fast", "beta_slow"}
+#: ModelArgs field -> how config.json spells it, so messages name the key the user has to edit.
+HF_LABELS = ({v: k for k, v in HF_TO_ARGS.items()} | {v: f"rope_scaling.{k}" for k, v in ROPE_SCALING_TO_ARGS.items()}
+             | {"quantization": QUANT_KEY})
+
+#: Type and allowed values of every field: an interval whose ends are numbers or other fields ("(" / ")" = open
+#: end), or a tuple of choices (for `compress_ratios`, of each entry). Relations no single range expresses are in
+#: `_structure_problems`. Upper bounds are far above any real model, to stop nonsense before it costs time.
+FIELD_RULES: dict[str, tuple[type, str | tuple[Any, ...] | None]] = {
+    "vocab_size": (int, "[1, 16777216]"),
+    "dim": (int, "[1, 65536]"),
+    "moe_inter_dim": (int, "[1, 65536]"),
+    "n_layers": (int, "[1, 1024]"),
+    "n_hash_layers": (int, "[0, n_layers]"),
+    "n_heads": (int, "[1, 1024]"),
+    "n_routed_experts": (int, "[1, 65536]"),
+    "n_shared_experts": (int, "[1, 1]"),
+    "n_activated_experts": (int, "[1, n_routed_experts]"),
+    "score_func": (str, ("sqrtsoftplus", "softmax", "sigmoid")),
+    "route_scale": (float, "(0, 1000]"),
+    "swiglu_limit": (float, "[0, 1e6]"),  # 0 = no clamp
+    "q_lora_rank": (int, "[1, 65536]"),
+    "head_dim": (int, "[1, 65536]"),
+    "rope_head_dim": (int, "[2, head_dim]"),
+    "o_groups": (int, "[1, n_heads]"),
+    "o_lora_rank": (int, "[1, 65536]"),
+    "window_size": (int, "[1, max_position_embeddings]"),
+    "rope_theta": (float, "(1, 1e12]"),  # RoPE divides by log(theta)
+    "compress_rope_theta": (float, "(1, 1e12]"),
+    "rope_factor": (float, "[1, 10000]"),
+    "original_seq_len": (int, "[1, max_position_embeddings]"),
+    "beta_fast": (float, "(0, 10000]"),
+    "beta_slow": (float, "(0, beta_fast]"),
+    "index_n_heads": (int, "[1, 1024]"),
+    "index_head_dim": (int, "[rope_head_dim, 65536]"),
+    "index_topk": (int, "[1, 1048576]"),
+    "hc_mult": (int, "[1, 64]"),
+    "hc_sinkhorn_iters": (int, "[1, 1000]"),
+    "hc_eps": (float, "(0, 0.1]"),
+    "norm_eps": (float, "(0, 0.1]"),
+    "n_mtp_layers": (int, "[0, 16]"),
+    "max_position_embeddings": (int, "[1, 16777216]"),
+    "bos_token_id": (int, "[0, vocab_size)"),
+    "eos_token_id": (int, "[0, vocab_size)"),
+    "dtype": (str, ("fp8", "bf16")),
+    "expert_dtype": (str, ("fp4", "fp8", "bf16")),
+    "compress_ratios": (tuple, (SWA, CSA, HCA)),
+    "quantization": (Recipe, None),
+}
+_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", tuple: "a list of integers",
+               Recipe: "a quantization recipe or None"}
+_INTERVAL = re.compile(r"([\[(])([^,]+), ([^,]+)([\])])")
+_MAX_PROBLEMS = 3
+#: Config files are a few KiB; refuse anything that could not be one before reading it all.
+_MAX_CONFIG_BYTES = 16 << 20
+_FIX_FILE = "re-download or fix the file"
 
 
 @dataclass(frozen=True)
@@ -127,71 +196,19 @@ class ModelArgs:
     quantization: Recipe | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        """Check every field, then store plain ints / floats and a tuple of ratios (so equality and hashing
+        do not depend on whether a value came from JSON, a list or numpy)."""
         self.validate()
+        for name, value in _coerced(self._values()).items():
+            object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Reject combinations the architecture cannot run."""
-        problems = []
-        n_ratios = self.n_layers + self.n_mtp_layers
-        if len(self.compress_ratios) != n_ratios:
-            problems.append(
-                f"compress_ratios has {len(self.compress_ratios)} entries, expected "
-                f"n_layers + n_mtp_layers = {n_ratios}"
-            )
-        bad = sorted({r for r in self.compress_ratios if r not in ATTENTION_KINDS})
-        if bad:
-            problems.append(f"compress_ratios may only contain 0, 4 or 128, found {bad}")
-        for i in range(self.n_layers, len(self.compress_ratios)):
-            if self.compress_ratios[i] != SWA:
-                problems.append(f"MTP layer {i - self.n_layers} must be sliding-only (ratio 0)")
-        if not 0 <= self.n_hash_layers <= self.n_layers:
-            problems.append(f"n_hash_layers={self.n_hash_layers} outside [0, n_layers={self.n_layers}]")
-        if not 1 <= self.n_activated_experts <= self.n_routed_experts:
-            problems.append("n_activated_experts must be between 1 and n_routed_experts")
-        if self.n_shared_experts != 1:
-            problems.append(f"n_shared_experts must be 1 for V4, got {self.n_shared_experts}")
-        if self.n_heads % self.o_groups:
-            problems.append(f"n_heads={self.n_heads} is not divisible by o_groups={self.o_groups}")
-        if not 0 < self.rope_head_dim <= self.head_dim or self.rope_head_dim % 2:
-            problems.append("rope_head_dim must be even and at most head_dim")
-        if not 0 < self.rope_head_dim <= self.index_head_dim:
-            problems.append("index_head_dim must be at least rope_head_dim")
-        if self.index_head_dim & (self.index_head_dim - 1):
-            problems.append(f"index_head_dim={self.index_head_dim} must be a power of two (Hadamard)")
-        if self.score_func not in ("sqrtsoftplus", "softmax", "sigmoid"):
-            problems.append(f"unknown score_func {self.score_func!r}")
-        if self.dtype not in ("fp8", "bf16"):
-            problems.append(f"dtype must be 'fp8' or 'bf16', got {self.dtype!r}")
-        if self.expert_dtype not in ("fp4", "fp8", "bf16"):
-            problems.append(f"expert_dtype must be 'fp4', 'fp8' or 'bf16', got {self.expert_dtype!r}")
-        if self.expert_dtype == "fp4" and (self.dim % 32 or self.moe_inter_dim % 32):
-            problems.append("FP4 experts need dim and moe_inter_dim divisible by 32")
-        if self.quantization is not None:
-            problems += self._quantization_problems()
-        if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
-            problems.append("hc_mult and hc_sinkhorn_iters must be positive")
-        for name in ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "q_lora_rank",
-                     "head_dim", "o_lora_rank", "window_size", "index_n_heads", "index_topk"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if problems:
-            raise ConfigError("inconsistent model config: " + "; ".join(problems),
-                              "check config.json against the official DeepSeek-V4 release")
+        """Reject values of the wrong type, outside their range (`FIELD_RULES`), or that cannot be combined."""
+        _raise_problems(config_problems(self._values()), "ModelArgs")
 
-    def _quantization_problems(self) -> list[str]:
-        recipe, problems = self.quantization, []
-        if recipe.max_layer() >= self.n_layers:
-            problems.append(f"quantization recipe names layer {recipe.max_layer()}, the model has {self.n_layers}")
-        used = recipe.formats_used()
-        if used & {"fp4", "int3", "int2"} and (self.dim % 32 or self.moe_inter_dim % 32):
-            problems.append("quantized experts need dim and moe_inter_dim divisible by 32")
-        dense_in = (self.dim, self.q_lora_rank, self.n_heads * self.head_dim // self.o_groups,
-                    self.o_groups * self.o_lora_rank, self.moe_inter_dim)
-        if "fp4" in used and any(n % 32 for n in dense_in):
-            problems.append("FP4 dense linears need every dense in_features divisible by 32")
-        return problems
+    def _values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     # ----------------------------------------------------------- derived values
     @property
@@ -236,43 +253,10 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
         """Build from a Hugging Face `config.json` dict (spec §1.1, §1.2)."""
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in cfg.items():
-            if key in HF_TO_ARGS:
-                kwargs[HF_TO_ARGS[key]] = value
-            elif key in HF_FIXED:
-                if value != HF_FIXED[key]:
-                    raise ConfigError(f"config.json: {key}={value!r} is not supported by DeepSeek-V4 "
-                                      f"(expected {HF_FIXED[key]!r})", "is this a DeepSeek-V4 checkpoint?")
-            elif key in ("rope_scaling", "quantization_config") or key in HF_IGNORED:
-                continue
-            elif key == QUANT_KEY:
-                kwargs["quantization"] = _recipe(value, "config.json")
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ConfigError(f"config.json has unknown keys {sorted(unknown)}",
-                              "is this a DeepSeek-V4 config.json? remove the keys or update dsv4")
-        if "model_type" not in cfg:
-            raise ConfigError("config.json has no model_type", "expected model_type 'deepseek_v4'")
-        rope = cfg.get("rope_scaling")
-        if rope is not None:
-            kind = rope.get("type", rope.get("rope_type"))
-            if kind != "yarn":
-                raise ConfigError(f"config.json: rope_scaling type {kind!r} is not supported",
-                                  "DeepSeek-V4 uses 'yarn'")
-            kwargs.update(rope_factor=rope["factor"], original_seq_len=rope["original_max_position_embeddings"],
-                          beta_fast=rope["beta_fast"], beta_slow=rope["beta_slow"])
-        quant = cfg.get("quantization_config")
-        if quant is not None:
-            _check_quantization(quant)
-            kwargs["dtype"] = "fp8"
-            kwargs.setdefault("expert_dtype", quant.get("expert_dtype", "fp4"))
-        else:
-            kwargs["dtype"] = "bf16"
-            kwargs.setdefault("expert_dtype", "bf16")
-        return _construct(cls, kwargs, "config.json")
+        kwargs = _hf_top_level(cfg)
+        kwargs.update(_hf_rope_scaling(cfg.get("rope_scaling")))
+        kwargs.update(_hf_dtypes(cfg.get("quantization_config"), kwargs))
+        return _construct(cls, kwargs, "config.json", _hf_label)
 
     @classmethod
     def from_inference_config(cls, cfg: dict[str, Any]) -> ModelArgs:
@@ -287,15 +271,18 @@ class ModelArgs:
         if QUANT_KEY in cfg:
             kwargs["quantization"] = _recipe(cfg[QUANT_KEY], "inference config")
         if cfg.get("dtype", "fp8") not in ("fp8", "bf16"):
-            raise ConfigError(f"inference config: dtype {cfg['dtype']!r} not supported", "use fp8 or bf16")
+            raise ConfigError(f"inference config: dtype={_short(cfg['dtype'])} is not supported", "use fp8 or bf16")
         if cfg.get("scale_fmt", "ue8m0") not in ("ue8m0", None):
-            raise ConfigError(f"inference config: scale_fmt {cfg['scale_fmt']!r} not supported", "use ue8m0")
+            raise ConfigError(f"inference config: scale_fmt={_short(cfg['scale_fmt'])} is not supported",
+                              "use ue8m0")
         kwargs.setdefault("expert_dtype", "fp4" if cfg.get("dtype", "fp8") == "fp8" else "bf16")
-        return _construct(cls, kwargs, "inference config")
+        return _construct(cls, kwargs, "inference config", str)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelArgs:
         """Either format, told apart by its keys (`hidden_size` = HF, `dim` = inference)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"a config must be a JSON object, got {_describe(cfg)}", "is this a config.json?")
         if "hidden_size" in cfg:
             return cls.from_hf_config(cfg)
         if "dim" in cfg:
@@ -304,21 +291,14 @@ class ModelArgs:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelArgs:
+        """Read a config file, or the `config.json` of a model directory."""
         path = Path(path)
-        if path.is_dir():
+        if _stat_is_dir(path):
             path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"no config file at {path}", "point to a model directory containing config.json")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}", "re-download or fix the file") from exc
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{path} does not hold a JSON object", "re-download or fix the file")
-        return cls.from_dict(cfg)
+        return cls.from_dict(_read_json_object(path))
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The HF `config.json` dict for these args (what the checkpoint writer emits)."""
+        """The HF `config.json` dict for these args (what the checkpoint writer emits); reads back equal."""
         inverse = {v: k for k, v in HF_TO_ARGS.items()}
         mine = asdict(self.replace(quantization=None))
         cfg: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
@@ -333,8 +313,8 @@ class ModelArgs:
         if self.dtype == "fp8":
             cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                           "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
-        else:
-            del cfg["expert_dtype"]
+        elif self.expert_dtype == "bf16":
+            del cfg["expert_dtype"]  # what a config without quantization_config implies
         if self.quantization is not None:
             cfg[QUANT_KEY] = self.quantization.to_config()
         return cfg
@@ -343,12 +323,241 @@ class ModelArgs:
         return replace(self, **changes)
 
 
-def _check_quantization(quant: dict[str, Any]) -> None:
+# ============================================================== value checks
+def config_problems(values: dict[str, Any], label: Callable[[str], str] = str) -> list[str]:
+    """Everything wrong with a full set of field values, one line each; `label` spells a field as its source does.
+
+    Types first (ranges of wrong-typed values mean nothing), then ranges, then relations between fields
+    (which may divide by range-checked values). Values are shown as given, before `_coerced`."""
+    problems = [p for name in FIELD_RULES if (p := _type_problem(name, values[name], label))]
+    if problems:
+        return problems
+    problems = [p for name in FIELD_RULES if (p := _range_problem(name, values, label))]
+    return problems or _structure_problems(values, label)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _has_kind(value: Any, kind: type) -> bool:
+    """Whether `value` may stand for a field of type `kind` (a bool is no number, a float no int, NaN no value)."""
+    if kind is int:
+        return _is_int(value)
+    if kind is float:
+        return _is_finite_number(value)
+    if kind is tuple:
+        return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+    if kind is Recipe:
+        return value is None or isinstance(value, Recipe)
+    return isinstance(value, kind)
+
+
+def _type_problem(name: str, value: Any, label: Callable[[str], str]) -> str | None:
+    kind = FIELD_RULES[name][0]
+    if _has_kind(value, kind):
+        return None
+    return f"{label(name)} must be {_KIND_NAMES[kind]}, got {_describe(value)}"
+
+
+def _coerced(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (already type-checked) as plain int / float / tuple: JSON's 10000 is the float 10000.0."""
+    convert = {int: int, float: float, tuple: lambda v: tuple(int(x) for x in v)}
+    return {name: convert.get(FIELD_RULES[name][0], lambda v: v)(value) for name, value in values.items()}
+
+
+def _range_problem(name: str, values: dict[str, Any], label: Callable[[str], str]) -> str | None:
+    """The problem with field `name` against its `FIELD_RULES` entry, if any."""
+    allowed, value = FIELD_RULES[name][1], values[name]
+    if isinstance(allowed, tuple):
+        return _choice_problem(name, value, allowed, label)
+    if allowed is None:
+        return None
+    opening, low, high, closing = _INTERVAL.fullmatch(allowed).groups()
+    lo, hi = _bound(low, values), _bound(high, values)
+    below = value <= lo if opening == "(" else value < lo
+    above = value >= hi if closing == ")" else value > hi
+    if not (below or above):
+        return None
+    shown = f"{opening}{_bound_text(low, values, label)}, {_bound_text(high, values, label)}{closing}"
+    return f"{label(name)}={_short(value)} is outside the allowed range {shown}"
+
+
+def _choice_problem(name: str, value: Any, choices: tuple[Any, ...], label: Callable[[str], str]) -> str | None:
+    allowed = ", ".join(_short(c) for c in choices)
+    if isinstance(value, (list, tuple)):
+        bad = sorted(set(value) - set(choices))
+        return f"{label(name)} may only contain {allowed}, found {bad}" if bad else None
+    return None if value in choices else f"{label(name)}={_short(value)} is not one of {allowed}"
+
+
+def _bound(text: str, values: dict[str, Any]) -> int | float:
+    """An interval end: another field's value, or a number."""
+    return values[text] if text in values else float(text)
+
+
+def _bound_text(text: str, values: dict[str, Any], label: Callable[[str], str]) -> str:
+    return f"{label(text)}={values[text]}" if text in values else text
+
+
+def _structure_problems(v: dict[str, Any], label: Callable[[str], str]) -> list[str]:
+    """Relations between fields that ranges cannot express (all range-checked already: no division by zero)."""
+    problems = _schedule_problems(v, label)
+    if v["rope_head_dim"] % 2:
+        problems.append(f"{label('rope_head_dim')}={v['rope_head_dim']} must be even (RoPE rotates pairs)")
+    if v["index_head_dim"] & (v["index_head_dim"] - 1):
+        problems.append(f"{label('index_head_dim')}={v['index_head_dim']} must be a power of two (Hadamard)")
+    if v["n_heads"] % v["o_groups"]:
+        problems.append(f"{label('n_heads')}={v['n_heads']} is not divisible by {label('o_groups')}={v['o_groups']}")
+    if v["expert_dtype"] == "fp4" and (v["dim"] % 32 or v["moe_inter_dim"] % 32):
+        problems.append(f"FP4 experts need {label('dim')}={v['dim']} and {label('moe_inter_dim')}="
+                        f"{v['moe_inter_dim']} divisible by 32")
+    if v["quantization"] is not None:
+        problems += _quantization_problems(v, label)
+    return problems
+
+
+def _schedule_problems(v: dict[str, Any], label: Callable[[str], str]) -> list[str]:
+    """`compress_ratios` holds one ratio per trunk layer, then one sliding-only (0) ratio per MTP layer."""
+    ratios, n_layers = v["compress_ratios"], v["n_layers"]
+    n_ratios = n_layers + v["n_mtp_layers"]
+    if len(ratios) != n_ratios:
+        return [f"{label('compress_ratios')} has {len(ratios)} entries, expected "
+                f"{label('n_layers')} + {label('n_mtp_layers')} = {n_ratios}"]
+    return [f"{label('compress_ratios')}[{i}]={ratios[i]}: MTP layer {i - n_layers} must be sliding-only (ratio 0)"
+            for i in range(n_layers, n_ratios) if ratios[i] != SWA]
+
+
+def _quantization_problems(v: dict[str, Any], label: Callable[[str], str]) -> list[str]:
+    recipe, problems = v["quantization"], []
+    if recipe.max_layer() >= v["n_layers"]:
+        problems.append(f"{label('quantization')}: the recipe names layer {recipe.max_layer()}, "
+                        f"the model has {v['n_layers']}")
+    used = recipe.formats_used()
+    if used & {"fp4", "int3", "int2"} and (v["dim"] % 32 or v["moe_inter_dim"] % 32):
+        problems.append("quantized experts need dim and moe_inter_dim divisible by 32")
+    dense_in = (v["dim"], v["q_lora_rank"], v["n_heads"] * v["head_dim"] // v["o_groups"],
+                v["o_groups"] * v["o_lora_rank"], v["moe_inter_dim"])
+    if "fp4" in used and any(n % 32 for n in dense_in):
+        problems.append("FP4 dense linears need every dense in_features divisible by 32")
+    return problems
+
+
+def _raise_problems(problems: list[str], source: str) -> None:
+    """One ConfigError for all `problems` of `source`, the first few of them on its one line."""
+    if not problems:
+        return
+    more = f"; and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
+    raise ConfigError(f"{source}: {'; '.join(problems[:_MAX_PROBLEMS])}{more}",
+                      "set each named key to an allowed value; the official DeepSeek-V4 config.json has working ones")
+
+
+def _construct(cls, kwargs: dict[str, Any], source: str, label: Callable[[str], str]) -> ModelArgs:
+    """`cls(**kwargs)`, checked first so that errors name the keys as `source` spells them."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    _raise_problems(config_problems(defaults | kwargs, label), source)
+    return cls(**kwargs)
+
+
+def _short(value: Any) -> str:
+    """`value` as JSON would write it, cut to fit a one-line message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(value: Any) -> str:
+    """'a string "43"', 'null', 'a list [1, 2]': the JSON kind of `value`, then `value`."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), (numbers.Integral, "an integer"), (numbers.Real, "a number"), (str, "a string"),
+             ((list, tuple), "a list"), (dict, "an object"))
+    kind = next((name for types, name in kinds if isinstance(value, types)), f"a {type(value).__name__}")
+    return f"{kind} {_short(value)}"
+
+
+# ========================================================= HF config.json parts
+def _hf_label(name: str) -> str:
+    return HF_LABELS.get(name, name)
+
+
+def _hf_top_level(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ModelArgs kwargs from the top-level keys; rejects unknown keys and wrong fixed values."""
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in cfg.items():
+        if key in HF_TO_ARGS:
+            kwargs[HF_TO_ARGS[key]] = value
+        elif key in HF_FIXED:
+            _check_fixed(key, value)
+        elif key == QUANT_KEY:
+            kwargs["quantization"] = _recipe(value, "config.json")
+        elif key not in HF_IGNORED and key not in ("rope_scaling", "quantization_config"):
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f"config.json has unknown keys {sorted(unknown)}",
+                          "is this a DeepSeek-V4 config.json? remove the keys or update dsv4")
+    if "model_type" not in cfg:
+        raise ConfigError("config.json has no model_type", "expected model_type 'deepseek_v4'")
+    return kwargs
+
+
+def _check_fixed(key: str, value: Any) -> None:
+    """`value` must be V4's, of the same JSON type too (`true` is not 1)."""
+    expected = HF_FIXED[key]
+    if type(value) is not type(expected) or value != expected:
+        raise ConfigError(f"config.json: {key}={_short(value)} is not supported by DeepSeek-V4 "
+                          f"(expected {_short(expected)})", "is this a DeepSeek-V4 checkpoint?")
+
+
+def _hf_rope_scaling(rope: Any) -> dict[str, Any]:
+    """ModelArgs kwargs from `rope_scaling` (YaRN); absent or null keeps the V4 defaults."""
+    if rope is None:
+        return {}
+    example = 'the official config.json has {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536}'
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json: rope_scaling must be an object, got {_describe(rope)}", example)
+    kind = rope.get("type", rope.get("rope_type"))
+    if kind != "yarn":
+        raise ConfigError(f"config.json: rope_scaling type {_short(kind)} is not supported", "DeepSeek-V4 uses 'yarn'")
+    missing = [k for k in ROPE_SCALING_REQUIRED if k not in rope]
+    if missing:
+        raise ConfigError(f"config.json: rope_scaling lacks {', '.join(map(repr, missing))}", example)
+    unknown = sorted(set(rope) - set(ROPE_SCALING_TO_ARGS) - {"type", "rope_type"})
+    if unknown:
+        raise ConfigError(f"config.json: rope_scaling has unknown keys {unknown}",
+                          f"DeepSeek-V4's YaRN takes only type, {', '.join(ROPE_SCALING_TO_ARGS)}")
+    return {ROPE_SCALING_TO_ARGS[k]: v for k, v in rope.items() if k in ROPE_SCALING_TO_ARGS}
+
+
+def _hf_dtypes(quant: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """dtype and expert_dtype: a `quantization_config` means the FP8 release (FP4 experts unless it says else)."""
+    if quant is None:
+        return {"dtype": "bf16", "expert_dtype": kwargs.get("expert_dtype", "bf16")}
+    _check_quantization(quant)
+    return {"dtype": "fp8", "expert_dtype": kwargs.get("expert_dtype", quant.get("expert_dtype", "fp4"))}
+
+
+def _check_quantization(quant: Any) -> None:
+    if not isinstance(quant, dict):
+        raise ConfigError(f"config.json: quantization_config must be an object, got {_describe(quant)}",
+                          "use the official FP8 quantization_config, or remove it for a bf16 checkpoint")
     expected = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
     for key, value in expected.items():
         if quant.get(key, value) != value:
-            raise ConfigError(f"config.json quantization_config.{key}={quant.get(key)!r} is not supported "
-                              f"(expected {value!r})", "dsv4 reads the official FP8/FP4 release format")
+            raise ConfigError(f"config.json quantization_config.{key}={_short(quant.get(key))} is not supported "
+                              f"(expected {_short(value)})", "dsv4 reads the official FP8/FP4 release format")
 
 
 def _recipe(value: Any, source: str) -> Recipe:
@@ -358,11 +567,47 @@ def _recipe(value: Any, source: str) -> Recipe:
         raise ConfigError(f"{source}: {QUANT_KEY}: {exc.message}", "re-run `dsv4 quantize`, or fix the key") from None
 
 
-def _construct(cls, kwargs: dict[str, Any], source: str) -> ModelArgs:
+# ============================================================== reading files
+def _stat_is_dir(path: Path) -> bool:
+    """`path.is_dir()`, with an inaccessible parent a ConfigError instead of a traceback."""
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{source}: {exc}", "check the config keys") from exc
+        return path.is_dir()
+    except OSError as exc:
+        raise ConfigError(f"cannot access {path}: {exc.strerror or exc}", "check the path's permissions") from None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; every way that can fail is a one-line ConfigError."""
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not valid UTF-8 (bad byte at offset {exc.start})", _FIX_FILE) from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                          _FIX_FILE) from None
+    except (ValueError, RecursionError) as exc:  # a number with thousands of digits; nesting too deep
+        reason = str(exc).partition("\n")[0]
+        raise ConfigError(f"{path} is not valid JSON: {reason}", _FIX_FILE) from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} does not hold a JSON object", _FIX_FILE)
+    return cfg
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of config file `path`: not a directory, not missing, readable, of a config's size."""
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a config file", "point to config.json or its directory")
+        if not path.is_file():
+            raise ConfigError(f"no config file at {path}", "point to a model directory containing config.json")
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {path.stat().st_size} bytes, too large for a config file", _FIX_FILE)
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions") from None
 
 
 def yarn_correction_range(args: ModelArgs, base: float) -> tuple[int, int]:
