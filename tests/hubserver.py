@@ -10,15 +10,18 @@ Serves, on 127.0.0.1 (random port, a background thread), what huggingface_hub 2.
 Errors carry the `X-Error-Code` header huggingface_hub maps to its exceptions (RepoNotFound,
 RevisionNotFound, EntryNotFound). Switchable faults: `corrupt` (serve a file with one byte flipped),
 `cut(path, n)` (drop the connection after n body bytes, once; optionally answer 503 afterwards),
-`broken` (503 for a file), `token` (require `Authorization: Bearer <token>`), `ignore_range`
-(answer 200 + the whole file to Range requests); `rate` throttles transfers (to watch the progress
-bar by hand). Every request is logged in `requests`.
+`broken` (503 for a file, or for the file list: `LISTING`), `fail(target, *statuses)` (answer the next
+requests for a file or `LISTING` with these statuses, 0 meaning: close the connection without an answer),
+`token` (require `Authorization: Bearer <token>`), `ignore_range` (answer 200 + the whole file to Range
+requests); `rate` throttles transfers (to watch the progress bar by hand). Every request is logged in
+`requests`. `StalledServer` accepts connections and never answers (for timeouts).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 LFS_MIN_SIZE = 1_000_000
+#: The fault target that stands for the file-list request (`/api/models/...`).
+LISTING = "<file list>"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class FakeHub:
         self.rate: int | None = None  # bytes per second per transfer (None: as fast as possible)
         self.ignore_range = False  # answer 200 with the whole file, like a CDN that drops Range
         self._cuts: dict[str, tuple[int, bool]] = {}
+        self._failures: dict[str, list[tuple[int, int | None]]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -102,14 +108,24 @@ class FakeHub:
         """Drop the next transfer of `path` after `after_bytes` body bytes; with `then_fail`, 503 afterwards."""
         self._cuts[path] = (after_bytes, then_fail)
 
+    def fail(self, target: str, *statuses: int, retry_after: int | None = None) -> None:
+        """Answer the next requests for `target` (a repo file or `LISTING`) with `statuses`, in order; 0 closes
+        the connection without an answer. `retry_after` adds a `Retry-After` header (seconds) to each."""
+        self._failures.setdefault(target, []).extend((status, retry_after) for status in statuses)
+
     def clear_faults(self) -> None:
         self.corrupt.clear()
         self.broken.clear()
         self._cuts.clear()
+        self._failures.clear()
 
     def gets(self, file: str) -> list[Request]:
         """The GET requests for one repo file."""
         return [r for r in self.requests if r.method == "GET" and r.file == file]
+
+    def listings(self) -> list[Request]:
+        """The file-list requests."""
+        return [r for r in self.requests if r.path.startswith("/api/models/")]
 
     # ------------------------------------------------------------ server
 
@@ -144,6 +160,14 @@ class FakeHub:
     def log(self, request: Request) -> None:
         with self._lock:
             self.requests.append(request)
+
+    def take_failure(self, target: str) -> tuple[int, int | None] | None:
+        """The (status, retry_after) to answer for `target` now, if a fault says so."""
+        with self._lock:
+            queued = self._failures.get(target)
+            if queued:
+                return queued.pop(0)
+        return (503, None) if target in self.broken else None
 
     def take_cut(self, path: str) -> int | None:
         with self._lock:
@@ -202,8 +226,21 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _failed(self, target: str) -> bool:
+        """Answer with the fault queued for `target`, if any; True if it did."""
+        failure = self.hub.take_failure(target)
+        if failure is None:
+            return False
+        status, retry_after = failure
+        if status == 0:
+            self.close_connection = True
+        else:
+            extra = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+            self._error(status, None, "Service unavailable" if status == 503 else f"Error {status}", extra)
+        return True
+
     def _model_info(self, repo_id: str, revision: str | None) -> None:
-        if not self._repo_at(repo_id, revision):
+        if self._failed(LISTING) or not self._repo_at(repo_id, revision):
             return
         files = self.hub.repos[repo_id]
         info = {"_id": "0" * 24, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
@@ -219,8 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
         if served is None:
             self._error(404, "EntryNotFound", "Entry not found")
             return
-        if file in self.hub.broken:
-            self._error(503, None, "Service unavailable")
+        if self._failed(file):
             return
         data = self.hub.body(repo_id, file)
         start, end = self._range(len(data))
@@ -251,8 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ responses
 
-    def _error(self, status: int, code: str | None, message: str) -> None:
-        headers = {"Content-Type": "application/json", "X-Error-Message": message}
+    def _error(self, status: int, code: str | None, message: str, extra: dict[str, str] | None = None) -> None:
+        headers = {"Content-Type": "application/json", "X-Error-Message": message, **(extra or {})}
         if code:
             headers["X-Error-Code"] = code
         self._send(status, json.dumps({"error": message}).encode(), headers)
@@ -280,3 +316,42 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(step / self.hub.rate)
         self.wfile.flush()
+
+
+class StalledServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers; use as a context manager."""
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.05)
+        self._connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="stalled-server", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._socket.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def accepted(self) -> int:
+        return len(self._connections)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:  # the accept timeout: look at the stop flag again
+                continue
+            self._connections.append(connection)
+
+    def __enter__(self) -> StalledServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for connection in self._connections:
+            connection.close()
+        self._socket.close()

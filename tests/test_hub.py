@@ -20,7 +20,7 @@ from dsv4cli import hub as hubmod
 from dsv4cli.cli import app, main
 from dsv4cli.cli_hub import RichReporter, register
 from dsv4cli.demo import packaged_tokenizer_dir
-from dsv4cli.errors import UsageError
+from dsv4cli.errors import ModelNotFound, UsageError
 from dsv4cli.io.writer import write_random_checkpoint
 from dsv4cli.presets import PRESETS
 from tests.hubserver import FakeHub, files_from_dir
@@ -44,12 +44,13 @@ class Run:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> dict[str, bytes]:
-    """The repository the fake hub serves: tiny checkpoint (3 shards) + tokenizer, as {path: bytes}."""
+    """The repository the fake hub serves: tiny checkpoint (3 shards) + tokenizer, as {path: bytes}. dsv4's own
+    bookkeeping files (`.dsv4*`, e.g. the writer's output marker) are not part of a Hub repository."""
     root = tmp_path_factory.mktemp("source")
     tokenizer = packaged_tokenizer_dir(root / "tokenizer")
     model = write_random_checkpoint(PRESETS["tiny"], root / "model", seed=0, tokenizer_dir=tokenizer,
                                     max_shard_bytes=3_000_000)
-    return files_from_dir(model)
+    return {name: data for name, data in files_from_dir(model).items() if not name.startswith(".dsv4")}
 
 
 @pytest.fixture
@@ -70,6 +71,8 @@ def hub(source, tmp_path, monkeypatch):
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
         # Small read chunks, so that a cut transfer leaves a partial file behind (default: 10 MB chunks).
         monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+        # Retries of a failing request wait milliseconds, not seconds.
+        monkeypatch.setattr(hubmod, "RETRY_BASE_SECONDS", 0.001, raising=False)
         yield fake
 
 
@@ -300,7 +303,7 @@ def test_include_and_exclude_select_files_and_later_runs_add_to_the_copy(hub, ds
 def test_hf_token_reaches_the_hub(hub, dsv4, monkeypatch):
     hub.token = "hf_secret"
     denied = dsv4("download", "flash", "--include", "config.json")
-    assert denied.code == 1 and "HF_TOKEN" in denied.stderr
+    assert denied.code == ModelNotFound.exit_code and "HF_TOKEN" in denied.stderr
 
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     before = len(hub.requests)
@@ -320,9 +323,9 @@ def test_revisions_names_and_bad_targets(hub, dsv4, tmp_path):
     assert manifest["revision"] == commit and manifest["commit"] == commit
 
     bad_revision = dsv4("download", "flash", "--revision", "v9")
-    assert bad_revision.code == 1 and "no revision 'v9'" in bad_revision.stderr
+    assert bad_revision.code == ModelNotFound.exit_code and "no revision 'v9'" in bad_revision.stderr
     no_repo = dsv4("download", "nobody/nothing")
-    assert no_repo.code == 1 and "no model repository nobody/nothing" in no_repo.stderr
+    assert no_repo.code == ModelNotFound.exit_code and "no model repository nobody/nothing" in no_repo.stderr
     assert dsv4("download", "not a repo").code == 2
     assert dsv4("download", "flash", "--max-workers", "0").code == 2
     taken = dsv4("download", OTHER, "--local-dir", pinned.last_line)
@@ -349,7 +352,7 @@ def test_list_and_rm(hub, dsv4, source, tmp_path, monkeypatch):
     text = dsv4("list").stdout
     assert "incomplete (1 missing)" in text and "complete" in text and str(elsewhere) in text
 
-    assert dsv4("rm", "nope", "--yes").code == 1
+    assert dsv4("rm", "nope", "--yes").code == ModelNotFound.exit_code
     monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
     declined = dsv4("rm", "flash")
     assert declined.code == 1 and flash.is_dir()

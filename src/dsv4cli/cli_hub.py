@@ -25,7 +25,9 @@ DOWNLOAD_HELP = "\n\n".join([
     "$XDG_DATA_HOME/dsv4/models/OWNER--NAME unless --local-dir is given; the path is printed last on stdout.",
     "Finished files are skipped; a partial file resumes where it stopped (HTTP Range); every file is checked "
     "(size, SHA-256 for LFS files) before it gets its final name.",
-    "Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE=1 (then only the local copy is checked).",
+    "Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE=1 (then only the local copy is checked). A hub that does "
+    "not answer within DSV4_HUB_TIMEOUT seconds (default 30), drops the connection or answers 429/5xx is asked "
+    "again, DSV4_HUB_RETRIES times (default 5), waiting longer each time.",
 ])
 
 
@@ -128,7 +130,7 @@ def _print_dry_run(request: Any) -> None:
     """The file table (size, action, path) and a total line on stdout; nothing is written."""
     from dsv4cli.hub import DiskSpaceError, check_disk_space, human_bytes, make_plan
 
-    plan = make_plan(request, check_existing=False)
+    plan = make_plan(request, check_existing=False, note=lambda message: typer.echo(message, err=True))
     width = max(len(human_bytes(item.file.size)) for item in plan.items)
     for item in plan.items:
         action = f"resume ({human_bytes(item.have_bytes)} here)" if item.action == "resume" else item.action
@@ -162,6 +164,9 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print a JSO
 def _list_row(model: Any) -> tuple[str, ...]:
     from dsv4cli.units import human_bytes
 
+    if model.damaged:
+        return (model.repo_id, "-", "-", human_bytes(model.bytes_present), f"damaged: {model.damaged}",
+                str(model.path))
     status = "complete" if model.complete else f"incomplete ({model.files - model.files_present} missing)"
     if model.partial_bytes:
         status += f", {human_bytes(model.partial_bytes)} partial"
@@ -177,12 +182,24 @@ def rm_command(
     from dsv4cli.hub import find_local_model, human_bytes, remove_local_model
 
     model = find_local_model(name)
-    if not yes and not _confirm(f"remove {model.repo_id} ({human_bytes(model.bytes_present)}) at {model.path}?"):
+    what = f"damaged: {model.damaged}" if model.damaged else human_bytes(model.bytes_present)
+    if not yes and not _confirm(f"remove {model.repo_id} ({what}) at {model.path}?"):
         raise DsvError("nothing removed", "answer y to remove it, or pass --yes")
-    left = remove_local_model(model)
-    if left:
-        typer.echo(f"kept {len(left)} files in {model.path} that dsv4 did not download", err=True)
+    removal = remove_local_model(model)
+    if removal.damaged and removal.kept:
+        typer.echo(f"the download manifest of {model.path} was unusable ({removal.damaged}), so dsv4 cannot tell "
+                   f"its files from yours: removed only its .dsv4 state and kept {_files(len(removal.kept))} "
+                   f"({_some(removal.kept, model.path)}); delete them yourself if you do not need them", err=True)
+    elif removal.kept:
+        typer.echo(f"kept {len(removal.kept)} files in {model.path} that dsv4 did not download: "
+                   f"{_some(removal.kept, model.path)}", err=True)
     typer.echo(f"removed {model.path}")
+
+
+def _some(paths: list[Path], root: Path, shown: int = 5) -> str:
+    """A few paths, relative to `root`, for a one-line message."""
+    names = [str(path.relative_to(root)) for path in paths[:shown]]
+    return ", ".join(names) + (f", and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def _confirm(question: str) -> bool:
@@ -195,8 +212,10 @@ def _confirm(question: str) -> bool:
 
 
 COMMANDS = {"download": (download_command, DOWNLOAD_HELP),
-            "list": (list_command, "List downloaded models: size, files, complete or not, revision, path."),
-            "rm": (rm_command, "Remove a downloaded model (asks first; --yes to skip).")}
+            "list": (list_command, "List downloaded models: size, files, complete, incomplete or damaged, revision, "
+                                   "path."),
+            "rm": (rm_command, "Remove a downloaded model: the files dsv4 downloaded and its .dsv4 state; other files "
+                               "stay, and a running download is never touched (asks first; --yes to skip).")}
 
 
 def register(app: typer.Typer) -> typer.Typer:
