@@ -8,27 +8,37 @@ attention's grouped `wo_a`). The `dsv4 quantize` formats int3 / int2 (`csrc/lowb
 scales) run on the FP4 kernels' machinery: their own `linear`, and the fused MoE call takes each
 projection's format (FP4, int3 or int2). The sources are compiled together with the system g++ on first use
 (`-O3 -march=native -fopenmp`) into `$XDG_CACHE_HOME/dsv4/kernels/<hash>.so` and loaded with
-ctypes: no build step at install time and no dependency on torch's C++ ABI. Each function keeps
-the signature of its reference twin and falls back to it for whatever it does not cover (other
-weight formats, non-CPU tensors, other dtypes). `DSV4_KERNELS=ref` disables the native code;
-`DSV4_CXX` picks the compiler.
+ctypes: no build step at install time and no dependency on torch's C++ ABI. A stamp beside each
+library (size, sha256) is checked before every load, so a truncated or corrupted cache file is
+rebuilt, never loaded. Each function keeps the signature of its reference twin and falls back to
+it for whatever it does not cover (other weight formats, non-CPU tensors, other dtypes).
+`DSV4_KERNELS=ref` disables the native code; `DSV4_CXX` picks the compiler.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
+import fcntl
+import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dsv4cli import paths
 from dsv4cli.errors import DsvError
 from dsv4cli.kernels import ref
 from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operands_ok
@@ -44,6 +54,9 @@ ENV_CXX = "DSV4_CXX"
 DEFAULT_CXX = "g++"
 #: tokens per native MoE call: bounds its scratch (per (token, slot): dim * 4 + moe_inter_dim * 6 bytes)
 MOE_TOKEN_CHUNK = 256
+TEMP_SUFFIX = ".tmp"
+#: a build's temporary file older than this was left by a killed build (builds time out after 600 s)
+STALE_TEMP_SECONDS = 3600
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 _SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8)
@@ -59,11 +72,21 @@ class KernelBuildError(DsvError):
 # =========================================================================== building
 
 
+_notices: list[str] = []
+_notices_lock = threading.Lock()
+
+
 def cache_dir() -> Path:
     """`$XDG_CACHE_HOME/dsv4/kernels` (XDG default `~/.cache`)."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".cache"
-    return root / "dsv4" / "kernels"
+    return paths.cache_dir() / "kernels"
+
+
+def take_notices() -> list[str]:
+    """One-line notices about how the kernels were built (e.g. an unwritable cache), each returned once."""
+    with _notices_lock:
+        taken = list(_notices)
+        _notices.clear()
+    return taken
 
 
 def _compiler(cxx: str | None) -> tuple[str, str]:
@@ -75,7 +98,7 @@ def _compiler(cxx: str | None) -> tuple[str, str]:
                                f"install g++, set {ENV_CXX} to a C++17 compiler, or set {ENV_KERNELS}=ref")
     try:
         proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=False)
-    except OSError as exc:
+    except (OSError, subprocess.SubprocessError) as exc:
         raise KernelBuildError(f"C++ compiler {path} does not run: {exc}",
                                f"fix or replace it (set {ENV_CXX}), or set {ENV_KERNELS}=ref") from exc
     if proc.returncode != 0:
@@ -100,44 +123,184 @@ def _first_line(text: str, limit: int = 240) -> str:
     return pick if len(pick) <= limit else pick[: limit - 3] + "..."
 
 
+@dataclass(frozen=True)
+class BuildSpec:
+    """One build variant: the compiler, its flags and the key that names the library."""
+
+    compiler: str
+    version: str
+    flags: tuple[str, ...]
+    key: str
+
+    @classmethod
+    def make(cls, cxx: str | None, extra_flags: Sequence[str]) -> BuildSpec:
+        """The spec for a compiler (None: $DSV4_CXX or g++); the key hashes sources, compiler, flags and CPU."""
+        path, version = _compiler(cxx)
+        flags = (*FLAGS, *extra_flags)
+        sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
+        key = hashlib.sha256(b"\0".join([*sources, path.encode(), version.encode(), " ".join(flags).encode(),
+                                         _cpu_id().encode()])).hexdigest()[:24]
+        return cls(path, version, flags, key)
+
+    def library(self, out_dir: Path) -> Path:
+        return out_dir / f"fp4_cpu-{self.key}.so"
+
+    def stamp(self, size: int, digest: str) -> dict[str, Any]:
+        """What the stamp next to a library records."""
+        return {"key": self.key, "size": size, "sha256": digest, "compiler": self.compiler,
+                "compiler_version": _first_line(self.version), "flags": list(self.flags)}
+
+
+def stamp_path(library: Path) -> Path:
+    """The stamp of a cached library: `<library>.stamp` (JSON: size, sha256, build key and flags)."""
+    return library.with_name(library.name + ".stamp")
+
+
 def build(cxx: str | None = None, extra_flags: Sequence[str] = (), out_dir: Path | None = None) -> Path:
-    """Compile `csrc/*.cpp` into one library (or reuse the cached build) and return the `.so` path.
+    """Compile `csrc/*.cpp` into one library (or reuse the verified cached build) and return the `.so` path.
 
     The file name hashes the sources, compiler (path + version), flags and CPU, so any change
-    rebuilds. The compiler writes a temporary file that is renamed into place: concurrent
-    processes never load a half-written library.
+    rebuilds; so does a library whose stamp (size and sha256) is missing or does not match, so a
+    truncated or corrupted file is never loaded. Builds of one key hold a file lock and write a unique
+    temporary file that is fsynced and renamed into place. Where the cache cannot be written, the
+    library is built into a private temporary directory (removed at exit) and `take_notices` says so.
     """
-    path, version = _compiler(cxx)
-    flags = (*FLAGS, *extra_flags)
-    sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256(b"\0".join([*sources, path.encode(), version.encode(), " ".join(flags).encode(),
-                                     _cpu_id().encode()])).hexdigest()[:24]
+    spec = BuildSpec.make(cxx, extra_flags)
     out_dir = out_dir or cache_dir()
-    target = out_dir / f"fp4_cpu-{key}.so"
-    if target.exists():
-        return target
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fp4_cpu-", suffix=".so.tmp", dir=out_dir)
-        os.close(fd)
+        return _cached_build(spec, out_dir)
     except OSError as exc:
-        raise KernelBuildError(f"cannot write the kernel cache {out_dir}: {exc}",
-                               f"make it writable, set XDG_CACHE_HOME, or set {ENV_KERNELS}=ref") from exc
+        reason = exc.strerror or str(exc)
     try:
-        proc = subprocess.run([path, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
-                              timeout=600, check=False)
-        if proc.returncode != 0:
-            raise KernelBuildError(f"building the native CPU kernels with {path} failed: "
-                                   f"{_first_line(proc.stderr or proc.stdout)}",
-                                   f"needs a C++17 compiler with OpenMP (g++ >= 9); or set {ENV_KERNELS}=ref")
-        os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelBuildError(f"building the native CPU kernels with {path} failed: {exc}",
-                               f"check the compiler, or set {ENV_KERNELS}=ref") from exc
+        library = _cached_build(spec, _private_dir())
+    except OSError as exc:
+        raise KernelBuildError(f"cannot write the kernel cache {out_dir} ({reason}) nor a temporary directory "
+                               f"({exc.strerror or exc})",
+                               f"make {out_dir} writable, set XDG_CACHE_HOME, or set {ENV_KERNELS}=ref") from exc
+    with _notices_lock:
+        _notices.append(f"cannot write the kernel cache {out_dir} ({reason}): built the native CPU kernels in a "
+                        "temporary directory (make it writable or set XDG_CACHE_HOME to skip the rebuild)")
+    return library
+
+
+def _cached_build(spec: BuildSpec, out_dir: Path) -> Path:
+    """The verified library of `spec` in `out_dir`, built under its lock if needed; OSError: the directory
+    cannot be written."""
+    library = spec.library(out_dir)
+    if verified(library, spec):
+        return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out_dir / f".fp4_cpu-{spec.key}.lock"):
+        if verified(library, spec):  # another process built it while this one waited
+            return library
+        _remove_stale_temporaries(out_dir)
+        _compile_into(spec, library)
+    return library
+
+
+def verified(library: Path, spec: BuildSpec) -> bool:
+    """Whether `library` exists and matches its stamp (same key and flags, size and sha256)."""
+    try:
+        stamp = json.loads(stamp_path(library).read_text(encoding="utf-8"))
+        size = library.stat().st_size
+        if not isinstance(stamp, dict) or stamp.get("size") != size:
+            return False
+        return stamp == spec.stamp(size, _sha256(library))
+    except (OSError, ValueError):
+        return False
+
+
+def _sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created) for the block; where the file system has no locks, none:
+    the unique temporary names and atomic renames keep concurrent builds safe without one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if os.path.exists(tmp):
+        os.close(fd)  # releases the lock
+
+
+def _compile_into(spec: BuildSpec, library: Path) -> None:
+    """Compile into a temporary file beside `library`, fsync it, rename it into place, then write the stamp."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{library.name}.", suffix=TEMP_SUFFIX, dir=library.parent)
+    os.close(fd)
+    try:
+        _compile(spec, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        stamp = spec.stamp(os.path.getsize(tmp), _sha256(tmp))
+        _replace(tmp, library)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return target
+    _write_atomic(stamp_path(library), (json.dumps(stamp, indent=2) + "\n").encode())
+
+
+def _compile(spec: BuildSpec, output: str) -> None:
+    """Run the compiler on the sources; KernelBuildError when it fails."""
+    try:
+        proc = subprocess.run([spec.compiler, *spec.flags, *map(str, SOURCES), "-o", output], capture_output=True,
+                              text=True, timeout=600, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelBuildError(f"building the native CPU kernels with {spec.compiler} failed: {exc}",
+                               f"check the compiler, or set {ENV_KERNELS}=ref") from exc
+    if proc.returncode != 0:
+        raise KernelBuildError(f"building the native CPU kernels with {spec.compiler} failed: "
+                               f"{_first_line(proc.stderr or proc.stdout)}",
+                               f"needs a C++17 compiler with OpenMP (g++ >= 9); or set {ENV_KERNELS}=ref")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a unique temporary file beside `path`, fsync it and rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _replace(tmp: str, path: Path) -> None:
+    """Rename `tmp` onto `path` and fsync the directory, so the rename survives a crash."""
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete temporary files that builds killed mid-way left behind (older than any build takes)."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for leftover in out_dir.glob(f".fp4_cpu-*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+
+
+@functools.cache
+def _private_dir() -> Path:
+    """A temporary directory only this user can read, removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix="dsv4-kernels-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 class NativeKernels:

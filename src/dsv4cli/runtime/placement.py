@@ -4,13 +4,14 @@ Attention, norms, routers, shared experts, embeddings and the KV cache go to the
 accelerator when there is one (they are used by every token); routed experts are split
 between a GPU-resident set, chosen from expert activation frequencies (hot experts
 first), and host memory (RAM, or the memory-mapped files when RAM is short). The plan
-is plain data: it can be printed, saved as JSON and loaded back.
+is plain data: it can be printed, saved as JSON and loaded back (every key checked on load).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,41 +90,203 @@ class PlacementPlan:
         return json.dumps(data, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> PlacementPlan:
+    def from_json(cls, text: str, source: str = "") -> PlacementPlan:
+        """Parse and validate a plan document; InvalidPlan names `source` (the file) and the first bad key."""
         try:
-            data = json.loads(text)
-            if data.pop("version", None) != PLAN_VERSION:
-                raise ValueError(f"unsupported plan version (expected {PLAN_VERSION})")
-            data["gpu_experts"] = {int(k): list(v) for k, v in data["gpu_experts"].items()}
-            plan = cls(**data)
-            if not is_valid_device(plan.device):
-                raise ValueError(f"device must be cpu or cuda:N, not {plan.device!r}")
-            if plan.cache_policy not in CACHE_POLICIES:
-                raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}")
-            return plan
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise UsageError(f"invalid placement plan: {exc}", "write one with `dsv4 plan --save`") from None
+            return cls(**_plan_fields(_parse(text)))
+        except _Problem as problem:
+            where = f"invalid placement plan {source}" if source else "invalid placement plan"
+            raise InvalidPlan(f"{where}: {problem}", PLAN_HINT) from None
 
     def save(self, path: str | Path) -> None:
+        """Write the plan as JSON (a temporary file renamed into place); UsageError if it cannot be written."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        tmp.replace(path)
+        try:
+            tmp.write_text(self.to_json() + "\n", encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise UsageError(f"cannot write placement plan {path}: {exc.strerror or exc}",
+                             "check the directory exists and is writable") from None
 
     @classmethod
     def load(cls, path: str | Path) -> PlacementPlan:
-        try:
-            return cls.from_json(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"cannot read placement plan {path}: {exc.strerror}",
-                             "check the path, or write a plan with `dsv4 plan MODEL --save FILE`") from None
+        """Read and validate a plan file; InvalidPlan (one line naming the file) for anything wrong with it."""
+        return cls.from_json(_read_plan_text(Path(path)), str(path))
+
+
+class InvalidPlan(UsageError):
+    """A placement plan file that cannot be read or does not hold a valid plan."""
+
+
+PLAN_HINT = "write one with `dsv4 plan MODEL --save FILE`"
+#: far above any real plan (DeepSeek-V4 Pro with every expert listed is a few hundred KB)
+MAX_PLAN_BYTES = 64 << 20
+HOST_MODES = ("ram", "mmap")
+#: integer fields and their smallest valid value
+_INTEGERS = {"context": 1, "dense_bytes": 0, "kv_cache_bytes": 0, "expert_bytes": 0, "n_layers": 1,
+             "n_experts": 1, "staging_slots": 0, "gpu_budget_bytes": 0, "cpu_budget_bytes": 0}
+_CHOICES = {"host_mode": HOST_MODES, "cache_policy": CACHE_POLICIES}
+
+
+class _Problem(Exception):
+    """What is wrong with one key of a plan document (becomes an InvalidPlan naming the file)."""
+
+
+def _read_plan_text(path: Path) -> str:
+    """The file's text; InvalidPlan if it cannot be read, is too large or is not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        raise InvalidPlan(f"cannot read placement plan {path}: {exc.strerror or exc}",
+                          "check the path, or write a plan with `dsv4 plan MODEL --save FILE`") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise InvalidPlan(f"invalid placement plan {path}: larger than {MAX_PLAN_BYTES >> 20} MiB", PLAN_HINT)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidPlan(f"invalid placement plan {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start})", PLAN_HINT) from None
+
+
+def _parse(text: str) -> Any:
+    """The JSON document; _Problem if it is not valid JSON."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise _Problem(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise _Problem("not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer with thousands of digits
+        raise _Problem(f"not valid JSON ({_clip(str(exc))})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` hook: an object, refusing a key given twice (JSON would silently keep the last)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _Problem(f"key {_show(key)} appears twice in one object")
+        data[key] = value
+    return data
+
+
+def _plan_fields(data: Any) -> dict[str, Any]:
+    """The PlacementPlan keyword arguments of a parsed document, every key checked; _Problem otherwise."""
+    if not isinstance(data, dict):
+        raise _Problem(f"the document must be a JSON object, not {_describe(data)}")
+    _check_keys(data)
+    fields_ = {name: _integer(name, data[name], low) for name, low in _INTEGERS.items() if name in data}
+    fields_["device"] = _device(data["device"])
+    fields_.update({name: _choice(name, data[name], options) for name, options in _CHOICES.items() if name in data})
+    if "warnings" in data:
+        fields_["warnings"] = _strings("warnings", data["warnings"])
+    if "gpu_experts" in data:
+        fields_["gpu_experts"] = _gpu_experts(data["gpu_experts"], fields_["n_layers"], fields_["n_experts"])
+    return fields_
+
+
+def _check_keys(data: dict[str, Any]) -> None:
+    """The version is this one (first: another version may have other keys); no required key is missing and
+    no unknown key is present."""
+    if "version" not in data:
+        raise _Problem('missing key "version"')
+    version = data["version"]
+    if type(version) is not int or version != PLAN_VERSION:
+        raise _Problem(f"unsupported plan version {_describe(version)} (expected {PLAN_VERSION})")
+    known = {f.name for f in fields(PlacementPlan)}
+    required = [f.name for f in fields(PlacementPlan) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise _Problem(f"missing key {_show(missing[0])}")
+    unknown = sorted(set(data) - known - {"version"})
+    if unknown:
+        raise _Problem(f"unknown key {_show(unknown[0])}")
+
+
+def _integer(key: str, value: Any, low: int) -> int:
+    if type(value) is not int or value < low:
+        raise _Problem(f"{key} must be an integer >= {low}, not {_describe(value)}")
+    return value
+
+
+def _device(value: Any) -> str:
+    if not isinstance(value, str) or not is_valid_device(value):
+        raise _Problem(f"device must be cpu or cuda:N, not {_describe(value)}")
+    return value
+
+
+def _choice(key: str, value: Any, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise _Problem(f"{key} must be one of {', '.join(options)}, not {_describe(value)}")
+    return value
+
+
+def _strings(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise _Problem(f"{key} must be a list of strings, not {_describe(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _Problem(f"{key}[{i}] must be a string, not {_describe(item)}")
+    return list(value)
+
+
+def _gpu_experts(value: Any, n_layers: int, n_experts: int) -> dict[int, list[int]]:
+    """{"layer": [expert ids]} -> {layer: ids}: layers below n_layers, distinct ids below n_experts."""
+    if not isinstance(value, dict):
+        raise _Problem(f'gpu_experts must be an object {{"layer": [expert ids]}}, not {_describe(value)}')
+    out: dict[int, list[int]] = {}
+    for key, ids in value.items():
+        layer = int(key) if key.isascii() and key.isdigit() and len(key) <= 18 else -1
+        if not 0 <= layer < n_layers:
+            raise _Problem(f"gpu_experts key {_show(key)} must be a layer number below n_layers ({n_layers})")
+        if layer in out:
+            raise _Problem(f"gpu_experts names layer {layer} twice")
+        out[layer] = _expert_ids(f"gpu_experts[{_show(key)}]", ids, n_experts)
+    return out
+
+
+def _expert_ids(where: str, ids: Any, n_experts: int) -> list[int]:
+    if not isinstance(ids, list):
+        raise _Problem(f"{where} must be a list of expert ids, not {_describe(ids)}")
+    for i, e in enumerate(ids):
+        if type(e) is not int or not 0 <= e < n_experts:
+            raise _Problem(f"{where}[{i}] must be an expert id in 0..{n_experts - 1} (n_experts), not {_describe(e)}")
+    if len(set(ids)) != len(ids):
+        raise _Problem(f"{where} lists an expert twice")
+    return list(ids)
+
+
+def _describe(value: Any) -> str:
+    """A JSON value in a few words, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return _show(value)
+
+
+def _show(value: Any) -> str:
+    """A string or number as JSON, shortened to fit in one line."""
+    return _clip(json.dumps(value))
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_valid_device(device: str) -> bool:
     """Whether `device` is "cpu", "cuda" or "cuda:N" (what plans and --device accept)."""
     try:
         parsed = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         return False
     return parsed.type == "cuda" or (parsed.type == "cpu" and parsed.index is None)
 
