@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dsv4cli.errors import CheckpointError, ConfigError
+from dsv4cli.errors import CheckpointError, ConfigError, UsageError
 from dsv4cli.formats import dequantize_fp4_rows, dequantize_fp8_blocks
 from dsv4cli.io.checkpoint import INDEX_NAME, Checkpoint
 from dsv4cli.io.safetensors_file import TORCH_DTYPES, SafetensorsFile
@@ -400,7 +400,7 @@ def test_truncated_after_open(ckpt_copy):
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+    return sorted(p.name for p in parent.iterdir() if any(tag in p.name for tag in (".dsv4-", ".replaced-", ".tmp")))
 
 
 def test_exception_mid_write_leaves_nothing(tmp_path):
@@ -432,12 +432,15 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not empty"):
+    with pytest.raises(UsageError, match="already exists"):
         write_random_checkpoint(ARGS, out)
+    with pytest.raises(UsageError, match="did not write"):  # overwrite replaces only what dsv4 wrote
+        write_random_checkpoint(ARGS, out, overwrite=True)
     assert (out / "precious.txt").read_text() == "keep me"
-    write_random_checkpoint(ARGS, out, overwrite=True)
-    assert not (out / "precious.txt").exists()
-    assert (out / INDEX_NAME).is_file()
+    mine = tmp_path / "mine"
+    write_random_checkpoint(ARGS, mine, seed=1)
+    write_random_checkpoint(ARGS, mine, overwrite=True)
+    assert (mine / INDEX_NAME).is_file()
     assert leftovers(tmp_path) == []
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -467,10 +467,12 @@ def test_out_exists_or_is_the_source(source, tmp_path):
     with pytest.raises(UsageError, match="already exists"):
         convert_checkpoint(source, out, "dsv4")
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(UsageError, match="would replace the source"):
-        convert_checkpoint(source, source, "dsv4", force=True)
-    with pytest.raises(UsageError, match="would replace the source"):
-        convert_checkpoint(source, source.parent, "dsv4", force=True)
+    with pytest.raises(UsageError, match="holds files dsv4 did not write"):
+        convert_checkpoint(source, out, "dsv4", force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    for inside_or_around in (source, source.parent, source / "sub"):
+        with pytest.raises(UsageError, match="overlaps the source"):
+            convert_checkpoint(source, inside_or_around, "dsv4", force=True)
 
 
 def test_dsv4_layout_converts_onwards(converted, tmp_path):

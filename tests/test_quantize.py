@@ -320,7 +320,7 @@ def test_cli_errors_leave_no_output(tiny_checkpoint, tmp_path, capsys):
 
     out = tmp_path / "out"
     code, _, stderr = run_cli(capsys, "quantize", str(tmp_path / "missing"), str(out))
-    one_line_error(code, 1, stderr, "no checkpoint directory")
+    one_line_error(code, 2, stderr, "no checkpoint directory")
     code, _, stderr = run_cli(capsys, "quantize", str(tiny_checkpoint), str(out), "--recipe", "q5")
     one_line_error(code, 2, stderr, "built-in recipes: q4")
     bad = tmp_path / "bad.json"
@@ -338,15 +338,21 @@ def test_cli_errors_leave_no_output(tiny_checkpoint, tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "quantize", str(corrupt), str(out))
     one_line_error(code, 1, stderr, "truncated")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "corrupt"]  # nothing partial
-    # a failure while writing removes the staging directory too
+    # a failure while writing keeps the marked partial output, and the same command resumes from it
     with pytest.raises(RuntimeError, match="disk full"):
         def fail(done, total):
-            raise RuntimeError("disk full")
-        quantize_checkpoint(tiny_checkpoint, out, load_recipe("q3"), progress=fail)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "corrupt"]
+            if done:
+                raise RuntimeError("disk full")
+        quantize_checkpoint(tiny_checkpoint, out, load_recipe("q3"), progress=fail, max_shard_bytes=1 << 20)
+    partial = tmp_path / "out.dsv4-quantize-partial"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "corrupt", partial.name]
+    assert (partial / ".dsv4-staging.json").is_file() and not out.exists()
+    quantize_checkpoint(tiny_checkpoint, out, load_recipe("q3"), max_shard_bytes=1 << 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "corrupt", "out"]
+    shutil.rmtree(out)
     # an already quantized source, an occupied output
     done = quantize_checkpoint(tiny_checkpoint, tmp_path / "q3", load_recipe("q3")).path
     with pytest.raises(UsageError, match="already quantized"):
         quantize_checkpoint(done, out, load_recipe("q2"))
     code, _, stderr = run_cli(capsys, "quantize", str(tiny_checkpoint), str(done))
-    one_line_error(code, 1, stderr, "already exists")
+    one_line_error(code, 2, stderr, "already exists")

@@ -47,18 +47,23 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="convert")
     def convert(
-        src: Path = typer.Argument(..., help="Source checkpoint directory (official or dsv4 layout)."),
+        src: str = typer.Argument(..., metavar="SRC", help="Source checkpoint: a directory (official or dsv4 layout), "
+                                                           "a downloaded model's name, or `demo`."),
         out: Path = typer.Argument(..., help="Output directory (created atomically)."),
         to: str = typer.Option(..., "--to", help=TARGET_HELP),
         force: bool = typer.Option(False, "--force", help="Replace OUT and discard an interrupted conversion."),
         max_shard_size: str = typer.Option("4GiB", "--max-shard-size", help="Largest output shard, e.g. 4GB."),
     ) -> None:
         """Convert a checkpoint: streaming, restartable (re-run after an interruption), atomic."""
+        from dsv4cli.chat import resolve_model_dir
         from dsv4cli.convert import TARGETS, convert_checkpoint
 
         if to not in TARGETS:
             raise UsageError(f"unknown --to {to!r}", f"choose one of: {', '.join(TARGETS)}")
         max_bytes = parse_size(max_shard_size)
+        source = Path(src).expanduser()
+        if not source.exists() and "/" not in src:  # a name: `demo` or a downloaded model
+            source = resolve_model_dir(src)[0]
         with progress_bar(sys.stderr.isatty()) as update:
-            path = convert_checkpoint(src, out, to, max_shard_bytes=max_bytes, force=force, progress=update)
+            path = convert_checkpoint(source, out, to, max_shard_bytes=max_bytes, force=force, progress=update)
         typer.echo(str(path))

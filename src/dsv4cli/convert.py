@@ -12,16 +12,16 @@ Targets:
 Every output tensor is planned up front from the source headers (name, dtype, shape,
 shard) and produced lazily, in pieces, while its shard file is written: memory holds one
 tensor (one expert row for the blobs, one stacked-expert slice for hf-bf16) at a time.
-The output is built in `<OUT>.dsv4-convert-partial/`; after each finished shard a small
-progress file there records it, so re-running the same command after an interruption
-skips finished shards. When everything is written the directory is renamed to OUT in one
-step; on error OUT is untouched and the partial directory stays for resuming (`--force`
-discards it).
+The output is built in `<OUT>.dsv4-convert-partial/` (marked as dsv4's, see `fsutil`); after each
+finished shard a small progress file there records it, so re-running the same command after an
+interruption skips finished shards, unless a source file changed meanwhile. When everything is
+written the directory is renamed to OUT in one step; on error OUT is untouched and the partial
+directory stays for resuming (`--force` discards it). `dsv4 quantize` writes through the same
+machinery (`write_plan`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -36,6 +36,16 @@ import torch
 
 from dsv4cli.errors import CheckpointError, DsvError, UsageError
 from dsv4cli.formats import FP4_BLOCK, FP4_VALUES, FP8_BLOCK, unpack_fp4
+from dsv4cli.fsutil import (
+    check_free_space,
+    check_output_dir,
+    disk_errors,
+    empty_staging,
+    locked,
+    move_into_place,
+    open_resumable_staging,
+    write_json,
+)
 from dsv4cli.io.checkpoint import CONFIG_NAME, INDEX_NAME, MTP_PREFIX, SINGLE_FILE_NAME, Checkpoint
 from dsv4cli.io.dsv4_layout import (
     EXPERT_NAME_RE,
@@ -55,13 +65,12 @@ from dsv4cli.io.writer import (
     TOKENIZER_FILES,
     checkpoint_order,
     generation_config,
-    move_into_place,
     shard_file_name,
 )
 from dsv4cli.kernels.ref import dequantize_weight
 
 TARGETS = ("dsv4", "fp8-experts", "hf-bf16")
-PARTIAL_SUFFIX = ".dsv4-convert-partial"
+PARTIAL_SUFFIX = ".dsv4-convert-partial"  # partial_dir(out, "convert")
 PROGRESS_NAME = "convert-progress.json"
 CONVERT_VERSION = 1
 #: Shard data starts on a page boundary (the header is padded with spaces, as safetensors allows).
@@ -115,6 +124,7 @@ class ConversionPlan:
     copied_files: list[Path] = field(default_factory=list)  # tokenizer files, copied as they are
     side_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra JSON files
     shard_metadata: dict[str, str] = field(default_factory=lambda: {"format": "pt"})
+    written_files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # name -> writes that file
 
 
 def single(spec: TensorSpec, name: str, make: Callable[[], torch.Tensor]) -> Producer:
@@ -228,14 +238,14 @@ def _plan_dsv4(source: Checkpoint | Dsv4Checkpoint) -> ConversionPlan:
     for name in checkpoint_order(checkpoint_specs(args, include_mtp=source.has_mtp)):
         match = EXPERT_NAME_RE.match(name)
         if match is None:
-            tensors.append(_passthrough(source, name))
+            tensors.append(passthrough(source, name))
         elif match["prefix"] not in packed:
             packed.add(match["prefix"])
             tensors.append(PlannedTensor(blob_name(match["prefix"]), blob_spec,
                                          functools.partial(_blob_rows, layout, source, match["prefix"])))
     document = layout_document(layout, args, source.has_mtp, source_fingerprint(source))
     return ConversionPlan("dsv4", tensors, _read_json(source.model_dir / CONFIG_NAME),
-                          _source_generation_config(source), _tokenizer_files(source), {LAYOUT_NAME: document},
+                          source_generation_config(source), tokenizer_files(source), {LAYOUT_NAME: document},
                           {"format": "pt", "dsv4_layout": str(document["version"])})
 
 
@@ -259,13 +269,13 @@ def _plan_fp8_experts(source: Checkpoint | Dsv4Checkpoint) -> ConversionPlan:
     tensors = []
     for name in checkpoint_order(specs):
         if EXPERT_NAME_RE.match(name) is None:
-            tensors.append(_passthrough(source, name))
+            tensors.append(passthrough(source, name))
             continue
         linear, _, leaf = name.rpartition(".")
         make = functools.partial(_pick, converted, linear, 0 if leaf == "weight" else 1)
         tensors.append(PlannedTensor(name, specs[name], single(specs[name], name, make)))
-    return ConversionPlan("fp8-experts", tensors, out_args.to_hf_config(), _source_generation_config(source),
-                          _tokenizer_files(source))
+    return ConversionPlan("fp8-experts", tensors, out_args.to_hf_config(), source_generation_config(source),
+                          tokenizer_files(source))
 
 
 def _pick(convert: Callable[[str], tuple[torch.Tensor, torch.Tensor]], linear: str, index: int) -> torch.Tensor:
@@ -288,8 +298,8 @@ def _plan_hf_bf16(source: Checkpoint | Dsv4Checkpoint) -> ConversionPlan:
         tensors.append(PlannedTensor(target, out_spec, single(out_spec, target, make)))
         if name.endswith("ffn.gate.weight"):
             tensors += _hf_stacked_experts(source, name[: -len(".gate.weight")], target[: -len(".gate.weight")])
-    return ConversionPlan("hf-bf16", tensors, transformers_config(args), _source_generation_config(source),
-                          _tokenizer_files(source))
+    return ConversionPlan("hf-bf16", tensors, transformers_config(args), source_generation_config(source),
+                          tokenizer_files(source))
 
 
 def _dense(source: Checkpoint | Dsv4Checkpoint, name: str) -> torch.Tensor:
@@ -322,7 +332,7 @@ def _hf_stacked_experts(source: Checkpoint | Dsv4Checkpoint, ffn: str, mlp: str)
             PlannedTensor(f"{mlp}.experts.down_proj", TensorSpec("BF16", (n, d, inter)), down)]
 
 
-def _passthrough(source: Checkpoint | Dsv4Checkpoint, name: str) -> PlannedTensor:
+def passthrough(source: Checkpoint | Dsv4Checkpoint, name: str) -> PlannedTensor:
     spec = source.spec(name)
     return PlannedTensor(name, spec, single(spec, name, functools.partial(source.get, name)))
 
@@ -398,21 +408,47 @@ def convert_checkpoint(src: str | Path, out: str | Path, target: str, *,
     if max_shard_bytes <= 0:
         raise UsageError("the maximum shard size must be positive")
     src, out = Path(src).absolute(), Path(out).absolute()
-    _check_paths(src, out, force)
+    check_output_dir(out, [src], force)
     source = open_checkpoint(src)
     try:
         plan = plan_conversion(source, target)
-        shards = assign_shards(plan.tensors, max_shard_bytes, plan.shard_metadata)
-        partial = out.with_name(out.name + PARTIAL_SUFFIX)
-        with _locked_partial_dir(partial) as tmp:
-            try:
-                _write_all(tmp, plan, shards, _fingerprint(target, source, shards), force, progress, on_shard)
-            except DsvError as err:
-                err.hint = (err.hint + "; " if err.hint else "") + f"partial output kept in {tmp} for resuming"
-                raise
-            move_into_place(tmp, out)
+        write_plan(plan, source, out, "convert", max_shard_bytes=max_shard_bytes, force=force, progress=progress,
+                   on_shard=on_shard)
     finally:
         source.close()
+    return out
+
+
+def partial_dir(out: Path, purpose: str) -> Path:
+    """Where `dsv4 <purpose>` builds `out`: a marked sibling kept across interruptions for resuming."""
+    return out.with_name(f"{out.name}.dsv4-{purpose}-partial")
+
+
+def write_plan(plan: ConversionPlan, source: Checkpoint | Dsv4Checkpoint, out: Path, purpose: str, *,
+               max_shard_bytes: int, force: bool, progress: ProgressCallback | None = None,
+               on_shard: Callable[[Path], None] | None = None, identity: dict[str, Any] | None = None) -> Path:
+    """Write `plan` as a checkpoint directory `out`, restartably: shards go into `partial_dir(out)`,
+    recorded one by one, and the finished directory is renamed to `out` in one step.
+
+    A re-run with the same plan from the same, unchanged source files resumes after the last
+    finished shard; `identity` (e.g. a quantization recipe) joins the resume fingerprint. `force`
+    discards an earlier partial run. Disk errors become one-line errors that keep the partial output.
+    """
+    shards = assign_shards(plan.tensors, max_shard_bytes, plan.shard_metadata)
+    partial = partial_dir(out, purpose)
+    fingerprint = _fingerprint(plan.target, source, shards, identity or {})
+    hint = f"re-run the same command to resume from {partial}"
+    if not partial.exists():  # a fresh run: refuse a disk that clearly cannot hold the output, before writing
+        check_free_space(out.parent, sum(s.file_bytes for s in shards), f"writing {out}")
+    with disk_errors(f"writing {partial}", hint):
+        open_resumable_staging(partial, purpose)
+        with locked(partial, f"another `dsv4 {purpose}`"):
+            try:
+                _write_all(partial, plan, shards, fingerprint, force, progress, on_shard)
+            except DsvError as err:
+                err.hint = (err.hint + "; " if err.hint else "") + f"partial output kept in {partial} for resuming"
+                raise
+            move_into_place(partial, out)
     return out
 
 
@@ -421,6 +457,7 @@ def _write_all(tmp: Path, plan: ConversionPlan, shards: list[Shard], fingerprint
     finished = _resume_state(tmp, fingerprint, force, shards)
     total = sum(s.data_bytes for s in shards)
     done = sum(s.data_bytes for s in shards if s.name in finished)
+    check_free_space(tmp, sum(s.file_bytes for s in shards if s.name not in finished), f"finishing {tmp}")
 
     def advance(nbytes: int) -> None:
         nonlocal done
@@ -444,13 +481,15 @@ def _write_all(tmp: Path, plan: ConversionPlan, shards: list[Shard], fingerprint
 def _write_small_files(tmp: Path, plan: ConversionPlan, shards: list[Shard]) -> None:
     weight_map = {t.name: s.name for s in shards for t in s.tensors}
     total = sum(s.data_bytes for s in shards)
-    _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
-    _write_json(tmp / CONFIG_NAME, plan.config)
-    _write_json(tmp / GENERATION_CONFIG_NAME, plan.generation_config)
+    write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
+    write_json(tmp / CONFIG_NAME, plan.config)
+    write_json(tmp / GENERATION_CONFIG_NAME, plan.generation_config)
     for name, document in plan.side_files.items():
-        _write_json(tmp / name, document)
+        write_json(tmp / name, document)
     for path in plan.copied_files:
         shutil.copyfile(path, tmp / path.name)
+    for name, write in plan.written_files.items():
+        write(tmp / name)
 
 
 # ---------------------------------------------------------------- restartability
@@ -458,10 +497,10 @@ def _write_small_files(tmp: Path, plan: ConversionPlan, shards: list[Shard]) -> 
 
 def _resume_state(tmp: Path, fingerprint: str, force: bool, shards: list[Shard]) -> dict[str, int]:
     """Finished shards (name -> file size) of an earlier run of the same conversion; otherwise
-    empty the directory and start over."""
+    empty the (dsv4-made) directory and start over."""
     state = None if force else _read_progress(tmp)
     if state is None or state.get("fingerprint") != fingerprint:
-        _empty_directory(tmp)
+        empty_staging(tmp)
         _write_progress(tmp, fingerprint, {})
         return {}
     expected = {s.name: s.file_bytes for s in shards}
@@ -482,22 +521,31 @@ def _read_progress(tmp: Path) -> dict[str, Any] | None:
 
 
 def _write_progress(tmp: Path, fingerprint: str, finished: dict[str, int]) -> None:
-    path = tmp / PROGRESS_NAME
-    staging = path.with_name(path.name + ".new")
-    with open(staging, "w", encoding="utf-8") as f:
-        json.dump({"version": CONVERT_VERSION, "fingerprint": fingerprint, "finished": finished}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
+    write_json(tmp / PROGRESS_NAME, {"version": CONVERT_VERSION, "fingerprint": fingerprint, "finished": finished})
 
 
-def _fingerprint(target: str, source: Checkpoint | Dsv4Checkpoint, shards: list[Shard]) -> str:
-    """Identifies one conversion: the source, the target and the exact planned output files."""
-    digest = hashlib.sha256(json.dumps({"version": CONVERT_VERSION, "target": target,
-                                        "source": source_fingerprint(source)}, sort_keys=True).encode())
+def _fingerprint(target: str, source: Checkpoint | Dsv4Checkpoint, shards: list[Shard],
+                 identity: dict[str, Any]) -> str:
+    """Identifies one conversion: the source (down to each file's size and modification time), the
+    target, `identity`, and the exact planned output files."""
+    digest = hashlib.sha256(json.dumps({"version": CONVERT_VERSION, "target": target, "identity": identity,
+                                        "source": source_fingerprint(source),
+                                        "files": source_file_stamps(source.model_dir)},
+                                       sort_keys=True, default=str).encode())
     for shard in shards:
         digest.update(shard.name.encode() + b"\0" + shard.header)
     return digest.hexdigest()
+
+
+def source_file_stamps(model_dir: Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of every file of a checkpoint directory: a source that changed
+    since an interrupted run (a re-download, an edited config) no longer matches its partial output."""
+    stamps = []
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            stamps.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return stamps
 
 
 def source_fingerprint(source: Checkpoint | Dsv4Checkpoint) -> dict[str, Any]:
@@ -512,52 +560,10 @@ def source_fingerprint(source: Checkpoint | Dsv4Checkpoint) -> dict[str, Any]:
     return {"total_size": source.total_bytes, "index_file": index_file, "index_sha256": digest}
 
 
-# ------------------------------------------------------------------- directories
-
-
-def _check_paths(src: Path, out: Path, force: bool) -> None:
-    if out == src or out in src.parents:
-        raise UsageError(f"the output {out} would replace the source {src}", "choose another output directory")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory", "choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(f"{out} already exists", "choose another output directory, or pass --force to replace it")
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    if partial.exists() and not partial.is_dir():
-        raise UsageError(f"{partial} exists and is not a directory", "remove it")
-
-
-@contextlib.contextmanager
-def _locked_partial_dir(partial: Path) -> Iterator[Path]:
-    """Create (or reuse) the partial directory, holding an exclusive lock on it meanwhile."""
-    partial.mkdir(parents=True, exist_ok=True)
-    fd = os.open(partial, os.O_RDONLY)
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no advisory locks on this platform
-            pass
-        except BlockingIOError:
-            raise UsageError(f"another `dsv4 convert` is writing {partial}", "wait for it to finish") from None
-        yield partial
-    finally:
-        os.close(fd)
-
-
-def _empty_directory(directory: Path) -> None:
-    for child in directory.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 # ------------------------------------------------------------------------- files
 
 
-def _source_generation_config(source: Checkpoint | Dsv4Checkpoint) -> dict[str, Any]:
+def source_generation_config(source: Checkpoint | Dsv4Checkpoint) -> dict[str, Any]:
     path = source.model_dir / GENERATION_CONFIG_NAME
     return _read_json(path) if path.is_file() else generation_config(source.args)
 
@@ -569,10 +575,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {exc}", "re-download the checkpoint") from None
 
 
-def _write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
-
-
-def _tokenizer_files(source: Checkpoint | Dsv4Checkpoint) -> list[Path]:
+def tokenizer_files(source: Checkpoint | Dsv4Checkpoint) -> list[Path]:
     return [source.model_dir / name for name in TOKENIZER_FILES if (source.model_dir / name).is_file()]
 

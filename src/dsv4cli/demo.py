@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import CheckpointError
+from dsv4cli.fsutil import check_free_space, disk_errors, made_by_dsv4, mark_output, move_into_place, new_staging_dir
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.paths import cache_dir
 
@@ -38,6 +38,8 @@ DEMO_ARGS = ModelArgs(
 #: Where `tools/train_demo.py --package` writes the shipped files (a source checkout).
 PACKAGE_DIR = Path(__file__).resolve().parent / "data" / "demo"
 MANIFEST_NAME = "manifest.json"
+#: room the unpacked V4 tokenizer files take (tokenizer.json is about 8 MB)
+TOKENIZER_BYTES = 12 << 20
 _REINSTALL = "reinstall dsv4, or rebuild the demo with tools/train_demo.py --package"
 
 
@@ -69,13 +71,17 @@ def demo_model_dir(root: Path | None = None) -> Path:
     path = (root or cache_dir()) / DEMO_NAME
     if _is_unpacked(path, manifest):
         return path
-    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        _unpack(staging, manifest)
-        _move_into_place(staging, path, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with disk_errors(f"unpacking the demo model into {path.parent}",
+                     "free some space there, or point XDG_CACHE_HOME to a writable directory"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(path.parent, sum(entry["bytes"] for entry in manifest["files"].values()) + TOKENIZER_BYTES,
+                         "the demo model")
+        staging = new_staging_dir(path, "dsv4-unpack")
+        try:
+            _unpack(staging, manifest)
+            _move_into_place(staging, path, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -91,10 +97,21 @@ def _is_unpacked(path: Path, manifest: dict[str, Any]) -> bool:
     return sizes_ok and (path / "tokenizer.json").is_file()
 
 
+def _adopt_earlier_unpack(path: Path) -> None:
+    """Mark as dsv4's an outdated unpack that an earlier dsv4 version left without a marker (it holds
+    a demo manifest), so that it may be replaced; anything else at `path` is left for the user."""
+    try:
+        earlier = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(earlier, dict) and str(earlier.get("name", "")).startswith("dsv4-demo") and not made_by_dsv4(path):
+        mark_output(path, "dsv4-unpack")
+
+
 def _unpack(target: Path, manifest: dict[str, Any]) -> None:
     """Decompress and verify every file into `target`, add the tokenizer, then the manifest (last)."""
     source = packaged_demo()
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
     for name, entry in manifest["files"].items():
         packed = source / (name + ".xz")
         data = lzma.decompress(packed.read_bytes()) if packed.is_file() else (source / name).read_bytes()
@@ -108,10 +125,9 @@ def _unpack(target: Path, manifest: dict[str, Any]) -> None:
 def _move_into_place(staging: Path, path: Path, manifest: dict[str, Any]) -> None:
     """Rename `staging` to `path`, replacing an outdated or broken unpack; a concurrent process
     that finished first wins."""
-    from dsv4cli.io.writer import move_into_place  # (imports torch: only when unpacking)
-
     if _is_unpacked(path, manifest):
         return  # another process unpacked it meanwhile
+    _adopt_earlier_unpack(path)
     try:
         move_into_place(staging, path)
     except OSError:

@@ -1,7 +1,10 @@
 """The exceptions dsv4 raises for problems a user can fix.
 
 Each carries a one-line message (what happened) and a hint (how to fix it);
-the CLI prints both on one line and exits with `exit_code`.
+the CLI prints both on one line and exits with `exit_code`. One rule for every command:
+2 when the command line itself cannot work (a bad flag or value, a model or path that does not
+exist, an output that exists or overlaps the source), 1 for a problem met while working (a corrupt
+or unreadable file, a full disk, out of memory, a failed download).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ class CheckpointError(DsvError):
     """A checkpoint file is missing, truncated, corrupt, or does not match the config."""
 
 
-class ModelNotFound(DsvError):
-    """No model at the given path or name."""
+class ModelNotFound(UsageError):
+    """No model at the given path or name (a usage error: the argument names nothing)."""
 
 
 class OutOfMemory(DsvError):

@@ -14,6 +14,7 @@ the largest importance-weighted quantization error move one format up (int2 -> i
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,14 @@ class Imatrix:
         if linear.endswith(".w3"):
             linear = linear[:-3] + ".w1"
         return self.counts.get(linear, 0)
+
+    def digest(self) -> str:
+        """SHA-256 of the importance vectors and counts (identifies the imatrix a quantization used)."""
+        h = hashlib.sha256()
+        for name in sorted(self.sums):
+            h.update(f"{name}:{self.counts[name]}:".encode())
+            h.update(self.sums[name].float().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def save(self, path: str | Path) -> None:
         """As safetensors: one F32 tensor per linear, token counts in the metadata."""

@@ -3,12 +3,12 @@
 The output is an official-layout checkpoint whose config.json carries the recipe (key
 `recipe.QUANT_KEY`), so `ModelArgs.linear_format` and the schema know every linear's stored
 format and the normal loader runs it; `quantization.json` next to it repeats the recipe with
-the per-format counts and sizes. Tensors are streamed in checkpoint order through
-`io.writer.write_checkpoint` (at most about one shard in memory): each linear whose stored
-format changes is dequantized (`kernels.ref.dequantize_weight`) and requantized
-(`quant_formats`), everything else is copied. The whole output is built in a temporary
-sibling directory and moved into place at the end (`io.writer.move_into_place`); on any
-failure nothing is left behind.
+the per-format counts and sizes. The output is planned up front and written shard by shard
+through `convert.write_plan`, like `dsv4 convert`: each linear whose stored format changes is
+dequantized (`kernels.ref.dequantize_weight`) and requantized (`quant_formats`) when its shard is
+written, everything else is copied. The output is built in `<OUT>.dsv4-quantize-partial/` and
+renamed to OUT at the end; an interrupted run (Ctrl-C, SIGKILL, a full disk) resumes after its last
+finished shard when the same command is run again.
 
 An importance matrix (`imatrix.Imatrix`) weights the scale search of the routed experts and,
 with `boost_fraction`, moves the most sensitive layers one format up (`imatrix.boost_layers`).
@@ -17,22 +17,31 @@ No printing here: `progress(done, total)` reports bytes written.
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsv4cli.errors import CheckpointError, UsageError
+from dsv4cli.convert import (
+    ConversionPlan,
+    PlannedTensor,
+    passthrough,
+    single,
+    source_generation_config,
+    tokenizer_files,
+    write_plan,
+)
+from dsv4cli.errors import CheckpointError, ModelNotFound, UsageError
 from dsv4cli.formats import quantize_fp8_blocks
+from dsv4cli.fsutil import check_output_dir, write_json
 from dsv4cli.imatrix import Imatrix, boost_layers
 from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.io.dsv4_layout import Dsv4Checkpoint, open_checkpoint
 from dsv4cli.io.schema import TensorSpec, checkpoint_specs
-from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, checkpoint_order, move_into_place, write_checkpoint
+from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, checkpoint_order
 from dsv4cli.kernels.ref import dequantize_weight
 from dsv4cli.quant_formats import LOWBIT, quantize_fp4_search, quantize_lowbit
 from dsv4cli.recipe import Recipe
@@ -95,9 +104,11 @@ def requantize(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
 def quantize_checkpoint(src: str | Path, out: str | Path, recipe: Recipe, *, imatrix: Imatrix | None = None,
                         boost_fraction: float = 0.0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         force: bool = False, progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
-    """Write `src` quantized per `recipe` to `out` (atomically); see the module docstring."""
-    src, out = Path(src), Path(out).absolute()
-    _check_paths(src, out, force)
+    """Write `src` quantized per `recipe` to `out` (atomically, resumable); see the module docstring."""
+    src, out = Path(src).absolute(), Path(out).absolute()
+    if not src.is_dir():
+        raise ModelNotFound(f"no checkpoint directory at {src}", "point to a directory with config.json")
+    check_output_dir(out, [src], force)
     source = open_checkpoint(src)
     try:
         if source.args.quantization is not None:
@@ -109,40 +120,29 @@ def quantize_checkpoint(src: str | Path, out: str | Path, recipe: Recipe, *, ima
         args = source.args.replace(quantization=recipe)
         src_specs = checkpoint_specs(source.args, include_mtp=source.has_mtp)
         out_specs = checkpoint_specs(args, include_mtp=source.has_mtp)
-        plan = _plan(src_specs, out_specs)
-        total = sum(spec.nbytes for spec in out_specs.values())
-        staging = out.with_name(f"{out.name}.quantizing")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            write_checkpoint(_tensors(source, out_specs, plan, imatrix), args, staging,
-                             max_shard_bytes=max_shard_bytes, overwrite=True,
-                             tokenizer_dir=src if (src / "tokenizer.json").is_file() else None,
-                             progress=None if progress is None else lambda _name, done: progress(done, total))
-            result = QuantizeResult(path=out, recipe=recipe, source_bytes=_weights_bytes(src),
-                                    output_bytes=_weights_bytes(staging), formats=_format_counts(out_specs),
-                                    converted=len(plan), boosted_layers=boosted,
-                                    imatrix=imatrix is not None)
-            (staging / RECIPE_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
-            if imatrix is not None:
-                imatrix.save(staging / IMATRIX_FILE)
-            move_into_place(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        formats = _plan(src_specs, out_specs)
+        result = QuantizeResult(path=out, recipe=recipe, source_bytes=_tensor_bytes(src_specs),
+                                output_bytes=_tensor_bytes(out_specs),
+                                formats=_format_counts(out_specs), converted=len(formats), boosted_layers=boosted,
+                                imatrix=imatrix is not None)
+        plan = ConversionPlan(f"quantize {recipe.name}", _planned_tensors(source, out_specs, formats, imatrix),
+                              args.to_hf_config(), source_generation_config(source), tokenizer_files(source),
+                              written_files=_side_files(result, imatrix))
+        identity = {"config": args.to_hf_config(), "imatrix": imatrix.digest() if imatrix is not None else None}
+        write_plan(plan, source, out, "quantize", max_shard_bytes=max_shard_bytes, force=force, progress=progress,
+                   identity=identity)
     finally:
         source.close()
     return result
 
 
-def _check_paths(src: Path, out: Path, force: bool) -> None:
-    if not src.is_dir():
-        raise CheckpointError(f"no checkpoint directory at {src}", "point to a directory with config.json")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory", "choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CheckpointError(f"{out} already exists and is not empty", "choose another directory or pass --force")
-    if out.resolve() == src.resolve():
-        raise UsageError("the output directory is the source checkpoint", "write the quantized copy elsewhere")
+def _side_files(result: QuantizeResult, imatrix: Imatrix | None) -> dict[str, Callable[[Path], None]]:
+    """quantization.json (the result, without the output's path: the directory may move) and the imatrix used."""
+    report = {key: value for key, value in result.to_json().items() if key != "path"}
+    files: dict[str, Callable[[Path], None]] = {RECIPE_FILE: lambda path: write_json(path, report)}
+    if imatrix is not None:
+        files[IMATRIX_FILE] = imatrix.save
+    return files
 
 
 def _plan(src_specs: dict[str, TensorSpec], out_specs: dict[str, TensorSpec]) -> dict[str, str]:
@@ -160,29 +160,45 @@ def _plan(src_specs: dict[str, TensorSpec], out_specs: dict[str, TensorSpec]) ->
     return plan
 
 
-def _tensors(source: Checkpoint | Dsv4Checkpoint, out_specs: dict[str, TensorSpec], plan: dict[str, str],
-             imatrix: Imatrix | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in checkpoint order; converted linears computed when their weight comes up."""
-    pending: dict[str, torch.Tensor] = {}
+def _planned_tensors(source: Checkpoint | Dsv4Checkpoint, out_specs: dict[str, TensorSpec], formats: dict[str, str],
+                     imatrix: Imatrix | None) -> list[PlannedTensor]:
+    """Every output tensor in checkpoint order: copied, or requantized when its linear changes format."""
+    converted = _Requantized(source, formats, imatrix)
+    tensors = []
     for name in checkpoint_order(out_specs):
-        if name in pending:
-            yield name, pending.pop(name)
-            continue
-        base = name.rpartition(".")[0]
-        if base not in plan:
-            yield name, source.get(name)
-            continue
-        scale = source.get(base + ".scale") if base + ".scale" in source else None
-        importance = imatrix.importance(base) if imatrix is not None else None
-        weight, new_scale = requantize(source.get(base + ".weight"), scale, plan[base], importance)
-        produced = {base + ".weight": weight}
-        if new_scale is not None:
-            produced[base + ".scale"] = new_scale
-        yield name, produced.pop(name)
-        pending.update(produced)
-    if pending:
-        raise CheckpointError(f"quantizer produced tensors the schema does not list: {sorted(pending)[:3]}",
-                              "this is a bug in dsv4 quantize")
+        base, _, leaf = name.rpartition(".")
+        spec = out_specs[name]
+        if base in formats:
+            tensors.append(PlannedTensor(name, spec, single(spec, name, functools.partial(converted.part, base, leaf))))
+        else:
+            tensors.append(passthrough(source, name))
+    return tensors
+
+
+class _Requantized:
+    """Each converted linear's (weight, scale), computed once when the first of the two is written and
+    forgotten once both are (shards order tensors by dtype width, so the two need not be adjacent)."""
+
+    def __init__(self, source: Checkpoint | Dsv4Checkpoint, formats: dict[str, str], imatrix: Imatrix | None):
+        self.source, self.formats, self.imatrix = source, formats, imatrix
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def part(self, base: str, leaf: str) -> torch.Tensor:
+        if base not in self.pending:
+            self.pending[base] = self._convert(base)
+        parts = self.pending[base]
+        if leaf not in parts:
+            raise CheckpointError(f"the quantizer produced no {base}.{leaf}", "this is a bug in dsv4 quantize")
+        tensor = parts.pop(leaf)
+        if not parts:
+            del self.pending[base]
+        return tensor
+
+    def _convert(self, base: str) -> dict[str, torch.Tensor]:
+        scale = self.source.get(base + ".scale") if base + ".scale" in self.source else None
+        importance = self.imatrix.importance(base) if self.imatrix is not None else None
+        weight, new_scale = requantize(self.source.get(base + ".weight"), scale, self.formats[base], importance)
+        return {"weight": weight} if new_scale is None else {"weight": weight, "scale": new_scale}
 
 
 def _format_counts(specs: dict[str, TensorSpec]) -> dict[str, int]:
@@ -194,6 +210,6 @@ def _format_counts(specs: dict[str, TensorSpec]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _weights_bytes(directory: Path) -> int:
-    """Bytes of the checkpoint's .safetensors files (the size on disk that matters)."""
-    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+def _tensor_bytes(specs: dict[str, TensorSpec]) -> int:
+    """Bytes of the tensors' data (what the shards hold, without their headers)."""
+    return sum(spec.nbytes for spec in specs.values())

@@ -3,8 +3,8 @@
 Output: `config.json`, `generation_config.json`, `model.safetensors.index.json` and shards
 `model-0000i-of-0000K.safetensors` (MTP tensors last, in a shard of their own).
 Tensors are written shard by shard, so at most one shard's tensors plus one more
-are held in memory; everything goes to a sibling `<out_dir>.tmp-<pid>` directory that
-is renamed to `out_dir` only when complete, and removed if anything fails.
+are held in memory; everything goes to a sibling `<out_dir>.dsv4-write-<pid>` directory that
+is renamed to `out_dir` only when complete, and removed if anything fails (`fsutil` rules).
 
 `write_random_checkpoint` makes deterministic random weights that keep activations at
 a sane scale through the layers; every tensor is drawn from its own seed (derived from
@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +26,14 @@ import torch
 
 from dsv4cli.errors import CheckpointError
 from dsv4cli.formats import quantize_fp4_rows, quantize_fp8_blocks
+from dsv4cli.fsutil import (
+    check_free_space,
+    check_output_dir,
+    disk_errors,
+    move_into_place,
+    new_staging_dir,
+    write_json,
+)
 from dsv4cli.io.checkpoint import CONFIG_NAME, INDEX_NAME, MTP_PREFIX
 from dsv4cli.io.safetensors_file import METADATA_KEY, SAFETENSORS_DTYPES, TORCH_DTYPES
 from dsv4cli.io.schema import TensorSpec, checkpoint_specs
@@ -56,29 +63,35 @@ def write_random_checkpoint(args: ModelArgs, out_dir: str | Path, seed: int = 0,
 
     Same args + seed give byte-identical files. Returns the checkpoint directory.
     """
+    total = sum(spec.nbytes for spec in checkpoint_specs(args, include_mtp=include_mtp).values())
     return write_checkpoint(random_tensors(args, seed, include_mtp=include_mtp), args, out_dir,
                             max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                            tokenizer_dir=tokenizer_dir, progress=progress)
+                            tokenizer_dir=tokenizer_dir, progress=progress, expected_bytes=total)
 
 
 def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                      args: ModelArgs, out_dir: str | Path, *,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                      tokenizer_dir: str | Path | None = None, validate: bool = True,
-                     progress: Progress | None = None, config: dict[str, Any] | None = None) -> Path:
+                     progress: Progress | None = None, config: dict[str, Any] | None = None,
+                     expected_bytes: int | None = None) -> Path:
     """Write given tensors as an official-format checkpoint in `out_dir` (atomically).
 
     A mapping is written in checkpoint order (MTP last); an iterable of (name, tensor)
     is streamed in the order given. With `validate`, every tensor must match
     `checkpoint_specs(args)` and all must be present (MTP all or none).
     `progress(name, bytes_so_far)` is called after each tensor. `config` replaces the
-    config.json written from `args` (e.g. for transformers-named exports).
+    config.json written from `args` (e.g. for transformers-named exports). With `expected_bytes`
+    (the tensors' total), a disk that cannot hold them is refused before anything is written.
     """
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
     items = _ordered_items(tensors, args) if isinstance(tensors, Mapping) else tensors
     out_dir = Path(out_dir).absolute()
     tokenizer_sources = _tokenizer_sources(tokenizer_dir)
+    if expected_bytes is not None:
+        check_output_dir(out_dir, [], overwrite)
+        check_free_space(out_dir.parent, expected_bytes, f"writing {out_dir}")
     with atomic_directory(out_dir, overwrite) as tmp:
         checker = _SpecChecker(args) if validate else None
         shards = _ShardWriter(tmp, max_shard_bytes)
@@ -91,10 +104,10 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
         if checker is not None:
             checker.check_complete()
         weight_map = shards.finish()
-        _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": shards.total_bytes},
+        write_json(tmp / INDEX_NAME, {"metadata": {"total_size": shards.total_bytes},
                                        "weight_map": weight_map}, sort_keys=True)
-        _write_json(tmp / CONFIG_NAME, config if config is not None else args.to_hf_config())
-        _write_json(tmp / GENERATION_CONFIG_NAME, generation_config(args))
+        write_json(tmp / CONFIG_NAME, config if config is not None else args.to_hf_config())
+        write_json(tmp / GENERATION_CONFIG_NAME, generation_config(args))
         for source in tokenizer_sources:
             shutil.copyfile(source, tmp / source.name)
     return out_dir
@@ -357,10 +370,6 @@ def _as_cpu_contiguous(name: str, tensor: torch.Tensor) -> torch.Tensor:
 # ====================================================================== files
 
 
-def _write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
-
-
 def _tokenizer_sources(tokenizer_dir: str | Path | None) -> list[Path]:
     if tokenizer_dir is None:
         return []
@@ -374,38 +383,16 @@ def _tokenizer_sources(tokenizer_dir: str | Path | None) -> list[Path]:
 
 @contextmanager
 def atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir`; on success move it into place, else delete it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} exists and is not a directory", "choose another output path")
-    if _is_non_empty_dir(out_dir) and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists and is not empty",
-                              "choose another output directory or pass overwrite=True (--force)")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Yield a fresh marked staging sibling of `out_dir`; on success move it into place, else delete it.
 
-
-def move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` to `out_dir`; an existing non-empty `out_dir` is swapped out, then deleted."""
-    if not _is_non_empty_dir(out_dir):
-        os.replace(tmp, out_dir)  # also replaces an empty directory
-        return
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _is_non_empty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+    `out_dir` is checked first (`fsutil.check_output_dir`): an existing non-empty one needs
+    `overwrite` and must be a dsv4 output. Disk errors become one-line `DiskError`s."""
+    check_output_dir(out_dir, [], overwrite)
+    with disk_errors(f"writing {out_dir}", "free some space or choose another output directory"):
+        staging = new_staging_dir(out_dir, "dsv4-write")
+        try:
+            yield staging
+            move_into_place(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

@@ -80,6 +80,7 @@ def select(mode: str | None = None) -> list[str]:
         try:
             cpu.load()
             cpu.register()
+            notices += cpu.take_notices()
         except Exception as exc:  # a missing compiler must not stop `auto` from running
             if mode == "cpu":
                 raise
