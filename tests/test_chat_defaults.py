@@ -26,6 +26,8 @@ def test_demo_samples_cooler_than_deepseek_default(tmp_path):
     ({"temperature": 1.0, "top_p": 1.0, "bos_token_id": 0}, (1.0, 1.0)),  # the official V4 file
     ({"temperature": -1}, (1.0, 1.0)),
     ({"temperature": "hot"}, (1.0, 1.0)),
+    ({"temperature": float("inf")}, (1.0, 1.0)),  # json writes and reads Infinity and NaN
+    ({"temperature": 0.7, "top_p": float("nan")}, (1.0, 1.0)),
     ([1, 2], (1.0, 1.0)),
 ])
 def test_generation_config_gives_the_defaults(tmp_path, config, expected):

@@ -7,12 +7,15 @@ import threading
 import pytest
 import torch
 
-from dsv4cli.engine import Engine
-from dsv4cli.errors import UsageError
+from dsv4cli import engine as engine_module
+from dsv4cli.engine import ContextFull, ContextTooLarge, Engine, NonFiniteLogits, cache_bytes
+from dsv4cli.errors import CheckpointError, OutOfMemory, UsageError
 from dsv4cli.events import GenerationStats, TokenEvent
+from dsv4cli.loader import build_model
 from dsv4cli.model.layers import Numerics
+from dsv4cli.presets import PRESETS
 from dsv4cli.sampling import SamplingParams
-from tests.conftest import tiny_model
+from tests.conftest import tiny_model, tiny_tensors
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -123,9 +126,41 @@ def test_cancel_between_decode_steps(model):
 
 def test_context_limits(model):
     engine = Engine(model, max_context=32)
-    with pytest.raises(UsageError, match="does not fit"):
+    with pytest.raises(ContextFull, match="does not fit") as full:
         run(engine, prompt_of(40))
+    assert (full.value.prompt_tokens, full.value.max_context) == (40, 32)
+    assert "--" not in full.value.one_line() and "/clear" not in full.value.one_line()  # callers add their hints
     events, stats = run(engine, prompt_of(28), sampling=GREEDY, max_tokens=100)
     assert len(events) == 4 and stats.finish_reason == "length"
     with pytest.raises(UsageError, match="empty"):
         run(engine, [])
+
+
+@pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"max_tokens": -1}, {"reasoning_budget": -3}])
+def test_non_positive_limits_are_refused(model, kwargs):
+    engine = Engine(model, max_context=64)
+    with pytest.raises(UsageError, match="at least"):
+        run(engine, prompt_of(5), reasoning=True, think_end_id=499, **kwargs)
+
+
+def test_nan_weights_fail_with_a_clear_error_and_reset_the_cache():
+    clean = tiny_tensors("tiny")
+    tensors = {**clean, "norm.weight": torch.full_like(clean["norm.weight"], float("nan"))}
+    broken = build_model(PRESETS["tiny"], tensors.__getitem__, Numerics.plain(torch.float32))
+    engine = Engine(broken, max_context=64)
+    for sampling in (GREEDY, SamplingParams(seed=0)):
+        with pytest.raises(NonFiniteLogits, match="NaN logits at token 1 of the reply") as caught:
+            run(engine, prompt_of(9), sampling=sampling)
+        assert isinstance(caught.value, CheckpointError) and "corrupt" in caught.value.message
+        assert engine.cached_ids == [] and engine.cache.pos == 0  # the next call starts clean
+
+
+def test_a_context_too_large_for_memory_is_refused_before_allocating(model, monkeypatch):
+    assert cache_bytes(model, 256) == Engine(model, max_context=256).cache.nbytes
+    assert cache_bytes(model, 10**20) > 10**20  # beyond what torch can describe: estimated
+    monkeypatch.setattr(engine_module, "available_bytes", lambda device: 2**30)
+    with pytest.raises(ContextTooLarge) as caught:
+        Engine(model, max_context=1_000_000_000)
+    message = caught.value.message
+    assert isinstance(caught.value, OutOfMemory) and "--" not in caught.value.one_line()
+    assert message.startswith("a 1,000,000,000-token context needs ") and "1.0 GiB is available" in message

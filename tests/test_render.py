@@ -542,6 +542,7 @@ def test_json_renderer_prints_one_object():
         "reasoning",
         "tool_calls",
         "finish_reason",
+        "stopped_in_reasoning",
         "interrupted",
         "usage",
         "timings",

@@ -147,7 +147,9 @@ def test_think_max_on_a_long_context_does_not_warn():
                                   "/set temperature", "/set temperature hot", "/set temperature -1", "/set top_p 2",
                                   "/set max_tokens 0", "/set max_tokens many", "/set reasoning_budget -3",
                                   "/set seed x", "/regen", "/save", "/load", "/load never-saved", "/read",
-                                  "/read /no/such/file", "/clear now", "/stats please"])
+                                  "/read /no/such/file", "/clear now", "/stats please", "/set temperature nan",
+                                  "/set temperature inf", "/set top_p nan", "/set min_p -inf", "/set top_k 1.5",
+                                  "/read /", "/save /", "/load /"])
 def test_bad_input_is_one_error_line_and_changes_nothing(xdg, line):
     repl, session, renderer = make_repl()
     before = (session.settings.mode, session.settings.sampling, session.settings.max_tokens)
@@ -155,6 +157,89 @@ def test_bad_input_is_one_error_line_and_changes_nothing(xdg, line):
     assert len(renderer.of("error")) == 1 and "\n" not in renderer.of("error")[0]
     assert (session.settings.mode, session.settings.sampling, session.settings.max_tokens) == before
     assert not repl.done and not session.answered
+
+
+class FailingSession(CannedSession):
+    """A canned session whose next turn raises `error` (after the reply started streaming)."""
+
+    def __init__(self, error: BaseException, **kwargs):
+        super().__init__(**kwargs)
+        self.error = error
+
+    def _respond(self, renderer, cancel, sampling=None):
+        if self.error is not None:
+            error, self.error = self.error, None
+            renderer.begin_turn(mode_label(self.settings.mode))
+            renderer.content("half")
+            raise error
+        return super()._respond(renderer, cancel, sampling)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("kernel failed\nsecond line"), MemoryError(), KeyError("k"),
+                                   TypeError("bad"), ZeroDivisionError("division by zero")])
+def test_any_error_in_a_turn_is_one_line_and_the_conversation_survives(error):
+    session, renderer = FailingSession(error), RecordingRenderer()
+    repl = Repl(session, renderer)
+    session.messages = [{"role": "user", "content": "before"}, {"role": "assistant", "content": "kept"}]
+    run(repl, "this turn fails")
+    assert len(renderer.of("error")) == 1 and "\n" not in renderer.of("error")[0]
+    assert type(error).__name__ in renderer.of("error")[0]
+    assert renderer.of("close") and not repl.done
+    assert [m["content"] for m in session.messages] == ["before", "kept"]
+    run(repl, "next one")
+    assert [m["content"] for m in session.messages] == ["before", "kept", "next one", "canned answer"]
+
+
+def test_a_full_context_suggests_clear_in_the_repl():
+    from dsv4cli.engine import ContextFull
+
+    session, renderer = FailingSession(ContextFull(20_000, 16_384)), RecordingRenderer()
+    run(Repl(session, renderer), "long")
+    assert renderer.of("error") == ["the prompt of 20,000 tokens does not fit the context of 16,384 tokens "
+                                    "(/clear to start over, or restart with a larger --ctx)"]
+
+
+def test_a_reply_cut_inside_the_thinking_trace_is_warned_about():
+    class CutSession(CannedSession):
+        def _record(self, result):
+            result.stopped_in_reasoning = True
+            super()._record(result)
+
+    session, renderer = CutSession(reply=""), RecordingRenderer()
+    run(Repl(session, renderer), "think")
+    assert len(renderer.of("warning")) == 1 and "inside the thinking trace" in renderer.of("warning")[0]
+    assert "/set max_tokens" in renderer.of("warning")[0]
+
+
+def test_lone_surrogates_typed_or_read_are_replaced_not_fatal(xdg, tmp_path):
+    repl, session, renderer = make_repl()
+    run(repl, "bad \udcff byte", "/system sys \udcff", "/save s")
+    assert session.messages[0]["content"] == "bad \ufffd byte" and session.settings.system == "sys \ufffd"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    run(repl, f"/read {latin1}", f"/read {empty}")
+    assert renderer.of("error") == [f"{latin1} is not UTF-8 text (byte 0xe9 at offset 3) (convert it, e.g. with "
+                                    "iconv -t utf-8)", f"{empty} is empty (/read sends the file's text as your "
+                                    "message)"]
+    assert len(session.messages) == 2
+
+
+@pytest.mark.parametrize("transcript", [
+    {"version": 1, "messages": [], "sampling": {"seed": "7"}},
+    {"version": 1, "messages": [{"role": "user", "content": 5}]},
+    {"version": 1, "messages": [{"role": "user"}], "mode": ["x"]},
+    "[[[[",
+])
+def test_load_of_a_malformed_transcript_keeps_the_conversation_and_the_repl(tmp_path, transcript):
+    path = tmp_path / "bad.json"
+    path.write_text(transcript if isinstance(transcript, str) else json.dumps(transcript))
+    repl, session, renderer = make_repl()
+    run(repl, "keep me", f"/load {path}", "/set seed 5", "still here")
+    assert len(renderer.of("error")) == 1 and str(path) in renderer.of("error")[0]
+    assert [m["content"] for m in session.messages] == ["keep me", "canned answer", "still here", "canned answer"]
+    assert session.settings.sampling.seed == 5
 
 
 def test_unknown_command_points_to_help():
@@ -439,6 +524,9 @@ def test_chat_end_to_end_in_a_terminal(demo_cache, tmp_path):
         assert saved["messages"][2]["content"] == "Tell me more" and saved["mode"] == "non-think"
         term.command("/clear", "new conversation")
         term.command("/load t1", "loaded 4 messages")
+        bad = tmp_path / "data" / "dsv4" / "sessions" / "bad.json"
+        bad.write_text(json.dumps({**saved, "sampling": {"seed": "one"}}))
+        term.command("/load bad", "invalid contents")  # an error line; the loaded conversation stays
         term.command("/regen", "tok/s", timeout=60)
         term.expect("non-think>")
         term.command("/set max_tokens 100000", "max_tokens = 100000")

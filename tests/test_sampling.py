@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv4cli.errors import UsageError
-from dsv4cli.sampling import SamplingParams, filter_logits, make_sampler
+from dsv4cli.sampling import InvalidSamplingParam, SamplingParams, filter_logits, make_sampler
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625]))
 
@@ -48,11 +48,31 @@ def test_temperature_sharpens():
     assert sum(cold(LOGITS) == 0 for _ in range(200)) > 195
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2},
-                                    {"min_p": 1.0}])
-def test_invalid_values(kwargs):
-    with pytest.raises(UsageError):
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -1}, {"temperature": NAN}, {"temperature": INF}, {"top_p": 0}, {"top_p": 1.5}, {"top_p": NAN},
+    {"top_p": -INF}, {"top_k": -2}, {"top_k": 1.5}, {"top_k": True}, {"min_p": -0.1}, {"min_p": 1.5},
+    {"min_p": NAN}, {"temperature": "hot"}, {"seed": "1"}, {"seed": 1.0},
+])
+def test_invalid_values_are_refused_with_the_parameter_named(kwargs):
+    (name,) = kwargs
+    with pytest.raises(InvalidSamplingParam, match=name) as caught:
         SamplingParams(**kwargs)
+    assert isinstance(caught.value, UsageError) and isinstance(caught.value, ValueError)
+    assert caught.value.param == name and "--" not in caught.value.one_line()
+
+
+def test_edges_of_the_ranges_are_valid():
+    assert kept(SamplingParams(min_p=1.0)) == [0]  # only the most likely token
+    assert kept(SamplingParams(top_p=1.0, min_p=0.0, top_k=0)) == [0, 1, 2, 3, 4]
+
+
+def test_tiny_temperature_is_greedy_not_nan_and_any_whole_seed_works():
+    sample = make_sampler(SamplingParams(temperature=1e-37, seed=2**70))  # logits / T would overflow to -inf
+    assert all(sample(LOGITS.flip(0) * 100) == 4 for _ in range(5))
+    assert make_sampler(SamplingParams(seed=-1))(LOGITS) in range(5)
 
 
 def test_with_value_parses_repl_input():
@@ -63,3 +83,5 @@ def test_with_value_parses_repl_input():
         p.with_value("nucleus", "1")
     with pytest.raises(UsageError, match="number"):
         p.with_value("top_p", "high")
+    with pytest.raises(UsageError, match="temperature"):
+        p.with_value("temperature", "nan")  # `/set temperature nan` in the REPL

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import threading
 
 import pytest
@@ -16,7 +19,7 @@ from dsv4cli.io.writer import random_tensors
 from dsv4cli.loader import build_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.sampling import SamplingParams
-from dsv4cli.session import ChatSession, ChatSettings
+from dsv4cli.session import ChatSession, ChatSettings, TranscriptError
 from dsv4cli.tokenizer import Tokenizer
 
 
@@ -151,3 +154,122 @@ def test_save_and_load_round_trip(parts, tmp_path):
     with pytest.raises(UsageError, match="no transcript"):
         other.load(tmp_path / "none.json")
     assert other.messages == chat.messages  # a failed load changes nothing
+
+
+def test_a_reply_cut_inside_the_thinking_trace_says_so(parts):
+    chat = session(parts, max_tokens=3, reasoning_budget=None)
+    result = chat.send("think about it", Recorder())
+    assert result.stats.finish_reason == "length" and result.stopped_in_reasoning and result.content == ""
+    answered = session(parts, mode=ThinkMode.NON_THINK, max_tokens=3).send("hi", Recorder())
+    assert not answered.stopped_in_reasoning
+
+
+# ------------------------------------------------------------ transcripts
+GOOD = {"version": 1, "mode": "non-think", "system": None, "sampling": {"seed": 3}, "messages": []}
+MALFORMED = {
+    "string seed": {**GOOD, "sampling": {"seed": "7"}},
+    "NaN temperature": '{"version": 1, "messages": [], "sampling": {"temperature": NaN}}',
+    "unknown sampling key": {**GOOD, "sampling": {"nucleus": 1}},
+    "sampling not an object": {**GOOD, "sampling": [1]},
+    "mode not a string": {**GOOD, "mode": 5},
+    "unknown mode": {**GOOD, "mode": "deep"},
+    "system not a string": {**GOOD, "system": ["x"]},
+    "message not an object": {**GOOD, "messages": [5]},
+    "message without a role": {**GOOD, "messages": [{"content": "x"}]},
+    "content not text": {**GOOD, "messages": [{"role": "user", "content": 5}]},
+    "unknown role": {**GOOD, "messages": [{"role": "wizard", "content": "x"}]},
+    "interrupted not a bool": {**GOOD, "messages": [{"role": "assistant", "content": "x", "interrupted": "yes"}]},
+    "wrong version": {**GOOD, "version": 2},
+    "not an object": [GOOD],
+    "missing messages": {"version": 1},
+    "invalid JSON": "{not json",
+    "deeply nested JSON": "[" * 100_000,
+    "not UTF-8": b'{"version": 1, "messages": [], "system": "\xff"}',
+}
+
+
+def write_transcript(path, data) -> None:
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
+
+
+def bare_session() -> ChatSession:
+    """A session for transcript tests: they touch neither the engine nor the tokenizer."""
+    chat = ChatSession(engine=None, tokenizer=None)
+    chat.messages = [{"role": "user", "content": "keep me"}, {"role": "assistant", "content": "kept"}]
+    return chat
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_loading_a_malformed_transcript_is_one_clear_error_and_changes_nothing(tmp_path, case):
+    path = tmp_path / "t.json"
+    write_transcript(path, MALFORMED[case])
+    chat = bare_session()
+    before = (list(chat.messages), chat.settings.sampling, chat.settings.mode)
+    with pytest.raises(TranscriptError) as caught:
+        chat.load(path)
+    assert isinstance(caught.value, ValueError) and str(path) in caught.value.message
+    line = caught.value.one_line()
+    assert "\n" not in line and len(line) < 400 and "/save" not in line
+    assert (chat.messages, chat.settings.sampling, chat.settings.mode) == before
+
+
+def test_loading_a_directory_or_a_missing_file_is_a_clear_error(tmp_path):
+    chat = bare_session()
+    with pytest.raises(TranscriptError, match="is a directory"):
+        chat.load(tmp_path)
+    with pytest.raises(TranscriptError, match="no transcript"):
+        chat.load(tmp_path / "none.json")
+
+
+def test_lone_surrogates_in_a_transcript_become_replacement_characters(tmp_path):
+    path = tmp_path / "t.json"
+    write_transcript(path, {**GOOD, "messages": [{"role": "user", "content": "bad \\ud800 text"}]})
+    path.write_text(path.read_text().replace("\\\\ud800", "\\ud800"))  # a JSON escape of a lone surrogate
+    chat = bare_session()
+    chat.load(path)
+    assert chat.messages[0]["content"] == "bad \ufffd text"
+    chat.messages.append({"role": "assistant", "content": "also \udcff here"})
+    chat.save(path)  # writes valid UTF-8
+    assert json.loads(path.read_bytes().decode("utf-8"))["messages"][1]["content"] == "also \ufffd here"
+
+
+class FullDiskFile:
+    """A file opened for writing on a full disk: every write raises ENOSPC."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    chat = bare_session()
+    path = chat.save(tmp_path / "t.json")
+    original = path.read_bytes()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: FullDiskFile(real_fdopen(fd, *args, **kwargs)))
+    chat.messages.append({"role": "user", "content": "more"})
+    with pytest.raises(TranscriptError, match="the disk is full") as caught:
+        chat.save(path)
+    monkeypatch.undo()
+    assert "\n" not in caught.value.one_line()
+    assert path.read_bytes() == original and sorted(tmp_path.iterdir()) == [path]
+    with pytest.raises(TranscriptError, match="is a directory"):
+        chat.save(tmp_path)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(TranscriptError):
+        chat.save(tmp_path / "sub")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub", "t.json"]

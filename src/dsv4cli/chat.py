@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import torch
 from dsv4cli.demo import DEMO_ALIAS, DEMO_LABEL, DEMO_TEMPERATURE, demo_model_dir
 from dsv4cli.engine import Engine
 from dsv4cli.errors import ModelNotFound
+from dsv4cli.events import TurnResult
 from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
@@ -105,11 +107,13 @@ def sampling_defaults(opened: OpenModel) -> tuple[float, float]:
         return 1.0, 1.0
     temperature = config.get("temperature", 1.0) if config.get("do_sample", True) else 0.0
     top_p = config.get("top_p", 1.0)
-    valid = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (temperature, top_p))
+    valid = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in (temperature, top_p))
     return (float(temperature), float(top_p)) if valid and temperature >= 0 and 0 < top_p <= 1 else (1.0, 1.0)
 
 
 def new_session(opened: OpenModel, settings: ChatSettings, context: int) -> ChatSession:
+    """A session on `opened` with a `context`-token cache (ContextTooLarge, before allocating, when it cannot fit)."""
     torch.set_grad_enabled(False)
     return ChatSession(Engine(opened.model, max_context=context), opened.tokenizer, settings)
 
@@ -128,8 +132,7 @@ def sigint_cancels(cancel: threading.Event) -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def run_prompt(session: ChatSession, text: str, renderer) -> int:
-    """One-shot: answer `text`; exit status 0, or 130 when interrupted."""
+def run_prompt(session: ChatSession, text: str, renderer) -> TurnResult:
+    """One-shot: answer `text` (Ctrl-C stops the reply: the result is then marked interrupted)."""
     with sigint_cancels(threading.Event()) as cancel:
-        result = session.send(text, renderer, cancel)
-    return 130 if result.interrupted else 0
+        return session.send(text, renderer, cancel)

@@ -91,6 +91,9 @@ def synth(
 
 
 MODES = ["non-think", "think-high", "think-max"]
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+                  "seed": "--seed"}
+NOT_UTF8_HINT = "pass UTF-8 text; convert other encodings first, e.g. with iconv -f latin1 -t utf-8"
 
 
 @app.command()
@@ -123,31 +126,31 @@ def chat(
     plan: SavedPlan = None,
     counts: RoutingCounts = None,
 ) -> None:
-    """Chat with a model: a REPL on a terminal, one-shot with -p or piped stdin."""
-    from dsv4cli.chat import new_session, open_model, run_prompt, sampling_defaults
-    from dsv4cli.encoding import ThinkMode
-    from dsv4cli.render import make_renderer
-    from dsv4cli.runtime.options import PlacementOptions
-    from dsv4cli.sampling import SamplingParams
-    from dsv4cli.session import ChatSettings
+    """Chat with a model: a REPL on a terminal, one-shot with -p or piped stdin.
 
-    if nothink and think_max:
-        raise UsageError("--nothink and --think-max contradict each other")
-    chosen = "non-think" if nothink else "think-max" if think_max else mode
-    try:
-        think = ThinkMode.parse(chosen)
-    except ValueError:
-        raise UsageError(f"unknown mode {chosen!r}", f"choose one of: {', '.join(MODES)}") from None
+    Text from -p, --system and stdin must be UTF-8. One-shot exit status: 0 (a reply cut at the token
+    limit is still 0, with a warning), 1 on errors and when the limit ends the reply inside the thinking
+    trace before any answer (with --json: 0 and a warning, the object says stopped_in_reasoning),
+    2 for bad flags, 130 when interrupted.
+    """
+    think = _chat_mode(mode, nothink, think_max)
     if thinking_view not in ("collapse", "keep", "hide"):
         raise UsageError(f"--thinking must be collapse, keep or hide, not {thinking_view!r}")
-    if ctx < 16:
-        raise UsageError("--ctx must be at least 16 tokens")
+    _check_limits(ctx, max_tokens, reasoning_budget)
+    prompt = _flag_text(prompt, "-p", "give the prompt's text, or pipe it on stdin")
+    system = _flag_text(system, "--system", "give the system prompt's text, or leave --system out")
+    sampling = _sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     text = _one_shot_text(prompt)
     interactive = text is None
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
-    sampling = SamplingParams(temperature=1.0 if temperature is None else temperature,
-                              top_p=1.0 if top_p is None else top_p, top_k=top_k, min_p=min_p, seed=seed)
+    from dsv4cli.chat import new_session, open_model, sampling_defaults  # torch loads here, after the flag checks
+    from dsv4cli.engine import ContextTooLarge
+    from dsv4cli.errors import OutOfMemory
+    from dsv4cli.render import make_renderer
+    from dsv4cli.runtime.options import PlacementOptions
+    from dsv4cli.session import ChatSettings
+
     notices: list[str] = []
     placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
                                  counts=counts)
@@ -157,10 +160,13 @@ def chat(
                                    top_p=default_top_p if top_p is None else top_p)
     placed = opened.placement.summary()
     settings = ChatSettings(mode=think, system=system, sampling=sampling,
-                            max_tokens=max_tokens or (256 if opened.is_demo else 8192),
+                            max_tokens=max_tokens if max_tokens is not None else (256 if opened.is_demo else 8192),
                             reasoning_budget=reasoning_budget if reasoning_budget is not None else
                             (64 if opened.is_demo else None))
-    session = new_session(opened, settings, ctx)
+    try:
+        session = new_session(opened, settings, ctx)
+    except ContextTooLarge as err:
+        raise OutOfMemory(err.message, "lower --ctx") from None
     if interactive:
         from dsv4cli.repl import run_repl
 
@@ -172,23 +178,138 @@ def chat(
         raise typer.Exit(run_repl(session, renderer, banner=opened.label, use_history=not no_history))
     renderer = make_renderer("json") if as_json else make_renderer("plain", show_thinking=show_thinking,
                                                                       verbose=verbose)
-    for warning in [*notices, session.think_max_warning()]:
+    think_max_warning = session.think_max_warning()
+    for warning in [*notices, think_max_warning and f"{think_max_warning} (raise --ctx)"]:
         if warning:
             renderer.warning(warning)
     if opened.is_demo and not as_json:
         renderer.notice(f"using the {opened.label}")
     if placed and not as_json:
         renderer.notice(placed)
-    raise typer.Exit(run_prompt(session, text, renderer))
+    raise typer.Exit(_one_shot(session, text, renderer, as_json))
+
+
+def _chat_mode(mode: str, nothink: bool, think_max: bool):
+    """The ThinkMode that --mode, --nothink and --think-max choose."""
+    from dsv4cli.encoding import ThinkMode
+
+    if nothink and think_max:
+        raise UsageError("--nothink and --think-max contradict each other")
+    chosen = "non-think" if nothink else "think-max" if think_max else mode
+    try:
+        return ThinkMode.parse(chosen)
+    except ValueError:
+        raise UsageError(f"unknown mode {chosen!r}", f"choose one of: {', '.join(MODES)}") from None
+
+
+def _check_limits(ctx: int, max_tokens: int | None, reasoning_budget: int | None) -> None:
+    """Refuse a context below 16 tokens, a non-positive token limit and a negative reasoning budget."""
+    if ctx < 16:
+        raise UsageError(f"--ctx must be at least 16 tokens, got {ctx}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}", "leave it out for the default")
+    if reasoning_budget is not None and reasoning_budget < 0:
+        raise UsageError(f"--reasoning-budget must be at least 0, got {reasoning_budget}",
+                         "0 answers without thinking; leave it out for no budget")
+
+
+def _sampling_flags(**values):
+    """SamplingParams from the flags (temperature and top_p None: 1.0 until the model's defaults are known)."""
+    from dsv4cli.sampling import InvalidSamplingParam, SamplingParams
+
+    given = {**values, "temperature": values["temperature"] if values["temperature"] is not None else 1.0,
+             "top_p": values["top_p"] if values["top_p"] is not None else 1.0}
+    try:
+        return SamplingParams(**given)
+    except InvalidSamplingParam as err:
+        raise UsageError(f"{SAMPLING_FLAGS[err.param]} {err.requirement}, got {err.value}") from None
+
+
+def _flag_text(text: str | None, flag: str, hint: str) -> str | None:
+    """A text flag's value, refused when blank or not UTF-8 (argv carries invalid bytes as lone surrogates)."""
+    if text is None:
+        return None
+    text = _valid_utf8(text, flag)
+    if not text.strip():
+        raise UsageError(f"{flag} is empty", hint)
+    return text
+
+
+def _valid_utf8(text: str, where: str) -> str:
+    """`text` when it holds no lone surrogates, else UsageError naming the first invalid byte."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as err:
+        raw = text.encode("utf-8", "surrogateescape") if _only_escaped_bytes(text) else None
+        if raw is None:
+            raise UsageError(f"{where} is not valid Unicode text (lone surrogate at character {err.start})",
+                             NOT_UTF8_HINT) from None
+        return _decode_utf8(raw, where)
+
+
+def _only_escaped_bytes(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def _decode_utf8(data: bytes, where: str) -> str:
+    """`data` as UTF-8 (a leading byte-order mark dropped); UsageError naming the first invalid byte."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{where} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset {err.start}",
+                         NOT_UTF8_HINT) from None
+
+
+def _read_stdin() -> str:
+    """All of piped stdin, decoded strictly as UTF-8 (not by the locale's error handler)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    return _decode_utf8(raw.read(), "stdin") if raw is not None else _valid_utf8(sys.stdin.read(), "stdin")
 
 
 def _one_shot_text(prompt: str | None) -> str | None:
     """Piped stdin, then -p text (joined by a blank line); None means interactive."""
-    piped = None if sys.stdin.isatty() else sys.stdin.read()
+    piped = None if sys.stdin.isatty() else _read_stdin()
     parts = [p for p in (piped.strip() if piped else None, prompt) if p]
     if piped is not None and not parts:
         raise UsageError("empty prompt on stdin", "pipe some text or pass -p TEXT")
     return "\n\n".join(parts) if parts else None
+
+
+def _one_shot(session, text: str, renderer, as_json: bool) -> int:
+    """Answer `text`; the exit status (see `chat`), with a warning or an error when the token limit cut the reply."""
+    from dsv4cli.chat import run_prompt
+    from dsv4cli.engine import ContextFull
+
+    try:
+        result = run_prompt(session, text, renderer)
+    except ContextFull as err:
+        raise UsageError(err.message, f"raise --ctx above {err.prompt_tokens:,}, leaving room for the reply") from None
+    if result.interrupted:
+        return 130
+    cut = _cut_off(result, session.engine.max_context)
+    if cut is None:
+        return 0
+    message, hint = cut
+    if result.stopped_in_reasoning and not as_json:
+        raise DsvError(message, hint)  # stdout got nothing: a script must see the failure
+    renderer.warning(f"{message} ({hint})")
+    return 0
+
+
+def _cut_off(result, context: int) -> tuple[str, str] | None:
+    """(message, hint) when the token limit or the full context ended the reply, else None."""
+    stats = result.stats
+    if stats.finish_reason != "length":
+        return None
+    context_full = stats.prompt_tokens + stats.generated_tokens >= context
+    if result.stopped_in_reasoning:
+        raise_limit = "raise --ctx" if context_full else "raise --max-tokens, set a lower --reasoning-budget"
+        return (f"the reply stopped after {stats.generated_tokens:,} tokens inside the thinking trace, before any "
+                "answer", f"{raise_limit}, or use --mode non-think")
+    if context_full:
+        return f"the answer was cut off: the {context:,}-token context is full", "raise --ctx"
+    return f"the answer was cut off at the {stats.generated_tokens:,}-token limit", "raise --max-tokens"
 
 
 def _register_commands() -> None:
@@ -206,7 +327,11 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; turn known failures into one line on stderr and an exit code."""
+    """Entry point: run the app; turn every failure into one line on stderr and an exit code.
+
+    Exit codes: 0 ok, 1 a problem met while working, 2 a command line that cannot work (see
+    `errors`), 130 interrupted. An unexpected exception is a dsv4 bug: one line says so, and
+    DSV4_DEBUG=1 shows its traceback."""
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code instead of raising
     except DsvError as err:
@@ -214,8 +339,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+        message = _click_message(err)
+        if not message:  # `dsv4` alone: click has printed the help
+            sys.exit(err.exit_code)
+        _fail(message, err.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         _fail("interrupted", 130)
     except BrokenPipeError:
@@ -224,12 +351,33 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except MemoryError:
         _fail("out of memory", 1, "use a smaller model, fewer layers, or more swap")
-    except RuntimeError as err:
-        if type(err).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
+    except OSError as err:
+        from dsv4cli.fsutil import describe_os_error
+
+        _fail(describe_os_error(err), 1, "check the path, its permissions and the free disk space")
+    except Exception as err:
+        if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
+            _fail("the GPU ran out of memory", 1, "lower --gpu-memory or --ctx, or free the GPU (see nvidia-smi)")
+        if os.environ.get("DSV4_DEBUG"):
             raise
-        _fail("the GPU ran out of memory", 1, "lower --gpu-memory or --ctx, or free the GPU (see nvidia-smi)")
+        _fail(f"internal error: {type(err).__name__}: {_first_line(err)}", 1,
+              "this is a bug in dsv4; run again with DSV4_DEBUG=1 for the traceback and report it")
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def _click_message(err) -> str:
+    """A click usage error as one line, pointing to the command's --help."""
+    message = " ".join(err.format_message().split())
+    context = getattr(err, "ctx", None)
+    if message and context is not None:
+        return f"{message} (see '{context.command_path} --help')"
+    return message
 
 
 def _fail(message: str, code: int, hint: str = "") -> None:

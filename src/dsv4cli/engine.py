@@ -9,6 +9,12 @@ position. The engine therefore keeps snapshots at safe boundaries (the end of ea
 prompt, and the token before it, where the next turn's encoding usually diverges once
 earlier reasoning is dropped) and resumes from the longest snapshot that is a prefix of
 the new prompt; `GenerationStats.cached_tokens` says how many tokens were reused.
+
+Failures. A context whose cache cannot fit in memory is refused before anything is allocated
+(`ContextTooLarge`); a prompt longer than the context raises `ContextFull`; non-finite logits (NaN/Inf
+weights or overflowing numerics) raise `NonFiniteLogits` instead of sampling garbage. Any error during a
+generation resets the prompt cache, so the next call starts from a consistent state. Messages name no
+CLI flags: callers add their own hints.
 """
 
 from __future__ import annotations
@@ -22,13 +28,46 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4cli.errors import UsageError
+from dsv4cli.errors import CheckpointError, OutOfMemory, UsageError
 from dsv4cli.events import GenerationStats, TokenEvent
 from dsv4cli.model.cache import CacheSnapshot, ModelCache
 from dsv4cli.model.transformer import Transformer
+from dsv4cli.runtime.options import available_ram_bytes
 from dsv4cli.sampling import SamplingParams, make_sampler
 
 MAX_SNAPSHOTS = 8
+
+
+class ContextFull(UsageError):
+    """The prompt does not fit the context; `prompt_tokens` and `max_context` let callers suggest a size."""
+
+    def __init__(self, prompt_tokens: int, max_context: int):
+        super().__init__(f"the prompt of {prompt_tokens:,} tokens does not fit the context of {max_context:,} tokens",
+                         "use a larger context or a shorter conversation")
+        self.prompt_tokens = prompt_tokens
+        self.max_context = max_context
+
+
+class ContextTooLarge(OutOfMemory):
+    """The cache for the requested context would not fit in the memory available for it."""
+
+    def __init__(self, context: int, needed: int, available: int, where: str):
+        super().__init__(f"a {context:,}-token context needs {gib(needed)} of cache, {gib(available)} is available "
+                         f"{where}", "use a smaller context")
+        self.context = context
+
+
+class NonFiniteLogits(CheckpointError):
+    """The model produced NaN or infinite logits: the weights are likely corrupt."""
+
+    def __init__(self, kind: str, index: int):
+        super().__init__(f"the model produced {kind} logits at token {index + 1} of the reply: its weights may be "
+                         "corrupt (NaN/Inf values) or its numerics overflowed",
+                         "check or re-download the checkpoint")
+
+
+def gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB"
 
 
 @dataclass
@@ -41,6 +80,7 @@ class Engine:
     def __init__(self, model: Transformer, max_context: int = 4096, prefill_chunk: int = 256):
         if max_context < 2:
             raise UsageError(f"context size must be at least 2 tokens, got {max_context}")
+        check_cache_fits(model, max_context)
         self.model = model
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
@@ -116,18 +156,37 @@ class Engine:
         `reasoning`: the prompt opened a thinking trace, so tokens up to `think_end_id` are
         reasoning; after `reasoning_budget` reasoning tokens the engine emits `think_end_id`
         itself (marked `forced`). Stop tokens are yielded, not fed back to the model.
+        An error on the way resets the prompt cache (its state may be half written).
         """
         prompt = [int(t) for t in prompt_ids]
+        self._check_request(prompt, max_tokens, think_end_id, reasoning_budget)
+        try:
+            yield from self._generate(prompt, sampling or SamplingParams(), max_tokens, set(stop), cancel,
+                                      reasoning, think_end_id, reasoning_budget)
+        except GeneratorExit:
+            raise  # the caller stopped reading at a yield, where the cache is consistent
+        except BaseException:
+            self.reset()
+            raise
+
+    def _check_request(self, prompt: list[int], max_tokens: int, think_end_id: int | None,
+                       reasoning_budget: int | None) -> None:
         if not prompt:
             raise UsageError("empty prompt")
         if len(prompt) >= self.max_context:
-            raise UsageError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context}",
-                             "raise --ctx, or start over with /clear")
+            raise ContextFull(len(prompt), self.max_context)
+        if max_tokens < 1:
+            raise UsageError(f"the token limit must be at least 1, got {max_tokens}")
+        if reasoning_budget is not None and reasoning_budget < 0:
+            raise UsageError(f"the reasoning budget must be at least 0, got {reasoning_budget}")
         if reasoning_budget is not None and think_end_id is None:
             raise UsageError("a reasoning budget needs the </think> token id")
+
+    def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int, stop_ids: set[int],
+                  cancel: threading.Event | None, reasoning: bool, think_end_id: int | None,
+                  reasoning_budget: int | None) -> Iterator[TokenEvent | GenerationStats]:
         max_tokens = min(max_tokens, self.max_context - len(prompt))
-        stop_ids = set(stop)
-        sample = make_sampler(sampling or SamplingParams())
+        sample = make_sampler(sampling)
         stats = GenerationStats(prompt_tokens=len(prompt))
         offload_before = self._offload_counts()
         started = time.perf_counter()
@@ -142,7 +201,7 @@ class Engine:
         stats.finish_reason = "length"
         for index in range(max_tokens):
             forced = in_reasoning and reasoning_budget is not None and stats.reasoning_tokens >= reasoning_budget
-            token = think_end_id if forced else sample(logits)
+            token = think_end_id if forced else sample(check_finite(logits, index))
             if index == 0:
                 stats.time_to_first_token = time.perf_counter() - started
             stats.generated_tokens += 1
@@ -184,3 +243,38 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def check_finite(logits: torch.Tensor, index: int) -> torch.Tensor:
+    """`logits`, or NonFiniteLogits when any is NaN or infinite (sampling them gives garbage silently)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("NaN" if bool(torch.isnan(logits).any()) else "infinite", index)
+    return logits
+
+
+def cache_bytes(model: Transformer, max_context: int) -> int:
+    """Bytes of the model's cache for `max_context` tokens, measured on the meta device (nothing allocated);
+    estimated from the per-token size for contexts too large for torch to describe at all."""
+    try:
+        return model.new_cache(1, max_context, device="meta").nbytes
+    except (RuntimeError, TypeError, OverflowError):
+        dtype_bytes = torch.empty(0, dtype=model.numerics.act_dtype).element_size()
+        return int(ModelCache.bytes_per_token(model.args, dtype_bytes) * max_context)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can get: free plus cached-but-unused on a GPU, MemAvailable on the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return available_ram_bytes()
+
+
+def check_cache_fits(model: Transformer, max_context: int) -> None:
+    """ContextTooLarge unless the cache for `max_context` tokens fits the memory of the model's device."""
+    device = model.device
+    needed = cache_bytes(model, max_context)
+    available = available_bytes(device)
+    if needed > available:
+        where = "on the GPU" if device.type == "cuda" else "in RAM"
+        raise ContextTooLarge(max_context, needed, available, where)

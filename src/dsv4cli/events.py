@@ -64,4 +64,5 @@ class TurnResult:
     malformed: bool = False
     problems: list[str] = field(default_factory=list)
     interrupted: bool = False
+    stopped_in_reasoning: bool = False  # the token limit ended the reply inside the thinking trace: no answer
     stats: GenerationStats = field(default_factory=GenerationStats)

@@ -161,6 +161,7 @@ def turn_to_json(result: TurnResult) -> dict[str, Any]:
         "reasoning": result.reasoning,
         "tool_calls": result.tool_calls,
         "finish_reason": s.finish_reason,
+        "stopped_in_reasoning": result.stopped_in_reasoning,
         "interrupted": result.interrupted,
         "usage": {
             "prompt_tokens": s.prompt_tokens,

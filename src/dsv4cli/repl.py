@@ -5,6 +5,7 @@ until a line ending with \"\"\"; Ctrl-G edits the input in $EDITOR; Tab complete
 Lines starting with / are commands (see COMMANDS); a line starting with // is sent with one slash.
 Ctrl-C while a reply streams stops it (the partial answer is kept, marked interrupted; the partial
 thinking is dropped); Ctrl-C at the prompt prints a hint; Ctrl-D at an empty prompt quits.
+Any error in a command or a turn is one error line; the REPL and the conversation carry on.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from prompt_toolkit.key_binding import KeyBindings
 from dsv4cli import paths
 from dsv4cli.chat import sigint_cancels
 from dsv4cli.encoding import ThinkMode
+from dsv4cli.engine import ContextFull
 from dsv4cli.errors import DsvError, UsageError
+from dsv4cli.events import TurnResult
 from dsv4cli.render import format_stats
-from dsv4cli.session import ChatSession, mode_label
+from dsv4cli.session import ChatSession, TranscriptNotFound, mode_label
+from dsv4cli.tokenizer import replace_lone_surrogates
 
 BLOCK = '"""'
 QUIT_HINT = "Ctrl-D or /exit to quit"
@@ -46,13 +50,11 @@ class Repl:
         self.done = False
 
     def handle(self, text: str) -> None:
-        """Run one accepted input; any error becomes one error line."""
+        """Run one accepted input; any error becomes one error line (the session keeps its state)."""
         try:
             self._dispatch(text)
-        except DsvError as err:
-            self.renderer.error(err.one_line())
-        except (ValueError, OSError) as err:
-            self.renderer.error(str(err))
+        except Exception as err:  # the REPL must survive anything a turn or a command raises
+            self.renderer.error(error_line(err))
 
     def _dispatch(self, text: str) -> None:
         line = text.strip()
@@ -87,6 +89,32 @@ class Repl:
         if result.interrupted:
             self.renderer.notice("interrupted: partial answer kept" if result.content else
                                  "interrupted before the answer began: the message was dropped")
+        _warn(self.renderer, stopped_in_reasoning_warning(result))
+
+
+def error_line(err: BaseException) -> str:
+    """One line for any error, with REPL hints where the library's message has generic ones."""
+    if isinstance(err, ContextFull):
+        return f"{err.message} (/clear to start over, or restart with a larger --ctx)"
+    if isinstance(err, DsvError):
+        return err.one_line()
+    detail = " ".join(str(err).split())
+    if isinstance(err, OSError | ValueError):
+        return detail or type(err).__name__
+    return f"unexpected {type(err).__name__}" + (f": {detail}" if detail else "")
+
+
+def stopped_in_reasoning_warning(result: TurnResult) -> str | None:
+    """The warning for a reply the token limit cut inside its thinking trace (it has no answer)."""
+    if not result.stopped_in_reasoning:
+        return None
+    return (f"the reply stopped after {result.stats.generated_tokens:,} tokens inside the thinking trace, before "
+            "any answer (/set max_tokens N to allow more, /set reasoning_budget N to think less, or /nothink)")
+
+
+def think_max_warning(session: ChatSession) -> str | None:
+    warning = session.think_max_warning()
+    return f"{warning} (restart with a larger --ctx)" if warning else None
 
 
 def unwrap_block(text: str) -> str:
@@ -122,9 +150,9 @@ def _warn(renderer, warning: str | None) -> None:
 
 
 def _switch_mode(repl: Repl, name: str) -> None:
-    warning = repl.session.set_mode(name)
+    repl.session.set_mode(name)
     repl.renderer.notice(f"mode: {mode_label(repl.session.settings.mode)}")
-    _warn(repl.renderer, warning)
+    _warn(repl.renderer, think_max_warning(repl.session))
 
 
 def _think(repl: Repl, arg: str) -> None:
@@ -154,7 +182,7 @@ def _system(repl: Repl, arg: str) -> None:
         settings.system = None
         repl.renderer.notice("system prompt removed")
     else:
-        settings.system = arg
+        settings.system = replace_lone_surrogates(arg)
         repl.renderer.notice("system prompt set")
 
 
@@ -210,7 +238,23 @@ def _clear(repl: Repl, arg: str) -> None:
 def _read(repl: Repl, arg: str) -> None:
     if not arg:
         raise UsageError("usage: /read FILE", "sends the file's text as your message")
-    repl.send(Path(arg).expanduser().read_text(encoding="utf-8"))
+    repl.send(read_message_file(Path(arg).expanduser()))
+
+
+def read_message_file(path: Path) -> str:
+    """The UTF-8 text of `path` for /read; UsageError when it is missing, unreadable, not UTF-8 or blank."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory", "/read takes a text file") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})",
+                         "convert it, e.g. with iconv -t utf-8") from None
+    if not text.strip():
+        raise UsageError(f"{path} is empty", "/read sends the file's text as your message")
+    return text
 
 
 def _save(repl: Repl, arg: str) -> None:
@@ -224,10 +268,14 @@ def _load(repl: Repl, arg: str) -> None:
     if not arg:
         raise UsageError("usage: /load NAME", f"saved: {', '.join(saved_names()) or 'none yet'}")
     path = transcript_path(arg)
-    repl.session.load(path)
+    try:
+        repl.session.load(path)
+    except TranscriptNotFound as err:
+        raise UsageError(err.message, f"saved: {', '.join(saved_names()) or 'none yet (/save NAME writes one)'}"
+                         ) from None
     mode = mode_label(repl.session.settings.mode)
     repl.renderer.notice(f"loaded {len(repl.session.messages)} messages from {path} (mode {mode})")
-    _warn(repl.renderer, repl.session.think_max_warning())
+    _warn(repl.renderer, think_max_warning(repl.session))
 
 
 def _stats(repl: Repl, arg: str) -> None:
@@ -335,7 +383,7 @@ def _show_banner(session: ChatSession, renderer, banner: str) -> None:
     renderer.notice(f"dsv4 · {banner}")
     renderer.notice(f"mode {mode_label(session.settings.mode)} · context {session.engine.max_context:,} tokens")
     renderer.notice("/help for commands, Ctrl-D to quit")
-    _warn(renderer, session.think_max_warning())
+    _warn(renderer, think_max_warning(session))
 
 
 def run_repl(session: ChatSession, renderer, banner: str, use_history: bool = True, input=None, output=None) -> int:

@@ -4,19 +4,25 @@ Interrupt policy (Ctrl-C during a reply): the partial answer is kept in the hist
 (marked `interrupted` in saved transcripts, not in the prompt) and the partial
 reasoning is dropped; a turn interrupted before any answer text is removed together
 with its user message, so the next prompt does not carry an unanswered question.
+
+Failure policy: a turn that raises leaves the conversation as it was before it (the engine resets
+its cache); `load` validates the whole transcript before changing anything; `save` writes atomically
+and leaves no temporary file behind. Their errors are `TranscriptError`s (also ValueErrors), one line
+each, naming no CLI flags or REPL commands so any front end can add its own hint.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from dsv4cli.detok import StreamingDetokenizer
 from dsv4cli.encoding import (
     MIN_CONTEXT_THINK_MAX,
+    REASONING_CHANNEL,
     StreamingOutputParser,
     ThinkMode,
     encode_messages,
@@ -25,12 +31,22 @@ from dsv4cli.encoding import (
 from dsv4cli.engine import Engine
 from dsv4cli.errors import UsageError
 from dsv4cli.events import GenerationStats, TurnResult
+from dsv4cli.fsutil import atomic_write_bytes, describe_os_error
 from dsv4cli.sampling import SamplingParams
-from dsv4cli.tokenizer import Tokenizer
+from dsv4cli.tokenizer import Tokenizer, replace_lone_surrogates
 
 TRANSCRIPT_VERSION = 1
 MODE_LABELS = {ThinkMode.NON_THINK: "non-think", ThinkMode.THINK_HIGH: "think-high", ThinkMode.THINK_MAX: "think-max"}
 _TRANSCRIPT_ONLY_KEYS = ("interrupted",)
+_MAX_DETAIL = 160  # characters of an offending value quoted in an error
+
+
+class TranscriptError(UsageError, ValueError):
+    """A transcript cannot be read, is not valid, or cannot be written."""
+
+
+class TranscriptNotFound(TranscriptError):
+    """No file at the transcript's path."""
 
 
 @dataclass
@@ -64,7 +80,7 @@ class ChatSession:
     def think_max_warning(self) -> str | None:
         if self.settings.mode is ThinkMode.THINK_MAX and self.engine.max_context < MIN_CONTEXT_THINK_MAX:
             return (f"think-max works best with a context of at least {MIN_CONTEXT_THINK_MAX:,} tokens; "
-                    f"this session has {self.engine.max_context:,} (raise --ctx)")
+                    f"this session has {self.engine.max_context:,}")
         return None
 
     def set_sampling(self, name: str, value: str) -> None:
@@ -88,6 +104,8 @@ class ChatSession:
 
     # ----------------------------------------------------------------- turns
     def send(self, text: str, renderer, cancel: threading.Event | None = None) -> TurnResult:
+        """Answer `text` (lone surrogates become U+FFFD, so the history stays valid UTF-8)."""
+        text = replace_lone_surrogates(text)
         self.messages.append({"role": "user", "content": text})
         self._regenerations = 0
         try:
@@ -131,11 +149,13 @@ class ChatSession:
         if tail and not parser.done:
             _route(parser.feed(-1, tail), renderer)
         _route(parser.flush(), renderer)
+        in_reasoning = parser.channel == REASONING_CHANNEL
         parsed = parser.finish()
         interrupted = stats.finish_reason == "cancelled"
         result = TurnResult(content=parsed.content, reasoning=parsed.reasoning_content,
                             tool_calls=parsed.tool_calls, malformed=parsed.malformed and stats.finish_reason == "stop",
-                            problems=parsed.problems, interrupted=interrupted, stats=stats)
+                            problems=parsed.problems, interrupted=interrupted,
+                            stopped_in_reasoning=in_reasoning and stats.finish_reason == "length", stats=stats)
         self._record(result)
         self.last_stats = stats
         renderer.end_turn(result)
@@ -156,6 +176,7 @@ class ChatSession:
 
     # ----------------------------------------------------------- transcripts
     def save(self, path: str | Path) -> Path:
+        """Write the conversation as JSON, atomically: the file is either the old one or the new one."""
         path = Path(path)
         data = {
             "version": TRANSCRIPT_VERSION,
@@ -164,32 +185,99 @@ class ChatSession:
             "sampling": asdict(self.settings.sampling),
             "messages": self.messages,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        text = replace_lone_surrogates(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        if path.is_dir():
+            raise TranscriptError(f"cannot save the transcript to {path}: it is a directory", "give a file name")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, text.encode("utf-8"))  # no temporary file is left behind on failure
+        except OSError as exc:
+            raise TranscriptError(f"cannot save the transcript to {path}: {describe_os_error(exc, name_file=False)}",
+                                  "choose another place, or free some space") from None
         return path
 
     def load(self, path: str | Path) -> None:
+        """Replace the conversation and settings by a saved transcript; on any error nothing changes."""
         path = Path(path)
+        data = _read_transcript(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"no transcript at {path}", "use /save NAME first, or give an existing file") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read transcript {path}: {exc}", "is it a dsv4 /save file?") from None
-        if not isinstance(data, dict) or data.get("version") != TRANSCRIPT_VERSION or not isinstance(
-                data.get("messages"), list):
-            raise UsageError(f"{path} is not a dsv4 transcript (version {TRANSCRIPT_VERSION})",
-                             "use a file written by /save")
-        try:
-            sampling = replace(SamplingParams(), **data.get("sampling", {}))
-            mode = ThinkMode.parse(data.get("mode", "think-high"))
-            self._check_renderable(data["messages"], mode)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"{path} has invalid contents: {exc}", "use a file written by /save") from None
-        self.settings = replace(self.settings, mode=mode, system=data.get("system"), sampling=sampling)
-        self.messages = data["messages"]
+            mode, system, sampling, messages = _parse_transcript(data)
+            self._check_renderable(messages, mode)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise TranscriptError(f"{path} has invalid contents: {_shorten(str(exc))}",
+                                  "it is not a transcript written by dsv4, or it was edited") from None
+        self.settings = replace(self.settings, mode=mode, system=system, sampling=sampling)
+        self.messages = messages
+
+
+def _read_transcript(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, with lone surrogates (from "\\udXXX" escapes) made U+FFFD."""
+    try:
+        data = _scrub(json.loads(path.read_bytes().decode("utf-8")))
+    except FileNotFoundError:
+        raise TranscriptNotFound(f"no transcript at {path}", "give the name or path of a saved transcript") from None
+    except IsADirectoryError:
+        raise TranscriptError(f"{path} is a directory, not a transcript", "give the path of a .json file") from None
+    except OSError as exc:
+        raise TranscriptError(f"cannot read transcript {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TranscriptError(f"transcript {path} is not UTF-8 text (byte offset {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise TranscriptError(f"transcript {path} is not valid JSON: {_shorten(str(exc))}") from None
+    if not isinstance(data, dict) or data.get("version") != TRANSCRIPT_VERSION or not isinstance(
+            data.get("messages"), list):
+        raise TranscriptError(f"{path} is not a dsv4 transcript (version {TRANSCRIPT_VERSION})",
+                              "it needs \"version\": 1 and a \"messages\" list")
+    return data
+
+
+def _parse_transcript(data: dict[str, Any]) -> tuple[ThinkMode, str | None, SamplingParams, list[dict[str, Any]]]:
+    """(mode, system, sampling, messages) of a transcript; TypeError/ValueError for any malformed field."""
+    mode = data.get("mode", "think-high")
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a string, got {mode!r}")
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string or null, got {system!r}")
+    sampling = data.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise TypeError(f"sampling must be an object, got {sampling!r}")
+    unknown = sorted(set(sampling) - {f.name for f in fields(SamplingParams)})
+    if unknown:
+        raise ValueError(f"unknown sampling parameters {unknown}")
+    messages = data["messages"]
+    for index, message in enumerate(messages):
+        _check_message(index, message)
+    return ThinkMode.parse(mode), system or None, replace(SamplingParams(), **sampling), messages
+
+
+def _check_message(index: int, message: Any) -> None:
+    """TypeError/ValueError unless message `index` has the shape the session itself writes."""
+    if not isinstance(message, dict):
+        raise TypeError(f"message {index} must be an object, got {message!r}")
+    if not isinstance(message.get("role"), str):
+        raise TypeError(f"message {index} needs a string \"role\", got {message.get('role')!r}")
+    for key in ("content", "reasoning_content"):
+        if message.get(key) is not None and not isinstance(message[key], str | list):
+            raise TypeError(f"message {index}: {key} must be text, got {message[key]!r}")
+    if not isinstance(message.get("interrupted", False), bool):
+        raise TypeError(f"message {index}: interrupted must be true or false, got {message['interrupted']!r}")
+
+
+def _scrub(value: Any) -> Any:
+    """`value` with lone surrogates replaced in every string it holds."""
+    if isinstance(value, str):
+        return replace_lone_surrogates(value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def _shorten(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _MAX_DETAIL else line[:_MAX_DETAIL - 1] + "…"
 
 
 def _for_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

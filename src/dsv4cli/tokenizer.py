@@ -8,6 +8,7 @@ tokens, never hard-coded), and `token_bytes` for the UTF-8-safe streaming detoke
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ _FIXED_SPECIALS = {
     "dsml": "｜DSML｜",
     "latest_reminder": "<｜latest_reminder｜>",
 }
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _FIX_HINT = "copy tokenizer.json and tokenizer_config.json from the official DeepSeek-V4 release"
 
@@ -81,6 +84,12 @@ def _bytes_translation() -> dict[int, str]:
     for cp in range(0x100):
         trans.setdefault(cp, "\u0100")
     return trans
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (undecodable bytes under surrogateescape, or a JSON "\\ud800"
+    escape) replaced by U+FFFD, so it can be encoded as UTF-8 and tokenized."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _config_token_name(value: Any) -> str | None:
@@ -183,9 +192,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids for `text`; special tokens written in the text become their single ids.
 
-        No BOS/EOS is added: the chat encoder writes BOS into the text itself.
+        No BOS/EOS is added: the chat encoder writes BOS into the text itself. Lone surrogates,
+        which UTF-8 cannot hold, become U+FFFD (callers that can ask the user should reject them first).
         """
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(replace_lone_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text for `ids` (invalid UTF-8 becomes U+FFFD, as in the reference tokenizer)."""
