@@ -237,7 +237,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
         (["--synth", "tiny", "-d", "100", "--ctx", "50"], 2, "raise --ctx"),
         (["-o", "xml"], 2, "choose one of: md, json"),
         (["--synth", "nope"], 2, "unknown model preset"),
-        ([str(tmp_path / "missing")], 1, "no model"),
+        ([str(tmp_path / "missing")], 2, "no model"),
     ]
     for argv, expected_code, message in cases:
         code, out, err = run_cli(capsys, "bench", *argv)

@@ -54,7 +54,7 @@ def test_synth_writes_a_loadable_official_checkpoint(tmp_path):
     info = json.loads(dsv4("info", str(out), "--json").stdout)
     assert info["layers"] == 3 and info["routed_experts"] == 4
     again = dsv4("synth", "tiny", str(out))
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr
     assert dsv4("synth", "tiny", str(out), "--experts", "1").returncode == 2
 
 

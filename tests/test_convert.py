@@ -503,7 +503,7 @@ def test_cli_convert_and_exit_codes(source, tmp_path, capsys):
     code, _, _ = run_cli(capsys, "convert", str(source), str(out), "--to", "dsv4", "--force")
     assert code == 0
     code, _, stderr = run_cli(capsys, "convert", str(tmp_path / "nope"), str(tmp_path / "o2"), "--to", "dsv4")
-    assert code == 1 and stderr.count("\n") == 1 and "no checkpoint directory" in stderr
+    assert code == 2 and stderr.count("\n") == 1 and "no checkpoint directory" in stderr
     code, _, stderr = run_cli(capsys, "convert", str(source), str(tmp_path / "o3"), "--to", "int4")
     assert code == 2 and "choose one of: dsv4, fp8-experts, hf-bf16" in stderr
     code, _, stderr = run_cli(capsys, "convert", str(source), str(tmp_path / "o4"), "--to", "dsv4",
@@ -526,3 +526,19 @@ def test_register_is_idempotent():
     register(app)
     register(app)
     assert [c.name for c in app.registered_commands] == ["convert"]
+
+
+def test_a_changed_source_restarts_instead_of_resuming(source, tmp_path):
+    """Partial shards made from a source file that has since changed (a re-download, an edited file:
+    same names and sizes, new modification time) are discarded, not mixed into the new output."""
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        convert_checkpoint(src, out, "dsv4", max_shard_bytes=SMALL_SHARDS, on_shard=StopAfter(2))
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = StopAfter()
+    convert_checkpoint(src, out, "dsv4", max_shard_bytes=SMALL_SHARDS, on_shard=again)
+    assert sorted(again.seen) == sorted(p.name for p in out.glob("model-*.safetensors"))

@@ -282,8 +282,8 @@ def _wait_until_stopped(process: subprocess.Popen, limit: float = 300) -> None:
     pytest.fail("the run did not reach its first shard in time")
 
 
-@pytest.mark.parametrize("command", ["convert", "quantize"])
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("command,sig", [("quantize", signal.SIGKILL), ("convert", signal.SIGINT)],
+                         ids=["SIGKILL-quantize", "SIGINT-convert"])
 def test_a_killed_run_resumes_and_ends_like_a_clean_run(world, command, sig):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc to see the paused process")
@@ -308,3 +308,20 @@ def test_a_killed_run_resumes_and_ends_like_a_clean_run(world, command, sig):
     assert tree_digest(world.out) == tree_digest(clean_out)
     assert tree_digest(world.src) == before
     assert sorted(p.name for p in world.root.iterdir()) == ["clean", "models", "out"]
+
+
+def test_a_stalled_hub_is_one_line_and_leaves_nothing(tmp_path):
+    """A server on 127.0.0.1 that accepts the connection and never answers: the download gives up
+    after its timeout and retries, in one line, instead of hanging."""
+    from tests.hubserver import StalledServer
+
+    env = {"DSV4_HUB_TIMEOUT": "0.5", "DSV4_HUB_RETRIES": "1", "XDG_DATA_HOME": str(tmp_path / "data"),
+           "XDG_STATE_HOME": str(tmp_path / "state"), "HF_HOME": str(tmp_path / "hf")}
+    with StalledServer() as stalled:
+        started = time.monotonic()
+        result = dsv4("download", "flash", "--local-dir", str(tmp_path / "flash"),
+                      env={**env, "HF_ENDPOINT": stalled.endpoint}, timeout=60)
+    assert time.monotonic() - started < 30
+    assert_one_line_error(result, 1, "did not answer")
+    assert not (tmp_path / "flash").exists() or not [p for p in (tmp_path / "flash").rglob("*") if p.is_file()
+                                                     and ".dsv4" not in p.parts]
