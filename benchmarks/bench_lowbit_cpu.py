@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from dsv4cli.formats import quantize_fp4_rows
+from dsv4cli.formats.lowbit import LOWBIT, quantize_lowbit
+from dsv4cli.formats.official import quantize_fp4_rows
 from dsv4cli.kernels import cpu
-from dsv4cli.quant_formats import LOWBIT, quantize_lowbit
 
 
 def median_time(fn, repeats: int) -> float:

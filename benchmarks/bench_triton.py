@@ -102,7 +102,7 @@ def bench_fp4(cfg: dict, tokens_list: list[int], quick: bool, prefill: bool) -> 
 
 
 def bench_fp8(cfg: dict, tokens_list: list[int], quick: bool) -> list[Row]:
-    from dsv4cli import formats
+    from dsv4cli.formats import official as formats
     from dsv4cli.kernels import triton_gemm as tg
 
     rows = []

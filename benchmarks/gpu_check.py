@@ -691,7 +691,7 @@ def case(kernel: str, shape: str, metric: str, value: float, tol: float) -> dict
 def parity_quant(args, sh: ParityShapes, device) -> list[dict[str, Any]]:
     import torch
 
-    from dsv4cli import formats
+    from dsv4cli.formats import official as formats
     from dsv4cli.kernels import ref
     from dsv4cli.kernels import triton_quant as tq
 
@@ -711,7 +711,7 @@ def parity_quant(args, sh: ParityShapes, device) -> list[dict[str, Any]]:
 def parity_fp8(args, sh: ParityShapes, device) -> list[dict[str, Any]]:
     import torch
 
-    from dsv4cli import formats
+    from dsv4cli.formats import official as formats
     from dsv4cli.kernels import ref
     from dsv4cli.kernels import triton_gemm as tg
 
@@ -729,7 +729,7 @@ def parity_fp8(args, sh: ParityShapes, device) -> list[dict[str, Any]]:
 def parity_moe(args, sh: ParityShapes, device) -> list[dict[str, Any]]:
     import torch
 
-    from dsv4cli import formats
+    from dsv4cli.formats import official as formats
     from dsv4cli.kernels import triton_gemm as tg
 
     def experts(out_f: int, in_f: int) -> list:

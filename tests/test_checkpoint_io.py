@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from dsv4cli.errors import CheckpointError, ConfigError, UsageError
-from dsv4cli.formats import dequantize_fp4_rows, dequantize_fp8_blocks
+from dsv4cli.formats.official import dequantize_fp4_rows, dequantize_fp8_blocks
 from dsv4cli.io.checkpoint import INDEX_NAME, Checkpoint
 from dsv4cli.io.safetensors_file import TORCH_DTYPES, SafetensorsFile
 from dsv4cli.io.schema import checkpoint_specs

@@ -26,7 +26,7 @@ from dsv4cli.convert import (
     fp4_to_fp8_blocks,
 )
 from dsv4cli.errors import CheckpointError, ConfigError, ModelNotFound, UsageError
-from dsv4cli.formats import dequantize_fp4_rows, dequantize_fp8_blocks, pack_fp4
+from dsv4cli.formats.official import dequantize_fp4_rows, dequantize_fp8_blocks, pack_fp4
 from dsv4cli.io.checkpoint import INDEX_NAME, Checkpoint
 from dsv4cli.io.dsv4_layout import (
     EXPERT_NAME_RE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4cli import formats
+from dsv4cli.formats import official as formats
 from dsv4cli.kernels import ref
 
 

@@ -26,7 +26,7 @@ pytestmark = native
 #: loads the kernels, checks one native op against its reference, prints where the library came from
 LOAD = """
 import json, torch
-from dsv4cli.formats import fake_quant_fp8
+from dsv4cli.formats.official import fake_quant_fp8
 from dsv4cli.kernels import cpu
 lib = cpu.load()
 x = torch.randn(4, 256)

@@ -17,7 +17,7 @@ import torch
 
 from dsv4cli import kernels
 from dsv4cli.errors import DsvError
-from dsv4cli.formats import fake_quant_fp8, quantize_fp4_rows
+from dsv4cli.formats.official import fake_quant_fp8, quantize_fp4_rows
 from dsv4cli.io.safetensors_file import SafetensorsFile
 from dsv4cli.io.writer import write_safetensors
 from dsv4cli.kernels import cpu, ref

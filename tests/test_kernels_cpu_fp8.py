@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsv4cli import kernels
-from dsv4cli.formats import fake_quant_fp8, quantize_fp4_rows, quantize_fp8_blocks
+from dsv4cli.formats.official import fake_quant_fp8, quantize_fp4_rows, quantize_fp8_blocks
 from dsv4cli.kernels import cpu, ref
 from tests.native_builds import HAS_CXX, cpu_flags, load_variant, native
 

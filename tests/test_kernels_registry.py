@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsv4cli import kernels
-from dsv4cli.formats import quantize_fp8_blocks
+from dsv4cli.formats.official import quantize_fp8_blocks
 from dsv4cli.kernels import ByDevice, cpu, ref
 
 
@@ -41,10 +41,10 @@ def test_auto_with_a_gpu_keeps_the_native_cpu_kernels_for_host_tensors(monkeypat
 def test_triton_moe_checks_every_experts_format():
     """A layer whose expert 0 is FP4 but expert 1 int3 must not reach the FP4-only grouped kernel."""
     pytest.importorskip("triton")
-    from dsv4cli.formats import quantize_fp4_rows
+    from dsv4cli.formats.lowbit import quantize_lowbit
+    from dsv4cli.formats.official import quantize_fp4_rows
     from dsv4cli.kernels import triton_ops
     from dsv4cli.kernels.experts import ExpertTable
-    from dsv4cli.quant_formats import quantize_lowbit
 
     def fp4(o, i):
         return quantize_fp4_rows(torch.randn(o, i) * 0.05)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4cli import formats
+from dsv4cli.formats import official as formats
 from dsv4cli.kernels import ref
 
 CHECKS: dict[str, Callable[[], None]] = {}
@@ -199,8 +199,8 @@ def check_fp4_grouped_linear():
 def check_lowbit_dequantize_and_linear():
     """int3/int2 (`dsv4 quantize`): the Triton decoder is bit-exact with `dequantize_lowbit`; the linear matches
     `ref.linear` (odd shapes: partial row and column tiles)."""
+    from dsv4cli.formats.lowbit import dequantize_lowbit, quantize_lowbit
     from dsv4cli.kernels import triton_gemm as tg
-    from dsv4cli.quant_formats import dequantize_lowbit, quantize_lowbit
 
     g = torch.Generator().manual_seed(7)
     for fmt in ("int3", "int2"):
@@ -375,7 +375,7 @@ def compile_launches() -> dict[str, str | None]:
         x = torch.randn(rows, 512).to(bf16)
         triton_gemm.moe_experts_triton(x, torch.rand(rows, 2), idx, stacked(w4), stacked(w4t), stacked(w4), 10.0, True)
         triton_gemm.fp4_grouped_linear(x, table, None, idx[:, 0], False)
-    from dsv4cli.quant_formats import quantize_lowbit
+    from dsv4cli.formats.lowbit import quantize_lowbit
 
     for fmt in ("int3", "int2"):
         triton_gemm.lowbit_dequantize(*quantize_lowbit(torch.randn(64, 512), fmt))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv4cli.formats import fake_quant_fp4
+from dsv4cli.formats.official import fake_quant_fp4
 from dsv4cli.kernels import ref
 from dsv4cli.loader import load_model
 from dsv4cli.model.args import CSA, HCA

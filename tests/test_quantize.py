@@ -13,15 +13,7 @@ import torch
 from dsv4cli import kernels
 from dsv4cli.describe import summarize
 from dsv4cli.errors import CheckpointError, ConfigError, UsageError
-from dsv4cli.formats import quantize_fp4_rows
-from dsv4cli.imatrix import Imatrix, boost_layers, collect_imatrix
-from dsv4cli.io.checkpoint import Checkpoint
-from dsv4cli.kernels import cpu, ref
-from dsv4cli.kernels.experts import ExpertTable
-from dsv4cli.loader import load_model
-from dsv4cli.model.args import ModelArgs
-from dsv4cli.quality import compare_logits, default_text, evaluate_quality, text_tokens
-from dsv4cli.quant_formats import (
+from dsv4cli.formats.lowbit import (
     bits_per_weight,
     dequantize_lowbit,
     lowbit_format,
@@ -29,6 +21,14 @@ from dsv4cli.quant_formats import (
     quantize_lowbit,
     unpack_codes,
 )
+from dsv4cli.formats.official import quantize_fp4_rows
+from dsv4cli.imatrix import Imatrix, boost_layers, collect_imatrix
+from dsv4cli.io.checkpoint import Checkpoint
+from dsv4cli.kernels import cpu, ref
+from dsv4cli.kernels.experts import ExpertTable
+from dsv4cli.loader import load_model
+from dsv4cli.model.args import ModelArgs
+from dsv4cli.quality import compare_logits, default_text, evaluate_quality, text_tokens
 from dsv4cli.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoint
 from dsv4cli.recipe import QUANT_KEY, RecipeError, load_recipe, parse_recipe
 from tests.conftest import run_cli

@@ -42,7 +42,7 @@ from dsv4cli.demo import DEMO_ARGS, DEMO_NAME, PACKAGE_DIR, packaged_tokenizer_d
 from dsv4cli.demo_corpus import EVAL_KINDS, Example, Problem, eval_problems, is_correct, training_examples
 from dsv4cli.encoding import ThinkMode
 from dsv4cli.engine import Engine
-from dsv4cli.formats import (
+from dsv4cli.formats.official import (
     dequantize_fp4_rows,
     dequantize_fp8_blocks,
     quantize_fp4_rows,

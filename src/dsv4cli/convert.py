@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from dsv4cli.errors import CheckpointError, DsvError, UsageError
-from dsv4cli.formats import FP4_BLOCK, FP4_VALUES, FP8_BLOCK, unpack_fp4
+from dsv4cli.formats.official import FP4_BLOCK, FP4_VALUES, FP8_BLOCK, unpack_fp4
 from dsv4cli.fsutil import (
     check_free_space,
     check_output_dir,

@@ -35,7 +35,8 @@ from dsv4cli.convert import (
     write_plan,
 )
 from dsv4cli.errors import CheckpointError, ModelNotFound, UsageError
-from dsv4cli.formats import quantize_fp8_blocks
+from dsv4cli.formats.lowbit import LOWBIT, quantize_fp4_search, quantize_lowbit
+from dsv4cli.formats.official import quantize_fp8_blocks
 from dsv4cli.fsutil import check_output_dir, write_json
 from dsv4cli.imatrix import Imatrix, boost_layers
 from dsv4cli.io.checkpoint import Checkpoint
@@ -43,7 +44,6 @@ from dsv4cli.io.dsv4_layout import Dsv4Checkpoint, open_checkpoint
 from dsv4cli.io.schema import TensorSpec, checkpoint_specs
 from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, checkpoint_order
 from dsv4cli.kernels.ref import dequantize_weight
-from dsv4cli.quant_formats import LOWBIT, quantize_fp4_search, quantize_lowbit
 from dsv4cli.recipe import Recipe
 
 RECIPE_FILE = "quantization.json"

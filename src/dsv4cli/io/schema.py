@@ -10,8 +10,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dsv4cli.formats.lowbit import LOWBIT
 from dsv4cli.model.args import CSA, SWA, ModelArgs
-from dsv4cli.quant_formats import LOWBIT
 
 #: safetensors dtype string -> bytes per element.
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "I32": 4, "I64": 8, "U8": 1}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dsv4cli.errors import CheckpointError
-from dsv4cli.formats import quantize_fp4_rows, quantize_fp8_blocks
+from dsv4cli.formats.official import quantize_fp4_rows, quantize_fp8_blocks
 from dsv4cli.fsutil import (
     check_free_space,
     check_output_dir,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv4cli.formats import (
+from dsv4cli.formats.lowbit import dequantize_lowbit
+from dsv4cli.formats.official import (
     dequantize_fp4_rows,
     dequantize_fp8_blocks,
     fake_quant_fp4,
     fake_quant_fp8,
     hadamard_matrix,
 )
-from dsv4cli.quant_formats import dequantize_lowbit
 
 ACT_QUANT_BLOCK = 128
 #: stored weight dtypes that `dequantize_weight` decodes: FP8, packed FP4 (int8), int3/int2 (uint8)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsv4cli import formats
+from dsv4cli.formats import official as formats
 from dsv4cli.kernels import ref
 from dsv4cli.kernels.triton_quant import (
     INTERPRET,
@@ -420,7 +420,7 @@ def _lowbit_dequant_kernel(w_ptr, s_ptr, out_ptr, O, K, BITS: tl.constexpr, BLOC
 
 def lowbit_dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """A stored int3/int2 weight (`U8 [O, K/32 * bytes]`, bf16 scales `[O, K/32]`) -> float32 `[O, K]`."""
-    from dsv4cli.quant_formats import LOWBIT, lowbit_format
+    from dsv4cli.formats.lowbit import LOWBIT, lowbit_format
 
     fmt = lowbit_format(weight, scale)
     if fmt is None:

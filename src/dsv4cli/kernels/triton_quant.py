@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from dsv4cli import formats
+from dsv4cli.formats import official as formats
 from dsv4cli.kernels import ref
 
 try:  # the package works without triton; only launching kernels needs it

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dsv4cli import kernels
+from dsv4cli.formats.lowbit import LOWBIT
 from dsv4cli.model.args import ModelArgs, yarn_correction_range
-from dsv4cli.quant_formats import LOWBIT
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4cli.formats import FP4_MAX, FP4_VALUES, fp4_codes, pack_fp4, pow2_scale, scale_to_ue8m0
+from dsv4cli.formats.official import FP4_MAX, FP4_VALUES, fp4_codes, pack_fp4, pow2_scale, scale_to_ue8m0
 
 BLOCK = 32
 #: format -> (bits, bytes per 32-input block, code offset: value = code - offset)
