@@ -49,7 +49,7 @@ from dsv4cli.bench import decoded_token_bytes, short_kernels, synthetic_args, sy
 from dsv4cli.describe import summarize
 from dsv4cli.kernels import cpu
 from dsv4cli.model.args import CSA, HCA, SWA
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 
 KIND = {SWA: "SWA", CSA: "CSA", HCA: "HCA"}
 FLASH = PRESETS["flash"]

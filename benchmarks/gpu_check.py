@@ -482,7 +482,7 @@ def time_copies(fn: Callable[[], Any], reps: int, cuda: bool) -> float:
 
 def expert_bytes() -> int:
     """Bytes of one routed Flash expert (what a staging slot receives per copy)."""
-    from dsv4cli.presets import FLASH
+    from dsv4cli.model.presets import FLASH
     from dsv4cli.runtime.placement import model_bytes
 
     return model_bytes(FLASH)[1]
@@ -792,7 +792,7 @@ def parity_hc(args, sh: ParityShapes, device) -> list[dict[str, Any]]:
 def step_parity(ctx: Ctx) -> Result:
     import torch
 
-    from dsv4cli.presets import PRESETS
+    from dsv4cli.model.presets import PRESETS
 
     cuda = cuda_ready()
     if not cuda and not ctx.dry_run:

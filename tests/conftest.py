@@ -10,7 +10,7 @@ import torch
 from dsv4cli.io.writer import random_tensors, write_random_checkpoint
 from dsv4cli.loader import build_model
 from dsv4cli.model.layers import Numerics
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from dsv4cli.errors import ConfigError
 from dsv4cli.io.schema import checkpoint_specs, logical_params
 from dsv4cli.model.args import ModelArgs, yarn_correction_range
 from dsv4cli.model.layers import rope_inv_freq
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

@@ -25,7 +25,7 @@ from dsv4cli.io.writer import (
     write_safetensors,
 )
 from dsv4cli.model.args import ModelArgs
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 
 ARGS = PRESETS["tiny"]
 SHARD1 = "model-00001-of-00002.safetensors"

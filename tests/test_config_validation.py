@@ -13,8 +13,9 @@ import pytest
 from dsv4cli.demo import DEMO_ARGS
 from dsv4cli.errors import ConfigError
 from dsv4cli.model.args import FIELD_RULES, ModelArgs
-from dsv4cli.presets import PRESETS
-from dsv4cli.recipe import BUILTIN, parse_recipe
+from dsv4cli.model.presets import PRESETS
+from dsv4cli.model.recipe import parse_recipe
+from dsv4cli.quant.recipes import BUILTIN
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "configs"
 YARN = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536}

@@ -40,7 +40,7 @@ from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.io.writer import random_tensor, tensor_generator, write_checkpoint, write_safetensors
 from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 from tests.conftest import run_cli, tiny_tensors
 
 ARGS = PRESETS["tiny"]

@@ -13,7 +13,7 @@ from dsv4cli.errors import CheckpointError, OutOfMemory, UsageError
 from dsv4cli.events import GenerationStats, TokenEvent
 from dsv4cli.loader import build_model
 from dsv4cli.model.layers import Numerics
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 from dsv4cli.sampling import SamplingParams
 from tests.conftest import tiny_model, tiny_tensors
 

@@ -22,7 +22,7 @@ from dsv4cli.cli_hub import RichReporter, register
 from dsv4cli.demo import packaged_tokenizer_dir
 from dsv4cli.errors import ModelNotFound, UsageError
 from dsv4cli.io.writer import write_random_checkpoint
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 from tests.hubserver import FakeHub, files_from_dir
 
 FLASH = "deepseek-ai/DeepSeek-V4-Flash"

@@ -13,7 +13,7 @@ from dsv4cli.model.args import CSA, HCA
 from dsv4cli.model.attention import Attention, Compressor
 from dsv4cli.model.cache import LayerCache
 from dsv4cli.model.layers import Numerics
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 from tests.conftest import tiny_model
 
 PLAIN = Numerics.plain(torch.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv4cli.model.layers import Numerics
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime.offload import OffloadedExperts, SlotCache
 from dsv4cli.runtime.placement import PlacementPlan
 from tests.conftest import tiny_model

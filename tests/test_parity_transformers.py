@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 
 from dsv4cli.io.hf_export import transformers_config, transformers_tensors, write_transformers_checkpoint  # noqa: E402
 from dsv4cli.model.layers import Numerics  # noqa: E402
-from dsv4cli.presets import PRESETS  # noqa: E402
+from dsv4cli.model.presets import PRESETS  # noqa: E402
 from tests.conftest import tiny_model, tiny_tensors  # noqa: E402
 
 transformers.logging.set_verbosity_error()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsv4cli.errors import OutOfMemory, UsageError
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime.placement import GPU_RESERVE_BYTES, PlacementPlan, model_bytes, plan_placement
 
 FLASH = PRESETS["flash"]

@@ -17,7 +17,7 @@ from dsv4cli.errors import OutOfMemory, UsageError
 from dsv4cli.events import GenerationStats
 from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime import apply, options
 from dsv4cli.runtime.apply import check_plan, is_routed_expert, move_dense, place_by_options, place_model
 from dsv4cli.runtime.options import PlacementOptions, resolve_plan
@@ -220,8 +220,8 @@ def test_chat_with_a_simulated_plan(tmp_path):
 def test_offload_runs_quantized_experts(tiny_checkpoint, tmp_path):
     """A `dsv4 quantize` q2 checkpoint (int2 w1/w3, int3 w2 experts) through the offload runtime, native kernels."""
     from dsv4cli import kernels
+    from dsv4cli.model.recipe import load_recipe
     from dsv4cli.quantize import quantize_checkpoint
-    from dsv4cli.recipe import load_recipe
 
     kernels.select()
     done = quantize_checkpoint(tiny_checkpoint, tmp_path / "q2", load_recipe("q2")).path

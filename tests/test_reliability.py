@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dsv4cli.io.writer import write_random_checkpoint
-from dsv4cli.presets import PRESETS
+from dsv4cli.model.presets import PRESETS
 
 MiB = 1 << 20
 

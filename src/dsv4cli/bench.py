@@ -281,7 +281,7 @@ def synth_root() -> Path:
 
 def synthetic_args(preset: str, layers: int | None = None, experts: int | None = None) -> ModelArgs:
     """A preset with `dsv4 synth`'s --layers/--experts overrides applied."""
-    from dsv4cli.presets import get_preset, shrink
+    from dsv4cli.model.presets import get_preset, shrink
 
     return shrink(get_preset(preset), layers, experts)
 

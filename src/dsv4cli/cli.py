@@ -43,7 +43,7 @@ def resolve_args(model: str):
     """A model directory (its config.json), a config file, a preset name or `demo` -> ModelArgs."""
     from dsv4cli.demo import DEMO_ALIAS, demo_model_dir
     from dsv4cli.model.args import ModelArgs
-    from dsv4cli.presets import PRESETS, get_preset
+    from dsv4cli.model.presets import PRESETS, get_preset
 
     path = Path(model)
     if path.exists():
@@ -83,7 +83,7 @@ def synth(
 ) -> None:
     """Write a random checkpoint in the exact official on-disk format (for tests and benchmarks)."""
     from dsv4cli.io.writer import write_random_checkpoint
-    from dsv4cli.presets import shrink
+    from dsv4cli.model.presets import shrink
 
     args = shrink(resolve_args(preset), layers, experts)
     path = write_random_checkpoint(args, out, seed=seed, overwrite=force)

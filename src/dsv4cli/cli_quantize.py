@@ -96,8 +96,8 @@ def register(app: typer.Typer) -> None:
         from dsv4cli.cli_convert import progress_bar
         from dsv4cli.imatrix import Imatrix
         from dsv4cli.quality import evaluate_quality
+        from dsv4cli.quant.recipes import load_recipe
         from dsv4cli.quantize import quantize_checkpoint
-        from dsv4cli.recipe import load_recipe
 
         if calibration_text is not None and imatrix is not None:
             raise UsageError("pass --calibration-text or --imatrix, not both")

@@ -26,7 +26,7 @@ from dsv4cli.errors import CheckpointError
 from dsv4cli.io.safetensors_file import SafetensorsFile
 from dsv4cli.io.writer import write_safetensors
 from dsv4cli.kernels import ref
-from dsv4cli.recipe import PROJECTIONS, parse_recipe
+from dsv4cli.model.recipe import PROJECTIONS, parse_recipe
 
 #: one format up, for the layers `boost_layers` picks
 UPGRADE = {"int2": "int3", "int3": "fp4"}

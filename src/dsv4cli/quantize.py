@@ -44,7 +44,7 @@ from dsv4cli.io.dsv4_layout import Dsv4Checkpoint, open_checkpoint
 from dsv4cli.io.schema import TensorSpec, checkpoint_specs
 from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, checkpoint_order
 from dsv4cli.kernels.ref import dequantize_weight
-from dsv4cli.recipe import Recipe
+from dsv4cli.model.recipe import Recipe
 
 RECIPE_FILE = "quantization.json"
 IMATRIX_FILE = "imatrix.safetensors"

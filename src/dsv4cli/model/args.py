@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import ConfigError
-from dsv4cli.recipe import QUANT_KEY, Recipe, RecipeError, parse_recipe
+from dsv4cli.model.recipe import QUANT_KEY, Recipe, RecipeError, parse_recipe
 
 SWA, CSA, HCA = 0, 4, 128
 ATTENTION_KINDS = {SWA: "sliding", CSA: "csa", HCA: "hca"}

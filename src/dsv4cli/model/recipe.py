@@ -1,6 +1,6 @@
 """Quantization recipes: which stored format each quantizable linear of a checkpoint gets.
 
-A recipe is a JSON object (a file, or one of `BUILTIN`):
+A recipe is a JSON object (a file, or one of `quant.recipes.BUILTIN`):
 
     {"name": "my-q3",
      "experts": {"w1": "int3", "w3": "int3", "w2": "fp4"},   # or one format for all three
@@ -15,16 +15,16 @@ earlier one. `keep` lists fnmatch patterns of linear names (`layers.3.ffn.expert
 `layers.0.attn.wq_a`, `mtp.0.e_proj`) that keep their source format whatever the rest says.
 
 The quantized checkpoint stores its recipe in config.json under `QUANT_KEY`;
-`ModelArgs.quantization` holds it and `ModelArgs.linear_format` resolves each linear's format.
+`ModelArgs.quantization` holds it and `ModelArgs.linear_format` resolves each linear's format. This
+module is the recipe's schema (part of the model config); `quant.recipes` holds the built-in recipes
+and reads recipe files.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import UsageError
@@ -39,21 +39,6 @@ _TOP_KEYS = {"name", "version", "experts", "dense", "layers", "keep", "descripti
 _RULE_KEYS = {"experts", "dense"}
 _LAYER_KEY_RE = re.compile(r"^\d+(-\d+)?$")
 _HINT = "see docs/quality.md for the recipe format"
-
-#: The built-in recipes (for an official checkpoint: FP4 experts, FP8 dense linears).
-BUILTIN: dict[str, dict[str, Any]] = {
-    "q4": {"description": "the official formats (experts fp4, dense fp8): a no-op baseline",
-           "experts": "fp4", "dense": "fp8"},
-    "q4-dense4": {"description": "official experts, dense linears fp8 -> fp4",
-                  "experts": "fp4", "dense": "fp4"},
-    "q3": {"description": "gate/up projections int3, down projection (more sensitive) fp4",
-           "experts": {"w1": "int3", "w3": "int3", "w2": "fp4"}, "dense": "fp8"},
-    "q3-dense4": {"description": "q3 plus dense linears fp8 -> fp4",
-                  "experts": {"w1": "int3", "w3": "int3", "w2": "fp4"}, "dense": "fp4"},
-    "q2": {"description": "gate/up projections int2, down projection int3",
-           "experts": {"w1": "int2", "w3": "int2", "w2": "int3"}, "dense": "fp8"},
-}
-
 
 class RecipeError(UsageError):
     """A recipe that cannot be parsed or does not make sense."""
@@ -229,18 +214,3 @@ def parse_layer_key(key: str) -> tuple[frozenset[int], bool]:
             raise RecipeError(f"recipe layer key {key!r} is not understood",
                               "use layer indices, ranges and 'mtp', e.g. \"0-2,7\" or \"mtp\"")
     return frozenset(layers), mtp
-
-
-def load_recipe(spec: str) -> Recipe:
-    """A built-in recipe name or a JSON file path -> Recipe."""
-    if spec in BUILTIN:
-        return parse_recipe({"name": spec, **BUILTIN[spec]})
-    path = Path(spec)
-    if not path.is_file():
-        raise RecipeError(f"{spec!r} is neither a built-in recipe nor a file",
-                          f"built-in recipes: {', '.join(BUILTIN)}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc}", "the recipe must be a JSON file") from None
-    return parse_recipe(data, default_name=path.stem)
