@@ -46,7 +46,7 @@ from torch import nn
 
 from dsv4cli import kernels
 from dsv4cli.bench import decoded_token_bytes, short_kernels, synthetic_args, synthetic_checkpoint
-from dsv4cli.describe import summarize
+from dsv4cli.io.describe import summarize
 from dsv4cli.kernels import cpu
 from dsv4cli.model.args import CSA, HCA, SWA
 from dsv4cli.model.presets import PRESETS

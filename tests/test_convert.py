@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from dsv4cli.cli_convert import parse_size, progress_bar, register
-from dsv4cli.convert import (
+from dsv4cli.errors import CheckpointError, ConfigError, ModelNotFound, UsageError
+from dsv4cli.formats.official import dequantize_fp4_rows, dequantize_fp8_blocks, pack_fp4
+from dsv4cli.io.checkpoint import INDEX_NAME, Checkpoint
+from dsv4cli.io.convert import (
     PARTIAL_SUFFIX,
     PROGRESS_NAME,
     TARGETS,
@@ -25,9 +28,6 @@ from dsv4cli.convert import (
     dequantize_fp4_bf16,
     fp4_to_fp8_blocks,
 )
-from dsv4cli.errors import CheckpointError, ConfigError, ModelNotFound, UsageError
-from dsv4cli.formats.official import dequantize_fp4_rows, dequantize_fp8_blocks, pack_fp4
-from dsv4cli.io.checkpoint import INDEX_NAME, Checkpoint
 from dsv4cli.io.dsv4_layout import (
     EXPERT_NAME_RE,
     LAYOUT_NAME,
@@ -361,7 +361,7 @@ def test_a_different_command_does_not_reuse_partial_shards(source, tmp_path):
 
 
 def test_failure_mid_conversion_keeps_out_absent_and_names_the_partial_dir(source, tmp_path, monkeypatch):
-    import dsv4cli.convert as convert_module
+    import dsv4cli.io.convert as convert_module
 
     def lossy(packed, scale, name="weight"):
         raise CheckpointError(f"{name}: FP4 -> FP8 would lose precision", "keep the FP4 experts")

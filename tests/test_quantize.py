@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dsv4cli import kernels
-from dsv4cli.describe import summarize
 from dsv4cli.errors import CheckpointError, ConfigError, UsageError
 from dsv4cli.formats.lowbit import (
     bits_per_weight,
@@ -24,6 +23,7 @@ from dsv4cli.formats.lowbit import (
 from dsv4cli.formats.official import quantize_fp4_rows
 from dsv4cli.imatrix import Imatrix, boost_layers, collect_imatrix
 from dsv4cli.io.checkpoint import Checkpoint
+from dsv4cli.io.describe import summarize
 from dsv4cli.kernels import cpu, ref
 from dsv4cli.kernels.experts import ExpertTable
 from dsv4cli.loader import load_model

@@ -258,7 +258,7 @@ def test_permission_denied_is_one_line(world):
 #: so that the test can kill it at a known point
 PAUSING_CLI = """
 import os, signal, sys
-from dsv4cli import convert
+from dsv4cli.io import convert
 record = convert._write_progress
 def pause_after_first(tmp, fingerprint, finished):
     record(tmp, fingerprint, finished)

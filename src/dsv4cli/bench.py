@@ -520,7 +520,7 @@ def versions() -> dict[str, str]:
 
 def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchReport:
     """Load the model, run every (depth, test) with repetitions, measure memory bandwidth."""
-    from dsv4cli.describe import summarize
+    from dsv4cli.io.describe import summarize
     from dsv4cli.loader import load_model
 
     path, name, kind = model_source(settings)

@@ -62,7 +62,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Describe a model: layer schedule, parameter counts, bytes on disk, per-token costs."""
-    from dsv4cli.describe import summarize
+    from dsv4cli.io.describe import summarize
     from dsv4cli.render_info import render_summary
 
     summary = summarize(resolve_args(model))

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Convert a checkpoint: streaming, restartable (re-run after an interruption), atomic."""
         from dsv4cli.chat import resolve_model_dir
-        from dsv4cli.convert import TARGETS, convert_checkpoint
+        from dsv4cli.io.convert import TARGETS, convert_checkpoint
 
         if to not in TARGETS:
             raise UsageError(f"unknown --to {to!r}", f"choose one of: {', '.join(TARGETS)}")

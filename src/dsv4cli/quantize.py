@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from dsv4cli.convert import (
+from dsv4cli.errors import CheckpointError, ModelNotFound, UsageError
+from dsv4cli.formats.lowbit import LOWBIT, quantize_fp4_search, quantize_lowbit
+from dsv4cli.formats.official import quantize_fp8_blocks
+from dsv4cli.fsutil import check_output_dir, write_json
+from dsv4cli.imatrix import Imatrix, boost_layers
+from dsv4cli.io.checkpoint import Checkpoint
+from dsv4cli.io.convert import (
     ConversionPlan,
     PlannedTensor,
     passthrough,
@@ -34,12 +40,6 @@ from dsv4cli.convert import (
     tokenizer_files,
     write_plan,
 )
-from dsv4cli.errors import CheckpointError, ModelNotFound, UsageError
-from dsv4cli.formats.lowbit import LOWBIT, quantize_fp4_search, quantize_lowbit
-from dsv4cli.formats.official import quantize_fp8_blocks
-from dsv4cli.fsutil import check_output_dir, write_json
-from dsv4cli.imatrix import Imatrix, boost_layers
-from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.io.dsv4_layout import Dsv4Checkpoint, open_checkpoint
 from dsv4cli.io.schema import TensorSpec, checkpoint_specs
 from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, checkpoint_order

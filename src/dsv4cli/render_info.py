@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from dsv4cli.describe import ModelSummary
+from dsv4cli.io.describe import ModelSummary
 from dsv4cli.units import human_bytes, human_count
 
 
