@@ -174,7 +174,7 @@ def flash_estimate(part: dict, outside_s: float | None = None) -> float:
 def bench_ours(path: Path, mode: str, ids: torch.Tensor, decode_ids: torch.Tensor, repeats: int,
                decode_steps: int) -> dict:
     """Our model with the reference ops (`kernels.reset()`) or the native CPU kernels (`select("cpu")`)."""
-    from dsv4cli.loader import load_model
+    from dsv4cli.runtime.loader import load_model
 
     if mode == "ref":
         kernels.reset()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dsv4cli.io.writer import random_tensors, write_random_checkpoint
-from dsv4cli.loader import build_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
+from dsv4cli.runtime.loader import build_model
 
 
 @functools.cache

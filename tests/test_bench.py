@@ -18,8 +18,8 @@ from dsv4cli.engine import Engine
 from dsv4cli.errors import DsvError, UsageError
 from dsv4cli.events import TokenEvent
 from dsv4cli.io.describe import summarize
-from dsv4cli.loader import load_model
 from dsv4cli.model.presets import PRESETS
+from dsv4cli.runtime.loader import load_model
 from dsv4cli.runtime.placement import model_bytes
 from tests.conftest import run_cli
 

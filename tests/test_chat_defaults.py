@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.chat import OpenModel, sampling_defaults
+from dsv4cli.chat.service import OpenModel, sampling_defaults
 from dsv4cli.demo import DEMO_TEMPERATURE
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ARGS, packaged_tokenizer_dir
 from dsv4cli.io.writer import random_tensors, write_checkpoint
-from dsv4cli.tokenizer import Tokenizer
 
 LIBRARY = ["engine.py", "session.py", "sampling.py", "tokenizer.py", "detok.py", "events.py"]
 FRONT_END_WORDS = re.compile(r"(?:^|[\s(`'\"])(?:--[a-z]|/(?:clear|save|load|set|think|nothink|mode|read)\b)")

@@ -38,9 +38,9 @@ from dsv4cli.io.dsv4_layout import (
 from dsv4cli.io.safetensors_file import SafetensorsFile
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.io.writer import random_tensor, tensor_generator, write_checkpoint, write_safetensors
-from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
+from dsv4cli.runtime.loader import load_model
 from tests.conftest import run_cli, tiny_tensors
 
 ARGS = PRESETS["tiny"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dsv4cli import demo
+from dsv4cli.chat.encoding import ASSISTANT, EOS, THINK_END, THINK_START, ThinkMode
 from dsv4cli.demo_corpus import (
     EVAL_KINDS,
     add_trace,
@@ -27,7 +28,6 @@ from dsv4cli.demo_corpus import (
     sub_trace,
     training_examples,
 )
-from dsv4cli.encoding import ASSISTANT, EOS, THINK_END, THINK_START, ThinkMode
 from dsv4cli.errors import CheckpointError
 
 #: Held-out questions the shipped model answers correctly with greedy decoding in think mode.
@@ -112,7 +112,7 @@ def test_answers_are_scored_by_their_last_number():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from dsv4cli.tokenizer import Tokenizer
+    from dsv4cli.chat.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(demo.packaged_tokenizer_dir(tmp_path_factory.mktemp("tok")))
 
@@ -185,10 +185,10 @@ def chat(demo_dir, tokenizer):
     import torch
 
     from dsv4cli import kernels
+    from dsv4cli.chat.session import ChatSession, ChatSettings
     from dsv4cli.engine import Engine
-    from dsv4cli.loader import load_model
+    from dsv4cli.runtime.loader import load_model
     from dsv4cli.sampling import SamplingParams
-    from dsv4cli.session import ChatSession, ChatSettings
 
     model, checkpoint = load_model(demo_dir)
     torch.set_grad_enabled(False)
@@ -242,7 +242,7 @@ def test_training_script_runs_its_whole_pipeline_on_a_few_steps(tmp_path, monkey
     import torch
 
     from dsv4cli import kernels
-    from dsv4cli.loader import load_model
+    from dsv4cli.runtime.loader import load_model
 
     path = Path(__file__).resolve().parents[1] / "tools" / "train_demo.py"
     spec = importlib.util.spec_from_file_location("train_demo", path)
@@ -296,7 +296,7 @@ def test_quantized_demo_keeps_its_accuracy(demo_dir, tmp_path):
 
 
 def test_demo_alias_names_the_built_in_model(demo_dir, monkeypatch):
-    from dsv4cli.chat import resolve_model_dir
+    from dsv4cli.chat.service import resolve_model_dir
     from dsv4cli.cli import resolve_args
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_dir.parent.parent))

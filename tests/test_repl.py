@@ -17,8 +17,9 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
+from dsv4cli.chat.encoding import ThinkMode
+from dsv4cli.chat.session import ChatSession, mode_label
 from dsv4cli.demo import demo_model_dir
-from dsv4cli.encoding import ThinkMode
 from dsv4cli.events import GenerationStats, TurnResult
 from dsv4cli.render import format_stats
 from dsv4cli.repl import (
@@ -30,7 +31,6 @@ from dsv4cli.repl import (
     transcript_path,
     unwrap_block,
 )
-from dsv4cli.session import ChatSession, mode_label
 
 
 # --------------------------------------------------------------------- fakes

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.detok import StreamingDetokenizer
+from dsv4cli.chat.detok import StreamingDetokenizer
+from dsv4cli.chat.tokenizer import SpecialTokens, Tokenizer
 from dsv4cli.errors import CheckpointError
-from dsv4cli.tokenizer import SpecialTokens, Tokenizer
 
 
 def _real_tokenizer_dir() -> Path | None:

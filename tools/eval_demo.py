@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from dsv4cli import kernels
-from dsv4cli.chat import resolve_model_dir
+from dsv4cli.chat.service import resolve_model_dir
+from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ALIAS
 from dsv4cli.demo_corpus import EVAL_KINDS
 from dsv4cli.errors import DsvError
-from dsv4cli.loader import load_model
-from dsv4cli.tokenizer import Tokenizer
+from dsv4cli.runtime.loader import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo import evaluate_both, held_out_problems  # the training script's own evaluation

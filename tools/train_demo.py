@@ -38,9 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4cli import kernels
+from dsv4cli.chat.encoding import ThinkMode
+from dsv4cli.chat.session import ChatSession, ChatSettings
+from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ARGS, DEMO_NAME, PACKAGE_DIR, packaged_tokenizer_dir
 from dsv4cli.demo_corpus import EVAL_KINDS, Example, Problem, eval_problems, is_correct, training_examples
-from dsv4cli.encoding import ThinkMode
 from dsv4cli.engine import Engine
 from dsv4cli.formats.official import (
     dequantize_fp4_rows,
@@ -51,13 +53,11 @@ from dsv4cli.formats.official import (
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.io.writer import random_tensors, write_checkpoint
 from dsv4cli.kernels import ref
-from dsv4cli.loader import build_model, load_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.moe import Gate
 from dsv4cli.model.transformer import Transformer
+from dsv4cli.runtime.loader import build_model, load_model
 from dsv4cli.sampling import SamplingParams
-from dsv4cli.session import ChatSession, ChatSettings
-from dsv4cli.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MTP_WEIGHT = 0.3

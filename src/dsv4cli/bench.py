@@ -310,7 +310,7 @@ def model_source(settings: BenchSettings) -> tuple[Path, str, str]:
     if settings.synth is not None:
         path = synthetic_checkpoint(settings.synth, settings.layers, settings.experts, settings.seed)
         return path, synthetic_label(settings.synth, settings.layers, settings.experts), "synthetic"
-    from dsv4cli.chat import resolve_model_dir
+    from dsv4cli.chat.service import resolve_model_dir
 
     path, is_demo = resolve_model_dir(settings.model)
     return path, ("demo" if is_demo else path.name), ("demo" if is_demo else "checkpoint")
@@ -521,7 +521,7 @@ def versions() -> dict[str, str]:
 def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchReport:
     """Load the model, run every (depth, test) with repetitions, measure memory bandwidth."""
     from dsv4cli.io.describe import summarize
-    from dsv4cli.loader import load_model
+    from dsv4cli.runtime.loader import load_model
 
     path, name, kind = model_source(settings)
     for notice in kernels.select():

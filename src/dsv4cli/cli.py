@@ -144,12 +144,16 @@ def chat(
     interactive = text is None
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
-    from dsv4cli.chat import new_session, open_model, sampling_defaults  # torch loads here, after the flag checks
+    from dsv4cli.chat.service import (  # torch loads here, after the flag checks
+        new_session,
+        open_model,
+        sampling_defaults,
+    )
+    from dsv4cli.chat.session import ChatSettings
     from dsv4cli.engine import ContextTooLarge
     from dsv4cli.errors import OutOfMemory
     from dsv4cli.render import make_renderer
     from dsv4cli.runtime.options import PlacementOptions
-    from dsv4cli.session import ChatSettings
 
     notices: list[str] = []
     placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
@@ -191,7 +195,7 @@ def chat(
 
 def _chat_mode(mode: str, nothink: bool, think_max: bool):
     """The ThinkMode that --mode, --nothink and --think-max choose."""
-    from dsv4cli.encoding import ThinkMode
+    from dsv4cli.chat.encoding import ThinkMode
 
     if nothink and think_max:
         raise UsageError("--nothink and --think-max contradict each other")
@@ -278,7 +282,7 @@ def _one_shot_text(prompt: str | None) -> str | None:
 
 def _one_shot(session, text: str, renderer, as_json: bool) -> int:
     """Answer `text`; the exit status (see `chat`), with a warning or an error when the token limit cut the reply."""
-    from dsv4cli.chat import run_prompt
+    from dsv4cli.chat.service import run_prompt
     from dsv4cli.engine import ContextFull
 
     try:

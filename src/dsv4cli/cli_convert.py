@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         max_shard_size: str = typer.Option("4GiB", "--max-shard-size", help="Largest output shard, e.g. 4GB."),
     ) -> None:
         """Convert a checkpoint: streaming, restartable (re-run after an interruption), atomic."""
-        from dsv4cli.chat import resolve_model_dir
+        from dsv4cli.chat.service import resolve_model_dir
         from dsv4cli.io.convert import TARGETS, convert_checkpoint
 
         if to not in TARGETS:

@@ -75,10 +75,10 @@ def _routing_counts(model: str, counts: Path | None, profile: Path | None,
 
 def _profile(model: str, text_file: Path) -> dict[int, list[int]]:
     from dsv4cli import kernels
-    from dsv4cli.chat import resolve_model_dir
-    from dsv4cli.loader import load_model
+    from dsv4cli.chat.service import resolve_model_dir
+    from dsv4cli.chat.tokenizer import Tokenizer
+    from dsv4cli.runtime.loader import load_model
     from dsv4cli.runtime.profiling import count_routes
-    from dsv4cli.tokenizer import Tokenizer
 
     model = str(resolve_model_dir(model)[0])  # a directory, `demo` or a downloaded model: it runs the model
     try:

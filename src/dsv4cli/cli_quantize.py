@@ -29,8 +29,8 @@ def _read_text(path: Path | None, what: str) -> str | None:
 def _calibrate(src: Path, text: str, tokens: int):
     """Importance matrix of `src` from `text` (at most `tokens` tokens)."""
     from dsv4cli.imatrix import collect_imatrix
-    from dsv4cli.loader import load_model
     from dsv4cli.quality import text_tokens
+    from dsv4cli.runtime.loader import load_model
 
     model, checkpoint = load_model(src, with_mtp=False)
     try:
@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Quantize a checkpoint (experts to int3/int2, dense linears to FP4) and optionally measure its quality."""
         from dsv4cli import kernels
-        from dsv4cli.chat import resolve_model_dir
+        from dsv4cli.chat.service import resolve_model_dir
         from dsv4cli.cli_convert import progress_bar
         from dsv4cli.imatrix import Imatrix
         from dsv4cli.quality import evaluate_quality

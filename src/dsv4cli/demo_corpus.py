@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from dsv4cli.encoding import encode_messages
+from dsv4cli.chat.encoding import encode_messages
 
 HELD_OUT_PERCENT = 10
 #: kind -> share of the training mix.

@@ -55,7 +55,7 @@ def default_text() -> str:
 def text_tokens(text: str, model_dir: str | Path, vocab_size: int) -> tuple[torch.Tensor, bool]:
     """Token ids [T] of `text` with the checkpoint's (else the packaged) tokenizer; ids past the
     model's vocabulary folded into range. Returns (ids, whether any id was folded)."""
-    from dsv4cli.tokenizer import Tokenizer
+    from dsv4cli.chat.tokenizer import Tokenizer
 
     model_dir = Path(model_dir)
     if (model_dir / "tokenizer.json").is_file():
@@ -88,7 +88,7 @@ def evaluate_quality(original: str | Path, quantized: str | Path, text: str | No
                      text_name: str | None = None) -> QualityReport:
     """Compare `quantized` against `original` (checkpoint directories) on `text` (default: the
     packaged sample), at most `max_tokens` tokens in windows of `seq_len`."""
-    from dsv4cli.loader import load_model
+    from dsv4cli.runtime.loader import load_model
 
     if seq_len < 2 or max_tokens < 2:
         raise UsageError("the evaluation needs windows and texts of at least 2 tokens")

@@ -24,14 +24,14 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from dsv4cli import paths
-from dsv4cli.chat import sigint_cancels
-from dsv4cli.encoding import ThinkMode
+from dsv4cli.chat.encoding import ThinkMode
+from dsv4cli.chat.service import sigint_cancels
+from dsv4cli.chat.session import ChatSession, TranscriptNotFound, mode_label
+from dsv4cli.chat.tokenizer import replace_lone_surrogates
 from dsv4cli.engine import ContextFull
 from dsv4cli.errors import DsvError, UsageError
 from dsv4cli.events import TurnResult
 from dsv4cli.render import format_stats
-from dsv4cli.session import ChatSession, TranscriptNotFound, mode_label
-from dsv4cli.tokenizer import replace_lone_surrogates
 
 BLOCK = '"""'
 QUIT_HINT = "Ctrl-D or /exit to quit"

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import torch
 
+from dsv4cli.chat.session import ChatSession, ChatSettings
+from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ALIAS, DEMO_LABEL, DEMO_TEMPERATURE, demo_model_dir
 from dsv4cli.engine import Engine
 from dsv4cli.errors import ModelNotFound
 from dsv4cli.events import TurnResult
 from dsv4cli.io.checkpoint import Checkpoint
-from dsv4cli.loader import load_model
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.transformer import Transformer
 from dsv4cli.runtime.apply import Placement, place_by_options
+from dsv4cli.runtime.loader import load_model
 from dsv4cli.runtime.options import PlacementOptions
-from dsv4cli.session import ChatSession, ChatSettings
-from dsv4cli.tokenizer import Tokenizer
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dsv4cli.detok import StreamingDetokenizer
-from dsv4cli.encoding import (
+from dsv4cli.chat.detok import StreamingDetokenizer
+from dsv4cli.chat.encoding import (
     MIN_CONTEXT_THINK_MAX,
     REASONING_CHANNEL,
     StreamingOutputParser,
@@ -28,12 +28,12 @@ from dsv4cli.encoding import (
     encode_messages,
     prompt_opens_reasoning,
 )
+from dsv4cli.chat.tokenizer import Tokenizer, replace_lone_surrogates
 from dsv4cli.engine import Engine
 from dsv4cli.errors import UsageError
 from dsv4cli.events import GenerationStats, TurnResult
 from dsv4cli.fsutil import atomic_write_bytes, describe_os_error
 from dsv4cli.sampling import SamplingParams
-from dsv4cli.tokenizer import Tokenizer, replace_lone_surrogates
 
 TRANSCRIPT_VERSION = 1
 MODE_LABELS = {ThinkMode.NON_THINK: "non-think", ThinkMode.THINK_HIGH: "think-high", ThinkMode.THINK_MAX: "think-max"}
