@@ -14,9 +14,9 @@ import torch
 from dsv4cli import bench
 from dsv4cli.bench import BenchSettings, Traces, fill_to_depth, rewind, run_bench, run_once
 from dsv4cli.cli_bench import register
-from dsv4cli.engine import Engine
+from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.events import TokenEvent
 from dsv4cli.errors import DsvError, UsageError
-from dsv4cli.events import TokenEvent
 from dsv4cli.io.describe import summarize
 from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime.loader import load_model

@@ -18,7 +18,8 @@ from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ARGS, packaged_tokenizer_dir
 from dsv4cli.io.writer import random_tensors, write_checkpoint
 
-LIBRARY = ["engine.py", "session.py", "sampling.py", "tokenizer.py", "detok.py", "events.py"]
+LIBRARY = ["engine/engine.py", "chat/session.py", "engine/sampling.py", "chat/tokenizer.py", "chat/detok.py",
+           "engine/events.py"]
 FRONT_END_WORDS = re.compile(r"(?:^|[\s(`'\"])(?:--[a-z]|/(?:clear|save|load|set|think|nothink|mode|read)\b)")
 
 

@@ -186,9 +186,9 @@ def chat(demo_dir, tokenizer):
 
     from dsv4cli import kernels
     from dsv4cli.chat.session import ChatSession, ChatSettings
-    from dsv4cli.engine import Engine
+    from dsv4cli.engine.engine import Engine
+    from dsv4cli.engine.sampling import SamplingParams
     from dsv4cli.runtime.loader import load_model
-    from dsv4cli.sampling import SamplingParams
 
     model, checkpoint = load_model(demo_dir)
     torch.set_grad_enabled(False)

@@ -7,14 +7,14 @@ import threading
 import pytest
 import torch
 
-from dsv4cli import engine as engine_module
-from dsv4cli.engine import ContextFull, ContextTooLarge, Engine, NonFiniteLogits, cache_bytes
+from dsv4cli.engine import engine as engine_module
+from dsv4cli.engine.engine import ContextFull, ContextTooLarge, Engine, NonFiniteLogits, cache_bytes
+from dsv4cli.engine.events import GenerationStats, TokenEvent
+from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import CheckpointError, OutOfMemory, UsageError
-from dsv4cli.events import GenerationStats, TokenEvent
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime.loader import build_model
-from dsv4cli.sampling import SamplingParams
 from tests.conftest import tiny_model, tiny_tensors
 
 GREEDY = SamplingParams(temperature=0)

@@ -73,8 +73,8 @@ def test_lru_and_lfu_eviction():
 
 
 def test_engine_reports_the_hit_rate():
-    from dsv4cli.engine import Engine
-    from dsv4cli.events import GenerationStats
+    from dsv4cli.engine.engine import Engine
+    from dsv4cli.engine.events import GenerationStats
 
     model = tiny_model("tiny", Numerics.plain(torch.float32))
     OffloadedExperts(model, plan({}, slots=8), "cpu", decode_max_tokens=2).attach()

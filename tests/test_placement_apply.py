@@ -12,9 +12,10 @@ import torch
 
 from dsv4cli import bench
 from dsv4cli.bench import BenchSettings, render_markdown, run_bench
-from dsv4cli.engine import Engine
+from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.events import GenerationStats
+from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import OutOfMemory, UsageError
-from dsv4cli.events import GenerationStats
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime import apply, options
@@ -22,7 +23,6 @@ from dsv4cli.runtime.apply import check_plan, is_routed_expert, move_dense, plac
 from dsv4cli.runtime.loader import load_model
 from dsv4cli.runtime.options import PlacementOptions, resolve_plan
 from dsv4cli.runtime.placement import PlacementPlan, plan_placement
-from dsv4cli.sampling import SamplingParams
 from tests.conftest import tiny_model
 
 ARGS = PRESETS["tiny"]

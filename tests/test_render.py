@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 import dsv4cli.render as render
-from dsv4cli.events import GenerationStats, TurnResult
+from dsv4cli.engine.events import GenerationStats, TurnResult
 from dsv4cli.render import (
     JsonRenderer,
     PlainRenderer,

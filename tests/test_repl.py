@@ -20,7 +20,7 @@ from prompt_toolkit.output import DummyOutput
 from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.session import ChatSession, mode_label
 from dsv4cli.demo import demo_model_dir
-from dsv4cli.events import GenerationStats, TurnResult
+from dsv4cli.engine.events import GenerationStats, TurnResult
 from dsv4cli.render import format_stats
 from dsv4cli.repl import (
     COMMANDS,
@@ -191,7 +191,7 @@ def test_any_error_in_a_turn_is_one_line_and_the_conversation_survives(error):
 
 
 def test_a_full_context_suggests_clear_in_the_repl():
-    from dsv4cli.engine import ContextFull
+    from dsv4cli.engine.engine import ContextFull
 
     session, renderer = FailingSession(ContextFull(20_000, 16_384)), RecordingRenderer()
     run(Repl(session, renderer), "long")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsv4cli.engine.sampling import InvalidSamplingParam, SamplingParams, filter_logits, make_sampler
 from dsv4cli.errors import UsageError
-from dsv4cli.sampling import InvalidSamplingParam, SamplingParams, filter_logits, make_sampler
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625]))
 

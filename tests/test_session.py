@@ -14,13 +14,13 @@ from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.session import ChatSession, ChatSettings, TranscriptError
 from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ARGS, packaged_tokenizer_dir
-from dsv4cli.engine import Engine
+from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.events import TurnResult
+from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import UsageError
-from dsv4cli.events import TurnResult
 from dsv4cli.io.writer import random_tensors
 from dsv4cli.model.layers import Numerics
 from dsv4cli.runtime.loader import build_model
-from dsv4cli.sampling import SamplingParams
 
 
 class Recorder:

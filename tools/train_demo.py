@@ -43,7 +43,8 @@ from dsv4cli.chat.session import ChatSession, ChatSettings
 from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ARGS, DEMO_NAME, PACKAGE_DIR, packaged_tokenizer_dir
 from dsv4cli.demo_corpus import EVAL_KINDS, Example, Problem, eval_problems, is_correct, training_examples
-from dsv4cli.engine import Engine
+from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.formats.official import (
     dequantize_fp4_rows,
     dequantize_fp8_blocks,
@@ -57,7 +58,6 @@ from dsv4cli.model.layers import Numerics
 from dsv4cli.model.moe import Gate
 from dsv4cli.model.transformer import Transformer
 from dsv4cli.runtime.loader import build_model, load_model
-from dsv4cli.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 MTP_WEIGHT = 0.3

@@ -37,16 +37,16 @@ from typing import Any
 import torch
 
 from dsv4cli import __version__, kernels
-from dsv4cli.engine import Engine
+from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.events import GenerationStats
+from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import DsvError, UsageError
-from dsv4cli.events import GenerationStats
 from dsv4cli.io.checkpoint import INDEX_NAME
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.paths import cache_dir
 from dsv4cli.runtime.apply import Placement, place_by_options
 from dsv4cli.runtime.options import PlacementOptions
-from dsv4cli.sampling import SamplingParams
 from dsv4cli.units import human_bytes, human_count
 
 SCHEMA = "dsv4-bench/1"

@@ -150,7 +150,7 @@ def chat(
         sampling_defaults,
     )
     from dsv4cli.chat.session import ChatSettings
-    from dsv4cli.engine import ContextTooLarge
+    from dsv4cli.engine.engine import ContextTooLarge
     from dsv4cli.errors import OutOfMemory
     from dsv4cli.render import make_renderer
     from dsv4cli.runtime.options import PlacementOptions
@@ -219,7 +219,7 @@ def _check_limits(ctx: int, max_tokens: int | None, reasoning_budget: int | None
 
 def _sampling_flags(**values):
     """SamplingParams from the flags (temperature and top_p None: 1.0 until the model's defaults are known)."""
-    from dsv4cli.sampling import InvalidSamplingParam, SamplingParams
+    from dsv4cli.engine.sampling import InvalidSamplingParam, SamplingParams
 
     given = {**values, "temperature": values["temperature"] if values["temperature"] is not None else 1.0,
              "top_p": values["top_p"] if values["top_p"] is not None else 1.0}
@@ -283,7 +283,7 @@ def _one_shot_text(prompt: str | None) -> str | None:
 def _one_shot(session, text: str, renderer, as_json: bool) -> int:
     """Answer `text`; the exit status (see `chat`), with a warning or an error when the token limit cut the reply."""
     from dsv4cli.chat.service import run_prompt
-    from dsv4cli.engine import ContextFull
+    from dsv4cli.engine.engine import ContextFull
 
     try:
         result = run_prompt(session, text, renderer)

@@ -31,7 +31,7 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
-from dsv4cli.events import GenerationStats, TurnResult
+from dsv4cli.engine.events import GenerationStats, TurnResult
 
 if TYPE_CHECKING:
     from markdown_it.token import Token

@@ -28,9 +28,9 @@ from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.service import sigint_cancels
 from dsv4cli.chat.session import ChatSession, TranscriptNotFound, mode_label
 from dsv4cli.chat.tokenizer import replace_lone_surrogates
-from dsv4cli.engine import ContextFull
+from dsv4cli.engine.engine import ContextFull
+from dsv4cli.engine.events import TurnResult
 from dsv4cli.errors import DsvError, UsageError
-from dsv4cli.events import TurnResult
 from dsv4cli.render import format_stats
 
 BLOCK = '"""'

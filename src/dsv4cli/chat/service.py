@@ -16,9 +16,9 @@ import torch
 from dsv4cli.chat.session import ChatSession, ChatSettings
 from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo import DEMO_ALIAS, DEMO_LABEL, DEMO_TEMPERATURE, demo_model_dir
-from dsv4cli.engine import Engine
+from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.events import TurnResult
 from dsv4cli.errors import ModelNotFound
-from dsv4cli.events import TurnResult
 from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.transformer import Transformer

@@ -29,11 +29,11 @@ from dsv4cli.chat.encoding import (
     prompt_opens_reasoning,
 )
 from dsv4cli.chat.tokenizer import Tokenizer, replace_lone_surrogates
-from dsv4cli.engine import Engine
+from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.events import GenerationStats, TurnResult
+from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import UsageError
-from dsv4cli.events import GenerationStats, TurnResult
 from dsv4cli.fsutil import atomic_write_bytes, describe_os_error
-from dsv4cli.sampling import SamplingParams
 
 TRANSCRIPT_VERSION = 1
 MODE_LABELS = {ThinkMode.NON_THINK: "non-think", ThinkMode.THINK_HIGH: "think-high", ThinkMode.THINK_MAX: "think-max"}

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4cli.engine.events import GenerationStats, TokenEvent
+from dsv4cli.engine.sampling import SamplingParams, make_sampler
 from dsv4cli.errors import CheckpointError, OutOfMemory, UsageError
-from dsv4cli.events import GenerationStats, TokenEvent
 from dsv4cli.model.cache import CacheSnapshot, ModelCache
 from dsv4cli.model.transformer import Transformer
 from dsv4cli.runtime.options import available_ram_bytes
-from dsv4cli.sampling import SamplingParams, make_sampler
 
 MAX_SNAPSHOTS = 8
 
