@@ -11,9 +11,9 @@ import pytest
 from rich.console import Console
 from rich.markdown import Markdown
 
-import dsv4cli.render as render
+import dsv4cli.ui.render as render
 from dsv4cli.engine.events import GenerationStats, TurnResult
-from dsv4cli.render import (
+from dsv4cli.ui.render import (
     JsonRenderer,
     PlainRenderer,
     Renderer,

@@ -63,7 +63,7 @@ def info(
 ) -> None:
     """Describe a model: layer schedule, parameter counts, bytes on disk, per-token costs."""
     from dsv4cli.io.describe import summarize
-    from dsv4cli.render_info import render_summary
+    from dsv4cli.ui.info import render_summary
 
     summary = summarize(resolve_args(model))
     if as_json:
@@ -152,8 +152,8 @@ def chat(
     from dsv4cli.chat.session import ChatSettings
     from dsv4cli.engine.engine import ContextTooLarge
     from dsv4cli.errors import OutOfMemory
-    from dsv4cli.render import make_renderer
     from dsv4cli.runtime.options import PlacementOptions
+    from dsv4cli.ui.render import make_renderer
 
     notices: list[str] = []
     placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
@@ -172,7 +172,7 @@ def chat(
     except ContextTooLarge as err:
         raise OutOfMemory(err.message, "lower --ctx") from None
     if interactive:
-        from dsv4cli.repl import run_repl
+        from dsv4cli.ui.repl import run_repl
 
         renderer = make_renderer("tty", show_thinking=thinking_view, markdown=not no_markdown)
         for notice in notices:

@@ -31,7 +31,7 @@ from dsv4cli.chat.tokenizer import replace_lone_surrogates
 from dsv4cli.engine.engine import ContextFull
 from dsv4cli.engine.events import TurnResult
 from dsv4cli.errors import DsvError, UsageError
-from dsv4cli.render import format_stats
+from dsv4cli.ui.render import format_stats
 
 BLOCK = '"""'
 QUIT_HINT = "Ctrl-D or /exit to quit"
