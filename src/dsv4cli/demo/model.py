@@ -36,7 +36,7 @@ DEMO_ARGS = ModelArgs(
     o_lora_rank=64, index_n_heads=4, index_head_dim=64, index_topk=64, compress_ratios=(0, 4, 128, 4, 0),
 )
 #: Where `tools/train_demo.py --package` writes the shipped files (a source checkout).
-PACKAGE_DIR = Path(__file__).resolve().parent / "data" / "demo"
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 MANIFEST_NAME = "manifest.json"
 #: room the unpacked V4 tokenizer files take (tokenizer.json is about 8 MB)
 TOKENIZER_BYTES = 12 << 20
