@@ -17,7 +17,7 @@ experts per layer whatever the expert count, so the decode estimate carries over
 prefill of the real model touches ~240 of 256 experts per layer instead of all 32 here, so the
 prefill estimate is optimistic by the extra expert-weight streaming (reported separately).
 
-Roofline: bytes one decoded token reads in the full Flash (`dsv4cli.bench.decoded_token_bytes`:
+Roofline: bytes one decoded token reads in the full Flash (`dsv4cli.bench.run.decoded_token_bytes`:
 dense FP8/bf16/fp32 trunk weights + one embedding row + 6 experts x 43 layers; `describe.summarize`
 gives the routed part) divided by the memory bandwidth measured in the same run (STREAM-like copy
 and read, as in bench_fp4_cpu.py). Also measured: the FP8 GEMV kernel alone on the largest Flash
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from dsv4cli import kernels
-from dsv4cli.bench import decoded_token_bytes, short_kernels, synthetic_args, synthetic_checkpoint
+from dsv4cli.bench.run import decoded_token_bytes, short_kernels, synthetic_args, synthetic_checkpoint
 from dsv4cli.io.describe import summarize
 from dsv4cli.kernels import cpu
 from dsv4cli.model.args import CSA, HCA, SWA

@@ -390,7 +390,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import benchmarks.gpu_check as g
 print(json.dumps([r for r in sys.argv[2:] if not g.satisfied(r)]))
-import dsv4cli.bench, dsv4cli.cli
+import dsv4cli.bench.run, dsv4cli.cli
 """
 
 
@@ -837,7 +837,7 @@ def native_cpu_kernels() -> tuple[bool, list[str]]:
 
 def step_synth(ctx: Ctx) -> Result:
     """The checkpoint the bench steps share, and (also off the critical path) the native CPU kernels' build."""
-    from dsv4cli.bench import synthetic_checkpoint, synthetic_label
+    from dsv4cli.bench.run import synthetic_checkpoint, synthetic_label
 
     spec = slice_spec(ctx)
     root = ctx.work / "ckpt"
@@ -928,7 +928,7 @@ def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def bench_numbers(report: dict[str, Any]) -> dict[str, Any]:
-    from dsv4cli.bench import short_kernels
+    from dsv4cli.bench.run import short_kernels
 
     numbers = {"model": report["model"]["name"], "device": report["model"]["device"],
                "placement": report["model"]["placement"], "kernels": short_kernels(report["kernels"]),

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from dsv4cli import bench
-from dsv4cli.bench import BenchSettings, Traces, fill_to_depth, rewind, run_bench, run_once
+from dsv4cli.bench import run as bench
+from dsv4cli.bench.run import BenchSettings, Traces, fill_to_depth, rewind, run_bench, run_once
 from dsv4cli.cli_bench import register
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import TokenEvent

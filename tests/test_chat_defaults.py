@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dsv4cli.chat.service import OpenModel, sampling_defaults
-from dsv4cli.demo import DEMO_TEMPERATURE
+from dsv4cli.demo.model import DEMO_TEMPERATURE
 
 
 def opened(path: Path, is_demo: bool = False) -> OpenModel:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsv4cli.chat.tokenizer import Tokenizer
-from dsv4cli.demo import DEMO_ARGS, packaged_tokenizer_dir
+from dsv4cli.demo.model import DEMO_ARGS, packaged_tokenizer_dir
 from dsv4cli.io.writer import random_tensors, write_checkpoint
 
 LIBRARY = ["engine/engine.py", "chat/session.py", "engine/sampling.py", "chat/tokenizer.py", "chat/detok.py",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.demo import DEMO_ARGS
+from dsv4cli.demo.model import DEMO_ARGS
 from dsv4cli.errors import ConfigError
 from dsv4cli.model.args import FIELD_RULES, ModelArgs
 from dsv4cli.model.presets import PRESETS

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli import demo
 from dsv4cli.chat.encoding import ASSISTANT, EOS, THINK_END, THINK_START, ThinkMode
-from dsv4cli.demo_corpus import (
+from dsv4cli.demo import model as demo
+from dsv4cli.demo.corpus import (
     EVAL_KINDS,
     add_trace,
     compare_trace,

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from dsv4cli import hub as hubmod
 from dsv4cli.cli import app, main
 from dsv4cli.cli_hub import RichReporter, register
-from dsv4cli.demo import packaged_tokenizer_dir
+from dsv4cli.demo.model import packaged_tokenizer_dir
 from dsv4cli.errors import ModelNotFound, UsageError
+from dsv4cli.hub import download as hubmod
 from dsv4cli.io.writer import write_random_checkpoint
 from dsv4cli.model.presets import PRESETS
 from tests.hubserver import FakeHub, files_from_dir

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli import hub as hubmod
+from dsv4cli.hub import download as hubmod
 from tests import test_hub
 from tests.hubserver import LISTING, StalledServer
 from tests.test_hub import FLASH, OTHER, largest, local_files, models_dir, part_files
@@ -256,7 +256,7 @@ def test_rm_refuses_while_a_download_holds_the_lock(hub, dsv4, tmp_path):
     pytest.importorskip("fcntl")
     path = Path(dsv4("download", "flash", "--include", "*.json").last_line)
     before = local_files(path)
-    hold = ("import sys\nfrom pathlib import Path\nfrom dsv4cli.hub import _download_lock\n"
+    hold = ("import sys\nfrom pathlib import Path\nfrom dsv4cli.hub.download import _download_lock\n"
             "with _download_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)

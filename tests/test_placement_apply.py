@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4cli import bench
-from dsv4cli.bench import BenchSettings, render_markdown, run_bench
+from dsv4cli.bench import run as bench
+from dsv4cli.bench.run import BenchSettings, render_markdown, run_bench
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import GenerationStats
 from dsv4cli.engine.sampling import SamplingParams
@@ -221,7 +221,7 @@ def test_offload_runs_quantized_experts(tiny_checkpoint, tmp_path):
     """A `dsv4 quantize` q2 checkpoint (int2 w1/w3, int3 w2 experts) through the offload runtime, native kernels."""
     from dsv4cli import kernels
     from dsv4cli.model.recipe import load_recipe
-    from dsv4cli.quantize import quantize_checkpoint
+    from dsv4cli.quant.quantize import quantize_checkpoint
 
     kernels.select()
     done = quantize_checkpoint(tiny_checkpoint, tmp_path / "q2", load_recipe("q2")).path

@@ -19,7 +19,7 @@ from tests.test_cli import dsv4
 @functools.cache
 def good_plan_text() -> str:
     """A valid plan for the demo model, as `dsv4 plan demo --simulate --gpu-memory 8GB --save` writes it."""
-    from dsv4cli.demo import demo_model_dir
+    from dsv4cli.demo.model import demo_model_dir
 
     args = ModelArgs.from_file(demo_model_dir())
     return plan_placement(args, gpu_budget_bytes=8 << 30, cpu_budget_bytes=64 << 30, accelerated=True).to_json()

@@ -21,16 +21,16 @@ from dsv4cli.formats.lowbit import (
     unpack_codes,
 )
 from dsv4cli.formats.official import quantize_fp4_rows
-from dsv4cli.imatrix import Imatrix, boost_layers, collect_imatrix
 from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.io.describe import summarize
 from dsv4cli.kernels import cpu, ref
 from dsv4cli.kernels.experts import ExpertTable
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.recipe import QUANT_KEY, RecipeError, parse_recipe
-from dsv4cli.quality import compare_logits, default_text, evaluate_quality, text_tokens
+from dsv4cli.quant.imatrix import Imatrix, boost_layers, collect_imatrix
+from dsv4cli.quant.quality import compare_logits, default_text, evaluate_quality, text_tokens
+from dsv4cli.quant.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoint
 from dsv4cli.quant.recipes import load_recipe
-from dsv4cli.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoint
 from dsv4cli.runtime.loader import load_model
 from tests.conftest import run_cli
 from tests.native_builds import HAS_CXX, load_variant

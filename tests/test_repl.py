@@ -19,7 +19,7 @@ from prompt_toolkit.output import DummyOutput
 
 from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.session import ChatSession, mode_label
-from dsv4cli.demo import demo_model_dir
+from dsv4cli.demo.model import demo_model_dir
 from dsv4cli.engine.events import GenerationStats, TurnResult
 from dsv4cli.ui.render import format_stats
 from dsv4cli.ui.repl import (

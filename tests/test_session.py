@@ -13,7 +13,7 @@ import torch
 from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.session import ChatSession, ChatSettings, TranscriptError
 from dsv4cli.chat.tokenizer import Tokenizer
-from dsv4cli.demo import DEMO_ARGS, packaged_tokenizer_dir
+from dsv4cli.demo.model import DEMO_ARGS, packaged_tokenizer_dir
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import TurnResult
 from dsv4cli.engine.sampling import SamplingParams

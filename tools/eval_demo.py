@@ -22,8 +22,8 @@ import torch
 from dsv4cli import kernels
 from dsv4cli.chat.service import resolve_model_dir
 from dsv4cli.chat.tokenizer import Tokenizer
-from dsv4cli.demo import DEMO_ALIAS
-from dsv4cli.demo_corpus import EVAL_KINDS
+from dsv4cli.demo.corpus import EVAL_KINDS
+from dsv4cli.demo.model import DEMO_ALIAS
 from dsv4cli.errors import DsvError
 from dsv4cli.runtime.loader import load_model
 

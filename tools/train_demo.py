@@ -2,7 +2,7 @@
 
     python tools/train_demo.py --steps 6000 --threads 1 --out build/demo --package
 
-1. Corpus: the seeded synthetic chat corpus of `dsv4cli.demo_corpus`, every problem in thinking
+1. Corpus: the seeded synthetic chat corpus of `dsv4cli.demo.corpus`, every problem in thinking
    and non-thinking mode, packed into rows; the loss covers the assistant's tokens only.
 2. Model: `DEMO_ARGS` with float weights, trained in float32 on the token ids the corpus uses
    (a compact embedding and head; at export they are scattered into the full 129280-row
@@ -41,8 +41,8 @@ from dsv4cli import kernels
 from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.session import ChatSession, ChatSettings
 from dsv4cli.chat.tokenizer import Tokenizer
-from dsv4cli.demo import DEMO_ARGS, DEMO_NAME, PACKAGE_DIR, packaged_tokenizer_dir
-from dsv4cli.demo_corpus import EVAL_KINDS, Example, Problem, eval_problems, is_correct, training_examples
+from dsv4cli.demo.corpus import EVAL_KINDS, Example, Problem, eval_problems, is_correct, training_examples
+from dsv4cli.demo.model import DEMO_ARGS, DEMO_NAME, PACKAGE_DIR, packaged_tokenizer_dir
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.formats.official import (

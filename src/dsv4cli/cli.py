@@ -41,7 +41,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def resolve_args(model: str):
     """A model directory (its config.json), a config file, a preset name or `demo` -> ModelArgs."""
-    from dsv4cli.demo import DEMO_ALIAS, demo_model_dir
+    from dsv4cli.demo.model import DEMO_ALIAS, demo_model_dir
     from dsv4cli.model.args import ModelArgs
     from dsv4cli.model.presets import PRESETS, get_preset
 

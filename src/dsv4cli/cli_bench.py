@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         plan: SavedPlan = None,
         counts: RoutingCounts = None,
     ) -> None:
-        from dsv4cli.bench import (
+        from dsv4cli.bench.run import (
             OUTPUTS,
             BenchSettings,
             parse_counts,

@@ -1,4 +1,4 @@
-"""`dsv4 download`, `dsv4 list`, `dsv4 rm`: thin typer commands over `dsv4cli.hub`.
+"""`dsv4 download`, `dsv4 list`, `dsv4 rm`: thin typer commands over `dsv4cli.hub.download`.
 
 Output rules:
 
@@ -115,7 +115,7 @@ def download_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="List files, sizes and the total; download nothing."),
     force: bool = typer.Option(False, "--force", help="Download every selected file again."),
 ) -> None:
-    from dsv4cli.hub import DownloadRequest, download
+    from dsv4cli.hub.download import DownloadRequest, download
 
     request = DownloadRequest(repo=model, revision=revision, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), local_dir=local_dir, max_workers=max_workers, force=force)
@@ -128,7 +128,7 @@ def download_command(
 
 def _print_dry_run(request: Any) -> None:
     """The file table (size, action, path) and a total line on stdout; nothing is written."""
-    from dsv4cli.hub import DiskSpaceError, check_disk_space, human_bytes, make_plan
+    from dsv4cli.hub.download import DiskSpaceError, check_disk_space, human_bytes, make_plan
 
     plan = make_plan(request, check_existing=False, note=lambda message: typer.echo(message, err=True))
     width = max(len(human_bytes(item.file.size)) for item in plan.items)
@@ -146,7 +146,7 @@ def _print_dry_run(request: Any) -> None:
 
 
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
-    from dsv4cli.hub import list_local_models, models_dir
+    from dsv4cli.hub.download import list_local_models, models_dir
 
     models = list_local_models()
     if as_json:
@@ -179,7 +179,7 @@ def rm_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     from dsv4cli.errors import DsvError
-    from dsv4cli.hub import find_local_model, human_bytes, remove_local_model
+    from dsv4cli.hub.download import find_local_model, human_bytes, remove_local_model
 
     model = find_local_model(name)
     what = f"damaged: {model.damaged}" if model.damaged else human_bytes(model.bytes_present)

@@ -28,8 +28,8 @@ def _read_text(path: Path | None, what: str) -> str | None:
 
 def _calibrate(src: Path, text: str, tokens: int):
     """Importance matrix of `src` from `text` (at most `tokens` tokens)."""
-    from dsv4cli.imatrix import collect_imatrix
-    from dsv4cli.quality import text_tokens
+    from dsv4cli.quant.imatrix import collect_imatrix
+    from dsv4cli.quant.quality import text_tokens
     from dsv4cli.runtime.loader import load_model
 
     model, checkpoint = load_model(src, with_mtp=False)
@@ -94,10 +94,10 @@ def register(app: typer.Typer) -> None:
         from dsv4cli import kernels
         from dsv4cli.chat.service import resolve_model_dir
         from dsv4cli.cli_convert import progress_bar
-        from dsv4cli.imatrix import Imatrix
-        from dsv4cli.quality import evaluate_quality
+        from dsv4cli.quant.imatrix import Imatrix
+        from dsv4cli.quant.quality import evaluate_quality
+        from dsv4cli.quant.quantize import quantize_checkpoint
         from dsv4cli.quant.recipes import load_recipe
-        from dsv4cli.quantize import quantize_checkpoint
 
         if calibration_text is not None and imatrix is not None:
             raise UsageError("pass --calibration-text or --imatrix, not both")

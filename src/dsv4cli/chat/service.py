@@ -15,7 +15,7 @@ import torch
 
 from dsv4cli.chat.session import ChatSession, ChatSettings
 from dsv4cli.chat.tokenizer import Tokenizer
-from dsv4cli.demo import DEMO_ALIAS, DEMO_LABEL, DEMO_TEMPERATURE, demo_model_dir
+from dsv4cli.demo.model import DEMO_ALIAS, DEMO_LABEL, DEMO_TEMPERATURE, demo_model_dir
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import TurnResult
 from dsv4cli.errors import ModelNotFound
@@ -52,7 +52,7 @@ def resolve_model_dir(model: str | None) -> tuple[Path, bool]:
         return path, False
     if model == DEMO_ALIAS:
         return demo_model_dir(), True
-    from dsv4cli.hub import find_local_model
+    from dsv4cli.hub.download import find_local_model
 
     try:
         local = find_local_model(model)

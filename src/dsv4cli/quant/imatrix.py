@@ -145,7 +145,7 @@ def _recording_runner(moe, prefix: str, imatrix: Imatrix, inner):
 def layer_error(source, layer_id: int, formats: tuple[str, str, str], imatrix: Imatrix) -> float:
     """Importance-weighted squared quantization error of layer `layer_id`'s most used experts
     (up to `BOOST_SAMPLE`) in `formats` (w1, w2, w3), summed over their rows."""
-    from dsv4cli.quantize import requantize
+    from dsv4cli.quant.quantize import requantize
 
     args = source.args
     prefix = f"layers.{layer_id}.ffn.experts"

@@ -61,7 +61,7 @@ def text_tokens(text: str, model_dir: str | Path, vocab_size: int) -> tuple[torc
     if (model_dir / "tokenizer.json").is_file():
         ids = Tokenizer.from_dir(model_dir).encode(text)
     else:
-        from dsv4cli.demo import packaged_tokenizer_dir
+        from dsv4cli.demo.model import packaged_tokenizer_dir
 
         with tempfile.TemporaryDirectory() as tmp:
             ids = Tokenizer.from_dir(packaged_tokenizer_dir(Path(tmp))).encode(text)

@@ -29,7 +29,6 @@ from dsv4cli.errors import CheckpointError, ModelNotFound, UsageError
 from dsv4cli.formats.lowbit import LOWBIT, quantize_fp4_search, quantize_lowbit
 from dsv4cli.formats.official import quantize_fp8_blocks
 from dsv4cli.fsutil import check_output_dir, write_json
-from dsv4cli.imatrix import Imatrix, boost_layers
 from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.io.convert import (
     ConversionPlan,
@@ -45,6 +44,7 @@ from dsv4cli.io.schema import TensorSpec, checkpoint_specs
 from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, checkpoint_order
 from dsv4cli.kernels.ref import dequantize_weight
 from dsv4cli.model.recipe import Recipe
+from dsv4cli.quant.imatrix import Imatrix, boost_layers
 
 RECIPE_FILE = "quantization.json"
 IMATRIX_FILE = "imatrix.safetensors"
