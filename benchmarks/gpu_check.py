@@ -390,7 +390,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import benchmarks.gpu_check as g
 print(json.dumps([r for r in sys.argv[2:] if not g.satisfied(r)]))
-import dsv4cli.bench.run, dsv4cli.cli
+import dsv4cli.bench.run, dsv4cli.cli.app
 """
 
 
@@ -869,7 +869,7 @@ def checkpoint_path(ctx: Ctx) -> Path:
 def dsv4(*argv: str) -> str:
     """`dsv4 ARGV` through the CLI's entry point in this process (its stderr in the log); stdout returned;
     StepError on a non-zero exit."""
-    from dsv4cli import cli
+    from dsv4cli.cli import app as cli
 
     echo("$ dsv4", shlex.join(argv))
     out = io.StringIO()

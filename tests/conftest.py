@@ -52,7 +52,7 @@ def one_torch_thread():
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """`dsv4 ARGV` in-process through the real entry point: (exit code, stdout, stderr)."""
-    from dsv4cli import cli
+    from dsv4cli.cli import app as cli
 
     try:
         cli.main(list(argv))

@@ -13,7 +13,7 @@ import torch
 
 from dsv4cli.bench import run as bench
 from dsv4cli.bench.run import BenchSettings, Traces, fill_to_depth, rewind, run_bench, run_once
-from dsv4cli.cli_bench import register
+from dsv4cli.cli.bench import register
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import TokenEvent
 from dsv4cli.errors import DsvError, UsageError
@@ -257,7 +257,7 @@ def test_synth_overrides_and_cached_checkpoint(synth_in_tmp):
 
 
 def test_progress_status_only_on_a_terminal():
-    from dsv4cli.cli_bench import progress_status
+    from dsv4cli.cli.bench import progress_status
 
     with progress_status(False) as update:
         assert update is None

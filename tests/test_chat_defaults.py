@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.chat.service import OpenModel, sampling_defaults
+from dsv4cli.chat.service import sampling_defaults
 from dsv4cli.demo.model import DEMO_TEMPERATURE
+from dsv4cli.runtime.open import OpenModel
+from dsv4cli.runtime.resolve import DEMO, DIRECTORY, ModelRef
 
 
 def opened(path: Path, is_demo: bool = False) -> OpenModel:
-    return OpenModel(model=None, checkpoint=None, tokenizer=None, path=path, label="", is_demo=is_demo)
+    ref = ModelRef("demo" if is_demo else path.name, DEMO if is_demo else DIRECTORY, path)
+    return OpenModel(model=None, checkpoint=None, ref=ref, tokenizer=None, label="")
 
 
 def test_demo_samples_cooler_than_deepseek_default(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4cli.cli_convert import parse_size, progress_bar, register
+from dsv4cli.cli.convert import parse_size, progress_bar, register
 from dsv4cli.errors import CheckpointError, ConfigError, ModelNotFound, UsageError
 from dsv4cli.formats.official import dequantize_fp4_rows, dequantize_fp8_blocks, pack_fp4
 from dsv4cli.io.checkpoint import INDEX_NAME, Checkpoint
@@ -503,7 +503,7 @@ def test_cli_convert_and_exit_codes(source, tmp_path, capsys):
     code, _, _ = run_cli(capsys, "convert", str(source), str(out), "--to", "dsv4", "--force")
     assert code == 0
     code, _, stderr = run_cli(capsys, "convert", str(tmp_path / "nope"), str(tmp_path / "o2"), "--to", "dsv4")
-    assert code == 2 and stderr.count("\n") == 1 and "no checkpoint directory" in stderr
+    assert code == 2 and stderr.count("\n") == 1 and "no model" in stderr
     code, _, stderr = run_cli(capsys, "convert", str(source), str(tmp_path / "o3"), "--to", "int4")
     assert code == 2 and "choose one of: dsv4, fp8-experts, hf-bf16" in stderr
     code, _, stderr = run_cli(capsys, "convert", str(source), str(tmp_path / "o4"), "--to", "dsv4",

@@ -296,10 +296,11 @@ def test_quantized_demo_keeps_its_accuracy(demo_dir, tmp_path):
 
 
 def test_demo_alias_names_the_built_in_model(demo_dir, monkeypatch):
-    from dsv4cli.chat.service import resolve_model_dir
-    from dsv4cli.cli import resolve_args
+    from dsv4cli.runtime.resolve import DEMO, resolve_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_dir.parent.parent))
     monkeypatch.chdir(demo_dir.parent)  # no directory called `demo` here
-    assert resolve_model_dir("demo") == (demo_dir, True)
-    assert resolve_args("demo") == demo.DEMO_ARGS
+    for weights in (True, False):
+        ref = resolve_model("demo", weights=weights)
+        assert (ref.kind, ref.path) == (DEMO, demo_dir) and ref.args() == demo.DEMO_ARGS
+    assert resolve_model(None).kind == DEMO

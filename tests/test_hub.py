@@ -1,7 +1,7 @@
 """`dsv4 download`, `dsv4 list`, `dsv4 rm` against a local fake hub (tests/hubserver.py), no internet.
 
 The served repository is the `tiny` preset written by `write_random_checkpoint` plus the real V4
-tokenizer files. Commands run in-process through `dsv4cli.cli.main`, so exit codes and the one-line
+tokenizer files. Commands run in-process through `dsv4cli.cli.app.main`, so exit codes and the one-line
 error messages are the real ones; stderr is not a terminal, so progress is one line per file.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from dsv4cli.cli import app, main
-from dsv4cli.cli_hub import RichReporter, register
+from dsv4cli.cli.app import app, main
+from dsv4cli.cli.hub import RichReporter, register
 from dsv4cli.demo.model import packaged_tokenizer_dir
 from dsv4cli.errors import ModelNotFound, UsageError
 from dsv4cli.hub import download as hubmod

@@ -220,7 +220,7 @@ def test_chat_with_a_simulated_plan(tmp_path):
 def test_offload_runs_quantized_experts(tiny_checkpoint, tmp_path):
     """A `dsv4 quantize` q2 checkpoint (int2 w1/w3, int3 w2 experts) through the offload runtime, native kernels."""
     from dsv4cli import kernels
-    from dsv4cli.model.recipe import load_recipe
+    from dsv4cli.quant.recipes import load_recipe
     from dsv4cli.quant.quantize import quantize_checkpoint
 
     kernels.select()
@@ -286,13 +286,13 @@ def test_a_plan_for_a_shorter_context_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_gpu_out_of_memory_is_one_line(monkeypatch, capsys):
-    from dsv4cli.chat import service as chat
+    from dsv4cli.runtime import open as runtime_open
     from tests.conftest import run_cli
 
     def no_room(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(chat, "open_model", no_room)
+    monkeypatch.setattr(runtime_open, "open_model", no_room)
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # nothing piped
     code, out, err = run_cli(capsys, "chat", "-p", "hi")
     assert code == 1 and out == "" and err.count("\n") == 1 and "the GPU ran out of memory" in err

@@ -321,7 +321,7 @@ def test_cli_errors_leave_no_output(tiny_checkpoint, tmp_path, capsys):
 
     out = tmp_path / "out"
     code, _, stderr = run_cli(capsys, "quantize", str(tmp_path / "missing"), str(out))
-    one_line_error(code, 2, stderr, "no checkpoint directory")
+    one_line_error(code, 2, stderr, "no model")
     code, _, stderr = run_cli(capsys, "quantize", str(tiny_checkpoint), str(out), "--recipe", "q5")
     one_line_error(code, 2, stderr, "built-in recipes: q4")
     bad = tmp_path / "bad.json"

@@ -136,11 +136,11 @@ CASES = [
     Case("convert-existing-out", lambda w: _convert(w, w.out), 2, "already exists", _unrelated_dir("out"), ("out",)),
     Case("synth-existing-out", lambda w: ["synth", "tiny", str(w.out)], 2, "already exists", _unrelated_dir("out"),
          ("out",)),
-    Case("quantize-missing-src", lambda w: ["quantize", str(w.root / "nope"), str(w.out)], 2, "no checkpoint"),
+    Case("quantize-missing-src", lambda w: ["quantize", str(w.root / "nope"), str(w.out)], 2, "no model"),
     Case("convert-missing-src", lambda w: ["convert", str(w.root / "nope"), str(w.out), "--to", "dsv4"], 2,
-         "no checkpoint"),
+         "no model"),
     Case("chat-missing-model", lambda w: ["chat", str(w.root / "nope"), "-p", "hi"], 2, "no model"),
-    Case("info-missing-model", lambda w: ["info", str(w.root / "nope")], 2, "neither"),
+    Case("info-missing-model", lambda w: ["info", str(w.root / "nope")], 2, "or a preset"),
     Case("bench-missing-model", lambda w: ["bench", str(w.root / "nope")], 2, ""),
     Case("unknown-flag", lambda w: ["convert", "--bogus"], 2, "No such option"),
 ]
@@ -265,7 +265,7 @@ def pause_after_first(tmp, fingerprint, finished):
     if len(finished) == 1:
         os.kill(os.getpid(), signal.SIGSTOP)
 convert._write_progress = pause_after_first
-from dsv4cli.cli import main
+from dsv4cli.cli.app import main
 main(sys.argv[1:])
 """
 

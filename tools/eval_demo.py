@@ -19,13 +19,10 @@ from pathlib import Path
 
 import torch
 
-from dsv4cli import kernels
-from dsv4cli.chat.service import resolve_model_dir
-from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo.corpus import EVAL_KINDS
 from dsv4cli.demo.model import DEMO_ALIAS
 from dsv4cli.errors import DsvError
-from dsv4cli.runtime.loader import load_model
+from dsv4cli.runtime.open import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo import evaluate_both, held_out_problems  # the training script's own evaluation
@@ -49,15 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     rows = []
     try:
-        for notice in kernels.select():
-            print(notice, file=sys.stderr)
         for model in opts.models:
-            path, _ = resolve_model_dir(model)
-            tokenizer = Tokenizer.from_dir(path)
-            net, checkpoint = load_model(path)
-            started = time.perf_counter()
-            with checkpoint:
-                results[model] = evaluate_both(net, tokenizer, problems, lambda _line: None, model)
+            with open_model(model) as opened:
+                for notice in opened.notices:
+                    print(notice, file=sys.stderr)
+                started = time.perf_counter()
+                results[model] = evaluate_both(opened.model, opened.tokenizer, problems, lambda _line: None, model)
             scores = {mode: r["accuracy"] for mode, r in results[model].items()}
             rows.append(f"| {model} | {scores['non-think']:.1%} | {scores['think-high']:.1%} | "
                         f"{time.perf_counter() - started:.0f} s |")

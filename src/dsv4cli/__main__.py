@@ -1,3 +1,3 @@
-from dsv4cli.cli import main
+from dsv4cli.cli.app import main
 
 main()

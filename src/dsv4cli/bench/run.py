@@ -45,8 +45,8 @@ from dsv4cli.io.checkpoint import INDEX_NAME
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.paths import cache_dir
-from dsv4cli.runtime.apply import Placement, place_by_options
 from dsv4cli.runtime.options import PlacementOptions
+from dsv4cli.runtime.resolve import DIRECTORY, ModelRef, resolve_model
 from dsv4cli.units import human_bytes, human_count
 
 SCHEMA = "dsv4-bench/1"
@@ -305,15 +305,14 @@ def synthetic_label(preset: str, layers: int | None = None, experts: int | None 
     return f"synth:{preset}{overrides}"
 
 
-def model_source(settings: BenchSettings) -> tuple[Path, str, str]:
-    """(checkpoint directory, display name, kind: demo | synthetic | checkpoint)."""
+def model_source(settings: BenchSettings) -> tuple[ModelRef, str, str]:
+    """(the model, display name, kind: demo | synthetic | checkpoint)."""
     if settings.synth is not None:
         path = synthetic_checkpoint(settings.synth, settings.layers, settings.experts, settings.seed)
-        return path, synthetic_label(settings.synth, settings.layers, settings.experts), "synthetic"
-    from dsv4cli.chat.service import resolve_model_dir
-
-    path, is_demo = resolve_model_dir(settings.model)
-    return path, ("demo" if is_demo else path.name), ("demo" if is_demo else "checkpoint")
+        label = synthetic_label(settings.synth, settings.layers, settings.experts)
+        return ModelRef(label, DIRECTORY, path), label, "synthetic"
+    ref = resolve_model(settings.model)
+    return ref, ("demo" if ref.is_demo else ref.path.name), ("demo" if ref.is_demo else "checkpoint")
 
 
 # ======================================================================= measurement
@@ -521,18 +520,15 @@ def versions() -> dict[str, str]:
 def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchReport:
     """Load the model, run every (depth, test) with repetitions, measure memory bandwidth."""
     from dsv4cli.io.describe import summarize
-    from dsv4cli.runtime.loader import load_model
+    from dsv4cli.runtime.open import open_model
 
-    path, name, kind = model_source(settings)
-    for notice in kernels.select():
-        _say(progress, notice)
+    ref, name, kind = model_source(settings)
+    path = ref.path
     _say(progress, f"loading {name}")
-    model, checkpoint = load_model(path)
-    placement = Placement()
-    try:
-        placement = place_by_options(model, settings.placement, settings.context, path)
-        for warning in placement.warnings:
-            _say(progress, warning)
+    with open_model(ref, placement=settings.placement, context=settings.context, tokenizer=False) as opened:
+        model, placement = opened.model, opened.placement
+        for notice in opened.notices:
+            _say(progress, notice)
         with thread_count(settings.threads) as threads, torch.inference_mode():
             engine = Engine(model, max_context=settings.context)
             if model.device.type == "cuda":
@@ -541,9 +537,6 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
             _say(progress, "measuring memory bandwidth")
             bandwidth = measure_memory_bandwidth(model.device, settings.stream_bytes)
             machine = machine_info(threads)
-    finally:
-        placement.detach()
-        checkpoint.close()
     args = model.args
     token_bytes = decoded_token_bytes(args)
     for result in results:

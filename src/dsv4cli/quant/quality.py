@@ -88,39 +88,34 @@ def evaluate_quality(original: str | Path, quantized: str | Path, text: str | No
                      text_name: str | None = None) -> QualityReport:
     """Compare `quantized` against `original` (checkpoint directories) on `text` (default: the
     packaged sample), at most `max_tokens` tokens in windows of `seq_len`."""
-    from dsv4cli.runtime.loader import load_model
+    from dsv4cli.runtime.open import open_model
 
     if seq_len < 2 or max_tokens < 2:
         raise UsageError("the evaluation needs windows and texts of at least 2 tokens")
     text = default_text() if text is None else text
-    model_p, ckpt_p = load_model(original, with_mtp=False)
-    try:
-        model_q, ckpt_q = load_model(quantized, with_mtp=False)
-        try:
-            if model_p.args.vocab_size != model_q.args.vocab_size:
-                raise UsageError("the two checkpoints have different vocabularies",
-                                 "compare a quantized checkpoint with its own source")
-            ids, folded = text_tokens(text, original, model_p.args.vocab_size)
-            ids = ids[:max_tokens]
-            if ids.numel() < 2:
-                raise UsageError("the evaluation text is shorter than 2 tokens", "pass a longer --eval-text")
-            kls, agrees, nlls_p, nlls_q, windows = [], [], [], [], 0
-            for start in range(0, ids.numel(), seq_len):
-                window = ids[start:start + seq_len]
-                if window.numel() < 2:
-                    break
-                lp = model_p.full_logits(window[None])[0]
-                lq = model_q.full_logits(window[None])[0]
-                kl, agree, nll_p, nll_q = compare_logits(lp, lq, window[1:])
-                kls.append(kl)
-                agrees.append(agree)
-                nlls_p.append(nll_p)
-                nlls_q.append(nll_q)
-                windows += 1
-        finally:
-            ckpt_q.close()
-    finally:
-        ckpt_p.close()
+    with (open_model(str(original), tokenizer=False) as opened_p,
+          open_model(str(quantized), tokenizer=False) as opened_q):
+        model_p, model_q = opened_p.model, opened_q.model
+        if model_p.args.vocab_size != model_q.args.vocab_size:
+            raise UsageError("the two checkpoints have different vocabularies",
+                             "compare a quantized checkpoint with its own source")
+        ids, folded = text_tokens(text, original, model_p.args.vocab_size)
+        ids = ids[:max_tokens]
+        if ids.numel() < 2:
+            raise UsageError("the evaluation text is shorter than 2 tokens", "pass a longer --eval-text")
+        kls, agrees, nlls_p, nlls_q, windows = [], [], [], [], 0
+        for start in range(0, ids.numel(), seq_len):
+            window = ids[start:start + seq_len]
+            if window.numel() < 2:
+                break
+            lp = model_p.full_logits(window[None])[0]
+            lq = model_q.full_logits(window[None])[0]
+            kl, agree, nll_p, nll_q = compare_logits(lp, lq, window[1:])
+            kls.append(kl)
+            agrees.append(agree)
+            nlls_p.append(nll_p)
+            nlls_q.append(nll_q)
+            windows += 1
     kl_all = torch.cat(kls)
     return QualityReport(kl_mean=float(kl_all.mean()), kl_max=float(kl_all.max()),
                          top1_agreement=float(torch.cat(agrees).mean()),

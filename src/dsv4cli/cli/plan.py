@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dsv4cli.cli_placement import CpuMemory, Device, GpuMemory, RoutingCounts
+from dsv4cli.cli.options import CpuMemory, Device, GpuMemory, RoutingCounts
 from dsv4cli.errors import UsageError
 from dsv4cli.units import human_bytes
 
@@ -34,11 +34,11 @@ def register(app: typer.Typer) -> None:
                                          "(prefill cycles through layers: lru evicts what the next pass needs)."),
     ) -> None:
         """Compute where dense weights, KV cache and each routed expert go for given memory budgets."""
-        from dsv4cli.cli import resolve_args
         from dsv4cli.runtime.options import PlacementOptions, resolve_plan
         from dsv4cli.runtime.placement import CACHE_POLICIES
+        from dsv4cli.runtime.resolve import resolve_model
 
-        args = resolve_args(model)
+        args = resolve_model(model, weights=False).args()
         if ctx < 16:
             raise UsageError("--ctx must be at least 16 tokens")
         if cache_policy not in CACHE_POLICIES:
@@ -74,23 +74,18 @@ def _routing_counts(model: str, counts: Path | None, profile: Path | None,
 
 
 def _profile(model: str, text_file: Path) -> dict[int, list[int]]:
-    from dsv4cli import kernels
-    from dsv4cli.chat.service import resolve_model_dir
-    from dsv4cli.chat.tokenizer import Tokenizer
-    from dsv4cli.runtime.loader import load_model
+    from dsv4cli.runtime.open import open_model
     from dsv4cli.runtime.profiling import count_routes
 
-    model = str(resolve_model_dir(model)[0])  # a directory, `demo` or a downloaded model: it runs the model
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {text_file}: {exc}") from None
-    kernels.select()
-    tokenizer = Tokenizer.from_dir(model)
-    net, checkpoint = load_model(model)
-    with checkpoint:
-        paragraphs = [tokenizer.encode(p) for p in text.split("\n\n") if p.strip()]
-        return count_routes(net, paragraphs)
+    with open_model(model) as opened:  # it runs the model: a directory, `demo` or a downloaded model
+        for notice in opened.notices:
+            typer.echo(f"dsv4: {notice}", err=True)
+        paragraphs = [opened.tokenizer.encode(p) for p in text.split("\n\n") if p.strip()]
+        return count_routes(opened.model, paragraphs)
 
 
 def _print_plan(model: str, result) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from dsv4cli.cli_placement import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
+from dsv4cli.cli.options import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import UsageError
 
 BENCH_HELP = "\n\n".join([

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from dsv4cli.errors import UsageError
+from dsv4cli.runtime.resolve import WITH_WEIGHTS
 from dsv4cli.units import parse_size
 
 TARGET_HELP = ("dsv4: runtime layout, experts packed per layer; fp8-experts: official format, FP4 experts -> FP8 "
@@ -47,23 +48,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="convert")
     def convert(
-        src: str = typer.Argument(..., metavar="SRC", help="Source checkpoint: a directory (official or dsv4 layout), "
-                                                           "a downloaded model's name, or `demo`."),
+        src: str = typer.Argument(..., metavar="SRC", help=f"Source: {WITH_WEIGHTS}."),
         out: Path = typer.Argument(..., help="Output directory (created atomically)."),
         to: str = typer.Option(..., "--to", help=TARGET_HELP),
         force: bool = typer.Option(False, "--force", help="Replace OUT and discard an interrupted conversion."),
         max_shard_size: str = typer.Option("4GiB", "--max-shard-size", help="Largest output shard, e.g. 4GB."),
     ) -> None:
         """Convert a checkpoint: streaming, restartable (re-run after an interruption), atomic."""
-        from dsv4cli.chat.service import resolve_model_dir
         from dsv4cli.io.convert import TARGETS, convert_checkpoint
+        from dsv4cli.runtime.resolve import resolve_model
 
         if to not in TARGETS:
             raise UsageError(f"unknown --to {to!r}", f"choose one of: {', '.join(TARGETS)}")
         max_bytes = parse_size(max_shard_size)
-        source = Path(src).expanduser()
-        if not source.exists() and "/" not in src:  # a name: `demo` or a downloaded model
-            source = resolve_model_dir(src)[0]
+        source = resolve_model(src).path
         with progress_bar(sys.stderr.isatty()) as update:
             path = convert_checkpoint(source, out, to, max_shard_bytes=max_bytes, force=force, progress=update)
         typer.echo(str(path))

@@ -1,93 +1,20 @@
-"""The `dsv4` command line: parses flags, calls one service function per command, maps errors to exit codes."""
+"""`dsv4 chat`: flags checked first (no torch yet), then the model opened and the REPL or one prompt run."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
-from pathlib import Path
 
 import typer
 
-from dsv4cli import __version__
-from dsv4cli.cli_placement import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
+from dsv4cli.cli.options import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import DsvError, UsageError
-
-# typer may vendor its own click: take the exception classes from typer itself.
-ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-app = typer.Typer(
-    name="dsv4",
-    help="Run DeepSeek-V4 (Flash, Pro) locally on one machine.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+from dsv4cli.runtime.resolve import WITH_WEIGHTS
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"dsv4 {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    """dsv4: a local runner for DeepSeek-V4."""
-
-
-def resolve_args(model: str):
-    """A model directory (its config.json), a config file, a preset name or `demo` -> ModelArgs."""
-    from dsv4cli.demo.model import DEMO_ALIAS, demo_model_dir
-    from dsv4cli.model.args import ModelArgs
-    from dsv4cli.model.presets import PRESETS, get_preset
-
-    path = Path(model)
-    if path.exists():
-        return ModelArgs.from_file(path)
-    if model in PRESETS:
-        return get_preset(model)
-    if model == DEMO_ALIAS:
-        return ModelArgs.from_file(demo_model_dir())
-    raise UsageError(f"{model!r} is neither a model directory, a config file, a preset nor `demo`",
-                     f"presets: {', '.join(PRESETS)}")
-
-
-@app.command()
-def info(
-    model: str = typer.Argument(..., help="Model directory, config.json, or preset (flash, pro, tiny, ...)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """Describe a model: layer schedule, parameter counts, bytes on disk, per-token costs."""
-    from dsv4cli.io.describe import summarize
-    from dsv4cli.ui.info import render_summary
-
-    summary = summarize(resolve_args(model))
-    if as_json:
-        typer.echo(json.dumps({"model": model, **summary.to_dict()}, indent=2))
-    else:
-        render_summary(model, summary)
-
-
-@app.command()
-def synth(
-    preset: str = typer.Argument(..., help="Preset to generate (tiny, tiny-mix, flash-slice, pro-slice, ...)."),
-    out: Path = typer.Argument(..., help="Output directory (created atomically)."),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives byte-identical files."),
-    layers: int | None = typer.Option(None, help="Override the number of layers (schedule is cut to fit)."),
-    experts: int | None = typer.Option(None, help="Override the number of routed experts."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-) -> None:
-    """Write a random checkpoint in the exact official on-disk format (for tests and benchmarks)."""
-    from dsv4cli.io.writer import write_random_checkpoint
-    from dsv4cli.model.presets import shrink
-
-    args = shrink(resolve_args(preset), layers, experts)
-    path = write_random_checkpoint(args, out, seed=seed, overwrite=force)
-    typer.echo(str(path))
+def register(app: typer.Typer) -> None:
+    """Add the `chat` command to `app`."""
+    app.command(name="chat")(chat)
 
 
 MODES = ["non-think", "think-high", "think-max"]
@@ -96,9 +23,8 @@ SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "
 NOT_UTF8_HINT = "pass UTF-8 text; convert other encodings first, e.g. with iconv -f latin1 -t utf-8"
 
 
-@app.command()
 def chat(
-    model: str | None = typer.Argument(None, help="Model directory. Omit to use the built-in demo model."),
+    model: str | None = typer.Argument(None, help=f"MODEL: {WITH_WEIGHTS}. Omit it for the built-in demo model."),
     prompt: str | None = typer.Option(None, "-p", "--prompt", help="One-shot prompt (stdin, if piped, comes first)."),
     mode: str = typer.Option("think-high", "--mode", "-m", help="Reasoning mode: non-think, think-high, think-max."),
     nothink: bool = typer.Option(False, "--nothink", help="Shortcut for --mode non-think."),
@@ -144,21 +70,29 @@ def chat(
     interactive = text is None
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
-    from dsv4cli.chat.service import (  # torch loads here, after the flag checks
-        new_session,
-        open_model,
-        sampling_defaults,
-    )
+    from dsv4cli.runtime.open import open_model  # torch loads here, after the flag checks
+    from dsv4cli.runtime.options import PlacementOptions
+
+    placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
+                                 counts=counts)
+    with open_model(model, placement=placement, context=ctx) as opened:
+        raise typer.Exit(_converse(opened, text, think, system, sampling, temperature, top_p, max_tokens, ctx,
+                                   reasoning_budget, thinking_view, no_markdown, no_history, as_json, show_thinking,
+                                   verbose))
+
+
+def _converse(opened, text: str | None, think, system: str | None, sampling, temperature: float | None,
+              top_p: float | None, max_tokens: int | None, ctx: int, reasoning_budget: int | None,
+              thinking_view: str, no_markdown: bool, no_history: bool, as_json: bool, show_thinking: bool,
+              verbose: bool) -> int:
+    """The REPL (text None) or one prompt on an opened model; returns the exit status."""
+    from dsv4cli.chat.service import new_session, sampling_defaults
     from dsv4cli.chat.session import ChatSettings
     from dsv4cli.engine.engine import ContextTooLarge
     from dsv4cli.errors import OutOfMemory
-    from dsv4cli.runtime.options import PlacementOptions
     from dsv4cli.ui.render import make_renderer
 
-    notices: list[str] = []
-    placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
-                                 counts=counts)
-    opened = open_model(model, notices=notices, placement=placement, context=ctx)
+    notices = opened.notices
     default_temperature, default_top_p = sampling_defaults(opened)
     sampling = dataclasses.replace(sampling, temperature=default_temperature if temperature is None else temperature,
                                    top_p=default_top_p if top_p is None else top_p)
@@ -171,7 +105,7 @@ def chat(
         session = new_session(opened, settings, ctx)
     except ContextTooLarge as err:
         raise OutOfMemory(err.message, "lower --ctx") from None
-    if interactive:
+    if text is None:
         from dsv4cli.ui.repl import run_repl
 
         renderer = make_renderer("tty", show_thinking=thinking_view, markdown=not no_markdown)
@@ -179,7 +113,7 @@ def chat(
             renderer.warning(notice)
         if placed:
             renderer.notice(placed)
-        raise typer.Exit(run_repl(session, renderer, banner=opened.label, use_history=not no_history))
+        return run_repl(session, renderer, banner=opened.label, use_history=not no_history)
     renderer = make_renderer("json") if as_json else make_renderer("plain", show_thinking=show_thinking,
                                                                       verbose=verbose)
     think_max_warning = session.think_max_warning()
@@ -190,7 +124,7 @@ def chat(
         renderer.notice(f"using the {opened.label}")
     if placed and not as_json:
         renderer.notice(placed)
-    raise typer.Exit(_one_shot(session, text, renderer, as_json))
+    return _one_shot(session, text, renderer, as_json)
 
 
 def _chat_mode(mode: str, nothink: bool, think_max: bool):
@@ -314,77 +248,3 @@ def _cut_off(result, context: int) -> tuple[str, str] | None:
     if context_full:
         return f"the answer was cut off: the {context:,}-token context is full", "raise --ctx"
     return f"the answer was cut off at the {stats.generated_tokens:,}-token limit", "raise --max-tokens"
-
-
-def _register_commands() -> None:
-    """Commands that live in their own modules."""
-    from dsv4cli import cli_bench, cli_convert, cli_hub, cli_plan, cli_quantize
-
-    cli_hub.register(app)
-    cli_convert.register(app)
-    cli_bench.register(app)
-    cli_plan.register(app)
-    cli_quantize.register(app)
-
-
-_register_commands()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; turn every failure into one line on stderr and an exit code.
-
-    Exit codes: 0 ok, 1 a problem met while working, 2 a command line that cannot work (see
-    `errors`), 130 interrupted. An unexpected exception is a dsv4 bug: one line says so, and
-    DSV4_DEBUG=1 shows its traceback."""
-    try:
-        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code instead of raising
-    except DsvError as err:
-        _fail(err.one_line(), err.exit_code)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except ClickException as err:
-        message = _click_message(err)
-        if not message:  # `dsv4` alone: click has printed the help
-            sys.exit(err.exit_code)
-        _fail(message, err.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
-        _fail("interrupted", 130)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(1)
-    except MemoryError:
-        _fail("out of memory", 1, "use a smaller model, fewer layers, or more swap")
-    except OSError as err:
-        from dsv4cli.fsutil import describe_os_error
-
-        _fail(describe_os_error(err), 1, "check the path, its permissions and the free disk space")
-    except Exception as err:
-        if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
-            _fail("the GPU ran out of memory", 1, "lower --gpu-memory or --ctx, or free the GPU (see nvidia-smi)")
-        if os.environ.get("DSV4_DEBUG"):
-            raise
-        _fail(f"internal error: {type(err).__name__}: {_first_line(err)}", 1,
-              "this is a bug in dsv4; run again with DSV4_DEBUG=1 for the traceback and report it")
-    if isinstance(code, int) and code:
-        sys.exit(code)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no message"
-
-
-def _click_message(err) -> str:
-    """A click usage error as one line, pointing to the command's --help."""
-    message = " ".join(err.format_message().split())
-    context = getattr(err, "ctx", None)
-    if message and context is not None:
-        return f"{message} (see '{context.command_path} --help')"
-    return message
-
-
-def _fail(message: str, code: int, hint: str = "") -> None:
-    text = f"{message} ({hint})" if hint else message
-    print(f"dsv4: error: {text}", file=sys.stderr)
-    sys.exit(code)

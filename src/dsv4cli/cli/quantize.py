@@ -30,16 +30,13 @@ def _calibrate(src: Path, text: str, tokens: int):
     """Importance matrix of `src` from `text` (at most `tokens` tokens)."""
     from dsv4cli.quant.imatrix import collect_imatrix
     from dsv4cli.quant.quality import text_tokens
-    from dsv4cli.runtime.loader import load_model
+    from dsv4cli.runtime.open import open_model
 
-    model, checkpoint = load_model(src, with_mtp=False)
-    try:
-        ids, _ = text_tokens(text, src, model.args.vocab_size)
+    with open_model(str(src), tokenizer=False) as opened:
+        ids, _ = text_tokens(text, src, opened.model.args.vocab_size)
         if ids.numel() < 2:
             raise UsageError("the calibration text is shorter than 2 tokens", "pass a longer --calibration-text")
-        return collect_imatrix(model, ids[:tokens])
-    finally:
-        checkpoint.close()
+        return collect_imatrix(opened.model, ids[:tokens])
 
 
 def _say(line: str) -> None:
@@ -92,21 +89,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Quantize a checkpoint (experts to int3/int2, dense linears to FP4) and optionally measure its quality."""
         from dsv4cli import kernels
-        from dsv4cli.chat.service import resolve_model_dir
-        from dsv4cli.cli_convert import progress_bar
+        from dsv4cli.cli.convert import progress_bar
         from dsv4cli.quant.imatrix import Imatrix
         from dsv4cli.quant.quality import evaluate_quality
         from dsv4cli.quant.quantize import quantize_checkpoint
         from dsv4cli.quant.recipes import load_recipe
+        from dsv4cli.runtime.resolve import resolve_model
 
         if calibration_text is not None and imatrix is not None:
             raise UsageError("pass --calibration-text or --imatrix, not both")
         if not 0 <= boost_layers <= 1:
             raise UsageError(f"--boost-layers must be between 0 and 1, got {boost_layers}")
         text = _read_text(eval_text, "--eval-text")
-        src = Path(source).expanduser()
-        if not src.is_dir() and "/" not in source:  # a name: `demo` or a downloaded model
-            src = resolve_model_dir(source)[0]
+        src = resolve_model(source).path
         report: dict[str, Any] = {}
         for notice in kernels.select():
             _say(notice)
