@@ -253,7 +253,7 @@ def check_registry_ops():
     from dsv4cli import kernels
     from dsv4cli.kernels import triton_ops
 
-    assert triton_ops.register(force=True)
+    assert triton_ops.usable(force=True) and kernels.install(triton_ops.implementations())
     try:
         assert all(v.startswith("dsv4cli.kernels.triton_") for v in kernels.active().values())
         x = torch.randn(2, 3, 64).to(torch.bfloat16)
@@ -469,7 +469,7 @@ def test_package_imports_without_triton() -> None:
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from dsv4cli.kernels import ref, triton_attn, triton_gemm, triton_hc, triton_ops, triton_quant\n"
-        "assert not triton_quant.HAS_TRITON and not triton_ops.available() and not triton_ops.register(force=True)\n"
+        "assert not triton_quant.HAS_TRITON and not triton_ops.available() and not triton_ops.usable(force=True)\n"
         "m = torch.randn(2, 24); s = torch.randn(3); b = torch.randn(24)\n"
         "got, want = triton_hc.hc_split_sinkhorn(m, s, b, 4, 3, 1e-6), ref.hc_split_sinkhorn(m, s, b, 4, 3, 1e-6)\n"
         "assert all(torch.equal(a, e) for a, e in zip(got, want))\n"
@@ -492,8 +492,10 @@ def test_register_is_a_noop_without_cuda() -> None:
     from dsv4cli.kernels import triton_ops
 
     before = kernels.active()
-    assert not triton_ops.available()
-    assert not triton_ops.register()
+    assert not triton_ops.available() and not triton_ops.usable()
+    kernels.select("auto")
+    assert not any("triton" in v for v in kernels.active().values())
+    kernels.reset()
     assert kernels.active() == before
 
 
@@ -606,7 +608,7 @@ def test_gpu_register_routes_ops() -> None:
     from dsv4cli import kernels
     from dsv4cli.kernels import triton_ops
 
-    assert triton_ops.available() and triton_ops.register()
+    assert triton_ops.available() and kernels.install(triton_ops.implementations())
     try:
         assert all(v.startswith("dsv4cli.kernels.triton_") for v in kernels.active().values())
         x = torch.randn(4, 4096, device="cuda").to(torch.bfloat16)

@@ -220,8 +220,8 @@ def test_chat_with_a_simulated_plan(tmp_path):
 def test_offload_runs_quantized_experts(tiny_checkpoint, tmp_path):
     """A `dsv4 quantize` q2 checkpoint (int2 w1/w3, int3 w2 experts) through the offload runtime, native kernels."""
     from dsv4cli import kernels
-    from dsv4cli.quant.recipes import load_recipe
     from dsv4cli.quant.quantize import quantize_checkpoint
+    from dsv4cli.quant.recipes import load_recipe
 
     kernels.select()
     done = quantize_checkpoint(tiny_checkpoint, tmp_path / "q2", load_recipe("q2")).path

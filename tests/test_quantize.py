@@ -27,7 +27,8 @@ from dsv4cli.kernels import cpu, ref
 from dsv4cli.kernels.experts import ExpertTable
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.recipe import QUANT_KEY, RecipeError, parse_recipe
-from dsv4cli.quant.imatrix import Imatrix, boost_layers, collect_imatrix
+from dsv4cli.quant.boost import boost_layers
+from dsv4cli.quant.imatrix import Imatrix, collect_imatrix
 from dsv4cli.quant.quality import compare_logits, default_text, evaluate_quality, text_tokens
 from dsv4cli.quant.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoint
 from dsv4cli.quant.recipes import load_recipe

@@ -32,6 +32,14 @@ def use(name: str, fn: Callable) -> None:
     _active[name] = fn
 
 
+def install(implementations: dict[str, Callable]) -> bool:
+    """Route each op of `implementations` (op name -> function, as `cpu.implementations()` and
+    `triton_ops.implementations()` return them); returns whether there were any."""
+    for name, fn in implementations.items():
+        use(name, fn)
+    return bool(implementations)
+
+
 class ByDevice:
     """An op that sends CUDA inputs to `gpu` and everything else to `host`.
 
@@ -79,7 +87,7 @@ def select(mode: str | None = None) -> list[str]:
 
         try:
             cpu.load()
-            cpu.register()
+            install(cpu.implementations())
             notices += cpu.take_notices()
         except Exception as exc:  # a missing compiler must not stop `auto` from running
             if mode == "cpu":
@@ -90,7 +98,7 @@ def select(mode: str | None = None) -> list[str]:
 
         host = dict(_active)
         if triton_ops.available():
-            triton_ops.register()
+            install(triton_ops.implementations())
             for name, fn in host.items():  # keep the native CPU kernels for tensors in host memory
                 if fn is not getattr(ref, name):
                     _active[name] = ByDevice(_active[name], fn)

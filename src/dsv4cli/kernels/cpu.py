@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -594,15 +594,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, e
                       for i in range(0, n, MOE_TOKEN_CHUNK)])
 
 
-def register() -> bool:
-    """Route `kernels.linear`, `grouped_linear`, `swiglu_expert` and `moe_experts` to the native
-    kernels if they are available; returns whether they are."""
-    from dsv4cli import kernels
-
+def implementations() -> dict[str, Callable]:
+    """The ops the native kernels provide (op name -> function), for `kernels.install`; none when they
+    are not available."""
     if not available():
-        return False
-    kernels.use("linear", linear)
-    kernels.use("grouped_linear", grouped_linear)
-    kernels.use("swiglu_expert", swiglu_expert)
-    kernels.use("moe_experts", moe_experts)
-    return True
+        return {}
+    return {"linear": linear, "grouped_linear": grouped_linear, "swiglu_expert": swiglu_expert,
+            "moe_experts": moe_experts}

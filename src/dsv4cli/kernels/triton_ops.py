@@ -1,9 +1,9 @@
 """Route the op registry (`dsv4cli.kernels`) to the Triton kernels (spec §6.1).
 
 `available()` says whether they can run (triton importable and a CUDA device present);
-`register()` swaps every op in `kernels.OPS` to its Triton version. Each Triton op keeps the
-signature of its `ref` twin and falls back to it for tensors that are not on the GPU, so a
-registered model can still run on the CPU. `kernels.reset()` goes back to the reference.
+`implementations()` gives every op of `kernels.OPS` in its Triton version, for `kernels.install`.
+Each Triton op keeps the signature of its `ref` twin and falls back to it for tensors that are not
+on the GPU, so a registered model can still run on the CPU. `kernels.reset()` goes back to the reference.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-from dsv4cli import kernels
 from dsv4cli.kernels import ref, triton_attn, triton_gemm, triton_hc, triton_quant
 
 
@@ -71,13 +70,6 @@ def available() -> bool:
     return triton_quant.HAS_TRITON and torch.cuda.is_available()
 
 
-def register(force: bool = False) -> bool:
-    """Route every registry op to Triton when `available()` (or `force`, e.g. under TRITON_INTERPRET=1).
-
-    Returns whether the ops were switched; the registry is untouched otherwise.
-    """
-    if not (available() or (force and triton_quant.HAS_TRITON)):
-        return False
-    for name, fn in implementations().items():
-        kernels.use(name, fn)
-    return True
+def usable(force: bool = False) -> bool:
+    """Whether the Triton ops can run: `available()`, or with `force` triton alone (TRITON_INTERPRET=1)."""
+    return available() or (force and triton_quant.HAS_TRITON)

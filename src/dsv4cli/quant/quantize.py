@@ -11,7 +11,7 @@ renamed to OUT at the end; an interrupted run (Ctrl-C, SIGKILL, a full disk) res
 finished shard when the same command is run again.
 
 An importance matrix (`imatrix.Imatrix`) weights the scale search of the routed experts and,
-with `boost_fraction`, moves the most sensitive layers one format up (`imatrix.boost_layers`).
+with `boost_fraction`, moves the most sensitive layers one format up (`boost.boost_layers`).
 No printing here: `progress(done, total)` reports bytes written.
 """
 
@@ -26,8 +26,6 @@ from typing import Any
 import torch
 
 from dsv4cli.errors import CheckpointError, ModelNotFound, UsageError
-from dsv4cli.formats.lowbit import LOWBIT, quantize_fp4_search, quantize_lowbit
-from dsv4cli.formats.official import quantize_fp8_blocks
 from dsv4cli.fsutil import check_output_dir, write_json
 from dsv4cli.io.checkpoint import Checkpoint
 from dsv4cli.io.convert import (
@@ -42,9 +40,10 @@ from dsv4cli.io.convert import (
 from dsv4cli.io.dsv4_layout import Dsv4Checkpoint, open_checkpoint
 from dsv4cli.io.schema import TensorSpec, checkpoint_specs
 from dsv4cli.io.writer import DEFAULT_MAX_SHARD_BYTES, checkpoint_order
-from dsv4cli.kernels.ref import dequantize_weight
 from dsv4cli.model.recipe import Recipe
-from dsv4cli.quant.imatrix import Imatrix, boost_layers
+from dsv4cli.quant.boost import boost_layers
+from dsv4cli.quant.imatrix import Imatrix
+from dsv4cli.quant.requantize import requantize, stored_format
 
 RECIPE_FILE = "quantization.json"
 IMATRIX_FILE = "imatrix.safetensors"
@@ -72,33 +71,6 @@ class QuantizeResult:
                 "output_bytes": self.output_bytes, "ratio": round(self.ratio, 4), "formats": self.formats,
                 "converted_linears": self.converted, "boosted_layers": list(self.boosted_layers),
                 "imatrix": self.imatrix}
-
-
-def stored_format(weight: TensorSpec, scale: TensorSpec | None) -> str:
-    """Format name of a linear from its weight/scale specs: fp8, fp4, int3, int2 or bf16."""
-    if weight.dtype == "F8_E4M3":
-        return "fp8"
-    if weight.dtype == "I8":
-        return "fp4"
-    if weight.dtype == "U8" and scale is not None:
-        per_block = weight.shape[1] // scale.shape[1]
-        return next(fmt for fmt, (_, nbytes, _) in LOWBIT.items() if nbytes == per_block)
-    return "bf16"
-
-
-def requantize(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-               importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One linear's stored tensors in any format -> (weight, scale) in `fmt`."""
-    dense = dequantize_weight(weight, scale)
-    if fmt in LOWBIT:
-        return quantize_lowbit(dense, fmt, importance)
-    if fmt == "fp4":
-        return quantize_fp4_search(dense, importance)
-    if fmt == "fp8":
-        return quantize_fp8_blocks(dense)
-    if fmt == "bf16":
-        return dense.to(torch.bfloat16), None
-    raise ValueError(f"unknown target format {fmt!r}")
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, recipe: Recipe, *, imatrix: Imatrix | None = None,
