@@ -79,7 +79,7 @@ def test_routing_counts_feed_the_plan(tmp_path):
     args = PRESETS["tiny"]
     assert set(counts) == set(range(args.n_layers))
     assert all(sum(row) == 35 * args.n_activated_experts for row in counts.values())
-    assert all(layer.ffn.gate.route_counts is None for layer in model.layers)  # counting switched off again
+    assert all(layer.ffn.gate._observer is None for layer in model.layers)  # counting switched off again
     assert load_counts(save_counts(counts, tmp_path / "c.json")) == counts
     freq = frequencies_from_counts(counts)
     hottest = min(((-f, layer, e) for layer, row in freq.items() for e, f in enumerate(row)))[1:]

@@ -17,6 +17,7 @@ from dsv4cli.engine.events import GenerationStats
 from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import OutOfMemory, UsageError
 from dsv4cli.model.layers import Numerics
+from dsv4cli.model.moe import RoutedExperts
 from dsv4cli.model.presets import PRESETS
 from dsv4cli.runtime import apply, options
 from dsv4cli.runtime.apply import check_plan, is_routed_expert, move_dense, place_by_options, place_model
@@ -52,7 +53,7 @@ def test_placed_model_generates_what_the_plain_model_generates():
     plain = tiny_model("tiny", Numerics.plain(torch.float32))
     placed = tiny_model("tiny", Numerics.plain(torch.float32))
     offload = place_model(placed, sim_plan({0: [1, 2], 2: [0]}, slots=5))
-    assert offload is not None and placed.offload is offload
+    assert offload is not None and placed.routed_experts is offload and isinstance(offload, RoutedExperts)
     prompt = token_ids(40)
     with torch.no_grad():
         expected = [e.token_id for e in Engine(plain, 128).generate(prompt, GREEDY, max_tokens=6)
@@ -63,7 +64,7 @@ def test_placed_model_generates_what_the_plain_model_generates():
     assert stats.expert_bytes_moved > 0  # the 40-token prefill staged host experts into slots
     assert stats.expert_cache_hit_rate is not None
     offload.detach()
-    assert placed.offload is None and all(layer.ffn.runner is None for layer in placed.layers)
+    assert placed.routed_experts is None and all(layer.ffn._routed is None for layer in placed.layers)
 
 
 def test_engine_reports_offload_counts_per_call():
@@ -84,7 +85,7 @@ def test_engine_reports_offload_counts_per_call():
 def test_cpu_plan_without_device_experts_is_a_plain_run():
     model = tiny_model("tiny", Numerics.plain(torch.float32))
     assert place_model(model, sim_plan({}, slots=0)) is None
-    assert model.offload is None
+    assert model.routed_experts is None
 
 
 def test_move_dense_moves_everything_but_routed_experts_and_mtp():

@@ -263,7 +263,8 @@ def test_imatrix_collect_save_load_and_boost(tiny_checkpoint, tmp_path):
     try:
         ids, folded = text_tokens(default_text(), tiny_checkpoint, model.args.vocab_size)
         matrix = collect_imatrix(model, ids[:96], seq_len=48)
-        assert all(layer.ffn.runner is None for layer in model.layers)  # the hook is given back
+        assert model.routed_experts is None  # the hook is given back
+        assert all(layer.ffn._routed is None for layer in model.layers)
         assert sum(n for name, n in matrix.counts.items() if name.startswith("layers.1.") and name.endswith(".w1")) \
             == 96 * model.args.n_activated_experts
         imp = matrix.importance("layers.1.ffn.experts.0.w3")

@@ -408,7 +408,7 @@ def measure(engine: Engine, fill: _Fill, traces: Traces, test: str, tokens: int,
         result.peak_memory_bytes = max(result.peak_memory_bytes, stats.peak_memory_bytes)
         if stats.expert_cache_hit_rate is not None:
             hit_rates.append(stats.expert_cache_hit_rate)
-        if engine.model.offload is not None:
+        if engine.model.routed_experts is not None:
             result.expert_bytes_moved.append(stats.expert_bytes_moved)
     result.expert_cache_hit_rate = statistics.fmean(hit_rates) if hit_rates else None
     return result

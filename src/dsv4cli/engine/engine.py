@@ -225,12 +225,12 @@ class Engine:
 
     def _offload_counts(self) -> tuple[int, int, int]:
         """(hits, misses, bytes moved) of the offload runtime so far; zeros without one."""
-        offload = self.model.offload
-        return (0, 0, 0) if offload is None else (offload.stats.hits, offload.stats.misses, offload.stats.bytes_moved)
+        stats = getattr(self.model.routed_experts, "stats", None)  # the offload runtime's transfer counters
+        return (0, 0, 0) if stats is None else (stats.hits, stats.misses, stats.bytes_moved)
 
     def _finish(self, stats: GenerationStats, offload_before: tuple[int, int, int]) -> GenerationStats:
         stats.peak_memory_bytes = peak_memory_bytes(self.model.device)
-        if self.model.offload is not None:
+        if getattr(self.model.routed_experts, "stats", None) is not None:
             hits, misses, moved = (now - then for now, then in zip(self._offload_counts(), offload_before, strict=True))
             stats.expert_cache_hit_rate = hits / (hits + misses) if hits + misses else None
             stats.expert_bytes_moved = moved

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +13,20 @@ from dsv4cli import kernels
 from dsv4cli.kernels.experts import ExpertTable
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.layers import Linear, Numerics, _frozen
+
+
+@runtime_checkable
+class RoutedExperts(Protocol):
+    """Runs the routed experts of every MoE layer somewhere else than the layer's own kernel call (the
+    offload runtime, the imatrix recorder). Attached with `Transformer.use_routed_experts`."""
+
+    def run(self, layer_id: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N,D], weights/indices [N,k] of layer `layer_id` -> the selected experts' outputs, float32 [N,D]."""
+        ...
+
+
+#: sees each MoE forward's selected experts: (layer id, indices [N,k]); attached with `Transformer.observe_routing`
+RouteObserver = Callable[[int, torch.Tensor], None]
 
 
 class Gate(nn.Module):
@@ -29,8 +46,13 @@ class Gate(nn.Module):
             self.tid2eid = _frozen(args.vocab_size, args.n_activated_experts, dtype=torch.int64)
         else:
             self.bias = _frozen(args.n_routed_experts, dtype=torch.float32)
-        #: when set (an int64 tensor [E]), every forward adds how often each expert was selected
-        self.route_counts: torch.Tensor | None = None
+        self.layer_id = layer_id
+        self._observer: RouteObserver | None = None
+
+    def observe(self, observer: RouteObserver | None) -> RouteObserver | None:
+        """Call `observer(layer_id, indices)` on every forward from now on (None: stop); returns the previous one."""
+        previous, self._observer = self._observer, observer
+        return previous
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -50,8 +72,8 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)
         if self.args.score_func != "softmax":
             weights = weights / weights.sum(-1, keepdim=True)
-        if self.route_counts is not None:
-            self.route_counts += torch.bincount(indices.flatten(), minlength=self.args.n_routed_experts).cpu()
+        if self._observer is not None:
+            self._observer(self.layer_id, indices)
         return weights * self.args.route_scale, indices
 
 
@@ -84,8 +106,12 @@ class MoE(nn.Module):
         self.shared_experts = Expert(args, tuple(args.linear_format(layer_id, f"ffn.shared_experts.{p}")
                                                  for p in ("w1", "w2", "w3")), numerics)
         self._table: ExpertTable | None = None
-        #: replaces `routed` when set (the offload runtime decides where each expert runs)
-        self.runner = None
+        self.layer_id = layer_id
+        self._routed: RoutedExperts | None = None
+
+    def use_routed_experts(self, runner: RoutedExperts | None) -> None:
+        """Run this layer's routed experts through `runner` (None: the layer's own kernel call)."""
+        self._routed = runner
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -96,8 +122,8 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the selected experts' outputs (float32), all experts in one kernel call."""
-        if self.runner is not None:
-            return self.runner(x, weights, indices)
+        if self._routed is not None:
+            return self._routed.run(self.layer_id, x, weights, indices)
         expert = self.experts[0]
         return kernels.moe_experts(x, weights, indices, self.expert_table(), expert.swiglu_limit,
                                    expert.w1.act_quant)

@@ -15,7 +15,7 @@ from dsv4cli.model.attention import Attention
 from dsv4cli.model.cache import LayerCache, ModelCache
 from dsv4cli.model.hyper import hc_head, hc_post, hc_pre
 from dsv4cli.model.layers import Embedding, Linear, Numerics, RMSNorm, _frozen
-from dsv4cli.model.moe import MoE
+from dsv4cli.model.moe import MoE, RoutedExperts, RouteObserver
 
 HEAD_CHUNK_ROWS = 16384
 
@@ -101,7 +101,21 @@ class Transformer(nn.Module):
         _add_hc_head(self, args)
         self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + i, self.numerics)
                                  for i in range(args.n_mtp_layers if with_mtp else 0))
-        self.offload = None  # set by the offload runtime while it runs the routed experts
+        #: where the routed experts run when not in the layers' own kernel calls (`use_routed_experts`)
+        self.routed_experts: RoutedExperts | None = None
+
+    def use_routed_experts(self, runner: RoutedExperts | None) -> RoutedExperts | None:
+        """Run every trunk MoE layer's routed experts through `runner` (None: the layers' own kernels), the seam
+        for the offload runtime and the imatrix recorder; returns the runner it replaces."""
+        previous, self.routed_experts = self.routed_experts, runner
+        for layer in self.layers:
+            layer.ffn.use_routed_experts(runner)
+        return previous
+
+    def observe_routing(self, observer: RouteObserver | None) -> None:
+        """Call `observer(layer_id, indices)` with every trunk MoE layer's expert choice (None: stop)."""
+        for layer in self.layers:
+            layer.ffn.gate.observe(observer)
 
     @property
     def device(self) -> torch.device:

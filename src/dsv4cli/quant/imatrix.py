@@ -98,24 +98,27 @@ def collect_imatrix(model, token_ids: torch.Tensor, seq_len: int = 512) -> Imatr
     tokens, recording every routed expert's inputs. The MoE layers' `runner` hook is borrowed for
     the run and restored after."""
     imatrix = Imatrix()
-    saved = []
-    for layer_id, layer in enumerate(model.layers):
-        moe = layer.ffn
-        saved.append((moe, moe.runner))
-        moe.runner = _recording_runner(moe, f"layers.{layer_id}.ffn", imatrix, moe.runner)
+    previous = model.use_routed_experts(None)
+    model.use_routed_experts(_Recorder(model, imatrix, previous))
     try:
         for start in range(0, token_ids.numel(), seq_len):
             window = token_ids[start:start + seq_len]
             if window.numel():
                 model.full_logits(window[None].to(model.device))
     finally:
-        for moe, runner in saved:
-            moe.runner = runner
+        model.use_routed_experts(previous)
     return imatrix
 
 
-def _recording_runner(moe, prefix: str, imatrix: Imatrix, inner):
-    def run(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+class _Recorder:
+    """A `RoutedExperts` runner that adds every routed expert's inputs to `imatrix`, then runs the experts
+    as `inner` (the runner it replaced) or the layer's own kernel would."""
+
+    def __init__(self, model, imatrix: Imatrix, inner):
+        self.model, self.imatrix, self.inner = model, imatrix, inner
+
+    def run(self, layer_id: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        moe, prefix, imatrix = self.model.layers[layer_id].ffn, f"layers.{layer_id}.ffn", self.imatrix
         table = moe.expert_table()
         limit, act_quant = moe.experts[0].swiglu_limit, moe.experts[0].w1.act_quant
         for e in indices.flatten().unique().tolist():
@@ -129,8 +132,6 @@ def _recording_runner(moe, prefix: str, imatrix: Imatrix, inner):
             hidden = torch.nn.functional.silu(gate) * up * weights[token, slot, None]
             imatrix.add(f"{prefix}.experts.{e}.w1", xe)
             imatrix.add(f"{prefix}.experts.{e}.w2", hidden)
-        if inner is not None:
-            return inner(x, weights, indices)
+        if self.inner is not None:
+            return self.inner.run(layer_id, x, weights, indices)
         return kernels.moe_experts(x, weights, indices, table, limit, act_quant)
-
-    return run

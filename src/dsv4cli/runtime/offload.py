@@ -16,7 +16,6 @@ the bytes a GPU would move are counted as for a GPU; this is how CI exercises ev
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -106,18 +105,15 @@ class OffloadedExperts:
             self.resident_tables.append(ExpertTable.from_experts(list(resident.values())) if resident else None)
 
     def attach(self) -> OffloadedExperts:
-        for layer_id, layer in enumerate(self.model.layers):
-            layer.ffn.runner = functools.partial(self.run_layer, layer_id)
-        self.model.offload = self
+        self.model.use_routed_experts(self)
         return self
 
     def detach(self) -> None:
-        for layer in self.model.layers:
-            layer.ffn.runner = None
-        self.model.offload = None
+        if self.model.routed_experts is self:
+            self.model.use_routed_experts(None)
 
     # ------------------------------------------------------------------ step
-    def run_layer(self, layer_id: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+    def run(self, layer_id: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
                   ) -> torch.Tensor:
         """Sum of the selected experts' outputs for one layer, float32 [N, D] on x's device."""
         selected = sorted(set(indices.flatten().tolist()))

@@ -15,9 +15,12 @@ from dsv4cli.model.transformer import Transformer
 @torch.inference_mode()
 def count_routes(model: Transformer, sequences: Iterable[list[int]], chunk: int = 256) -> dict[int, list[int]]:
     """Run token sequences through the trunk and count expert selections per layer."""
-    gates = [layer.ffn.gate for layer in model.layers]
-    for gate in gates:
-        gate.route_counts = torch.zeros(model.args.n_routed_experts, dtype=torch.int64)
+    counts = torch.zeros(model.args.n_layers, model.args.n_routed_experts, dtype=torch.int64)
+
+    def count(layer_id: int, indices: torch.Tensor) -> None:
+        counts[layer_id] += torch.bincount(indices.flatten(), minlength=model.args.n_routed_experts).cpu()
+
+    model.observe_routing(count)
     try:
         for ids in sequences:
             if not ids:
@@ -25,10 +28,9 @@ def count_routes(model: Transformer, sequences: Iterable[list[int]], chunk: int 
             cache = model.new_cache(1, max_len=len(ids))
             for start in range(0, len(ids), chunk):
                 model.streams(torch.tensor([ids[start:start + chunk]], device=model.device), cache)
-        return {i: gate.route_counts.tolist() for i, gate in enumerate(gates)}
+        return {i: row.tolist() for i, row in enumerate(counts)}
     finally:
-        for gate in gates:
-            gate.route_counts = None
+        model.observe_routing(None)
 
 
 def save_counts(counts: dict[int, list[int]], path: str | Path) -> Path:
