@@ -28,6 +28,7 @@ from typing import Any
 from dsv4cli.errors import DsvError, UsageError
 
 STAGING_MARKER = ".dsv4-staging.json"
+FILE_MODE = 0o644
 OUTPUT_MARKER = ".dsv4-output.json"
 
 
@@ -49,6 +50,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; a file others share (a models dir) must be readable
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
+import io
 import os
 import platform
 import statistics
@@ -41,6 +42,7 @@ from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import GenerationStats
 from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import DsvError, UsageError
+from dsv4cli.fsutil import atomic_write_bytes
 from dsv4cli.io.checkpoint import INDEX_NAME
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
@@ -676,12 +678,10 @@ def write_plot(report: BenchReport, out: str | Path) -> Path:
         axes.grid(alpha=0.3)
         axes.legend()
     figure.suptitle(f"dsv4 bench · {report.model['name']} · {report.machine['cpu']}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    image = io.BytesIO()
+    figure.savefig(image, format=(out.suffix.lstrip(".") or "png"))
     try:
-        figure.savefig(tmp, format=(out.suffix.lstrip(".") or "png"))
-        tmp.replace(out)
+        atomic_write_bytes(out, image.getvalue())
     except OSError as exc:
         raise DsvError(f"cannot write the plot {out}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

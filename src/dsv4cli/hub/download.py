@@ -47,7 +47,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,6 +58,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from dsv4cli import __version__
 from dsv4cli.errors import DsvError, ModelNotFound, UsageError
+from dsv4cli.fsutil import atomic_write_text
 from dsv4cli.paths import data_dir
 from dsv4cli.units import human_bytes
 
@@ -381,17 +381,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     """Write `path` whole or not at all: a temp file, flushed to disk, renamed over it (so a crash or a full disk
     never leaves a truncated manifest behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; others sharing a models dir should read it
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(Path(tmp))
-        raise
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from dsv4cli.io.dsv4_layout import (
     open_checkpoint,
 )
 from dsv4cli.io.hf_export import transformers_config, transformers_name
-from dsv4cli.io.safetensors_file import METADATA_KEY, SAFETENSORS_DTYPES
+from dsv4cli.io.safetensors_file import SAFETENSORS_DTYPES, encode_header, write_safetensors_file
 from dsv4cli.io.schema import DTYPE_BYTES, TensorSpec, checkpoint_specs
 from dsv4cli.io.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -360,35 +359,24 @@ def assign_shards(tensors: list[PlannedTensor], max_shard_bytes: int, metadata: 
 
 
 def _shard_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {METADATA_KEY: metadata}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.spec.dtype, "shape": list(t.spec.shape),
-                          "data_offsets": [offset, offset + t.spec.nbytes]}
-        offset += t.spec.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return raw + b" " * (-(8 + len(raw)) % DATA_ALIGN)
+    return encode_header([(t.name, t.spec) for t in tensors], metadata, align=DATA_ALIGN)
 
 
 def write_shard(path: Path, shard: Shard, on_bytes: Callable[[int], None]) -> None:
-    """Write `shard` to `path` via `<path>.partial`, synced, then renamed into place."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(len(shard.header).to_bytes(8, "little"))
-        f.write(shard.header)
-        for t in shard.tensors:
-            written = 0
-            for piece in t.produce():
-                data = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(data.data)
-                written += data.nbytes
-                on_bytes(data.nbytes)
-            if written != t.spec.nbytes:
-                raise CheckpointError(f"{t.name}: produced {written} bytes, expected {t.spec.nbytes}",
-                                      "the source checkpoint is inconsistent; re-download it")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    """Write `shard` to `path` (`write_safetensors_file`: a partial name, synced, renamed into place)."""
+    write_safetensors_file(path, shard.header, _checked_pieces(shard), on_bytes)
+
+
+def _checked_pieces(shard: Shard) -> Iterator[torch.Tensor]:
+    """Every planned tensor's pieces in order, each tensor checked to produce exactly its spec's bytes."""
+    for t in shard.tensors:
+        written = 0
+        for piece in t.produce():
+            written += piece.numel() * piece.element_size()
+            yield piece
+        if written != t.spec.nbytes:
+            raise CheckpointError(f"{t.name}: produced {written} bytes, expected {t.spec.nbytes}",
+                                  "the source checkpoint is inconsistent; re-download it")
 
 
 # ==================================================================== the service

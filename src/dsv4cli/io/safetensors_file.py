@@ -288,3 +288,48 @@ def _frombuffer(mm: mmap.mmap, dtype: torch.dtype, count: int, offset: int) -> t
         except (TypeError, RuntimeError):  # dtypes frombuffer cannot build directly
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=count * dtype.itemsize, offset=offset)
             return raw.view(dtype)
+
+
+# ======================================================================= writing
+
+
+def encode_header(entries: list[tuple[str, TensorSpec]], metadata: dict[str, str] | None, align: int = 8) -> bytes:
+    """The JSON header of a safetensors file holding `entries` (name, spec) back to back in that order,
+    padded with spaces so that the data starts on a multiple of `align` bytes (as the format allows)."""
+    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
+    offset = 0
+    for name, spec in entries:
+        if name == METADATA_KEY:
+            raise CheckpointError(f"{METADATA_KEY} is reserved, not a tensor name", "rename the tensor")
+        if name in header:
+            raise CheckpointError(f"tensor {name} is given twice", "pass each tensor once")
+        header[name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-(8 + len(raw)) % align)
+
+
+def write_safetensors_file(path: str | Path, header: bytes, pieces, on_bytes=None) -> int:
+    """Write a safetensors file from its encoded header and the data as tensors or byte pieces, in order:
+    to `<path>.partial`, fsynced, then renamed onto `path` (never a half-written file under the final name).
+    `on_bytes(n)` follows the data written; returns the data bytes."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    written = 0
+    try:
+        with open(partial, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for piece in pieces:
+                data = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data.data)
+                written += data.nbytes
+                if on_bytes is not None:
+                    on_bytes(data.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,7 +34,12 @@ from dsv4cli.fsutil import (
     write_json,
 )
 from dsv4cli.io.checkpoint import CONFIG_NAME, INDEX_NAME, MTP_PREFIX
-from dsv4cli.io.safetensors_file import METADATA_KEY, SAFETENSORS_DTYPES, TORCH_DTYPES
+from dsv4cli.io.safetensors_file import (
+    SAFETENSORS_DTYPES,
+    TORCH_DTYPES,
+    encode_header,
+    write_safetensors_file,
+)
 from dsv4cli.io.schema import TensorSpec, checkpoint_specs
 from dsv4cli.model.args import ModelArgs
 
@@ -122,26 +126,12 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, torch.Tenso
     """
     tensors = [(name, _as_cpu_contiguous(name, t)) for name, t in tensors]
     layout = sorted(tensors, key=lambda item: -item[1].element_size())
-    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
-    offset = 0
-    for name, t in layout:
-        if name == METADATA_KEY:
-            raise CheckpointError(f"{path}: {METADATA_KEY} is reserved, not a tensor name", "rename the tensor")
-        if name in header:
-            raise CheckpointError(f"tensor {name} is given twice for {path}", "pass each tensor once")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for _, t in layout:
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-    return offset
+    entries = [(name, TensorSpec(SAFETENSORS_DTYPES[t.dtype], tuple(t.shape))) for name, t in layout]
+    try:
+        header = encode_header(entries, metadata)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err.message}", err.hint) from None
+    return write_safetensors_file(path, header, (t for _, t in layout if t.numel()))
 
 
 def shard_file_name(index: int, count: int) -> str:

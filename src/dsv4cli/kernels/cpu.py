@@ -40,6 +40,7 @@ import torch
 
 from dsv4cli import paths
 from dsv4cli.errors import DsvError
+from dsv4cli.fsutil import atomic_write_bytes, fsync_directory
 from dsv4cli.kernels import ref
 from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operands_ok
 
@@ -244,7 +245,7 @@ def _compile_into(spec: BuildSpec, library: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _write_atomic(stamp_path(library), (json.dumps(stamp, indent=2) + "\n").encode())
+    atomic_write_bytes(stamp_path(library), (json.dumps(stamp, indent=2) + "\n").encode())
 
 
 def _compile(spec: BuildSpec, output: str) -> None:
@@ -261,29 +262,10 @@ def _compile(spec: BuildSpec, output: str) -> None:
                                f"needs a C++17 compiler with OpenMP (g++ >= 9); or set {ENV_KERNELS}=ref")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a unique temporary file beside `path`, fsync it and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _replace(tmp: str, path: Path) -> None:
     """Rename `tmp` onto `path` and fsync the directory, so the rename survives a crash."""
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(path.parent)
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:

@@ -9,7 +9,6 @@ is plain data: it can be printed, saved as JSON and loaded back (every key check
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any
 
 import torch
 
-from dsv4cli.errors import OutOfMemory, UsageError
+from dsv4cli.errors import DsvError, OutOfMemory, UsageError
+from dsv4cli.fsutil import atomic_write_text
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.cache import ModelCache
@@ -101,14 +101,10 @@ class PlacementPlan:
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (a temporary file renamed into place); UsageError if it cannot be written."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-            tmp.replace(path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise UsageError(f"cannot write placement plan {path}: {exc.strerror or exc}",
+            atomic_write_text(path, self.to_json() + "\n")
+        except (OSError, DsvError) as exc:
+            raise UsageError(f"cannot write placement plan {path}: {getattr(exc, 'strerror', None) or exc}",
                              "check the directory exists and is writable") from None
 
     @classmethod

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dsv4cli.errors import UsageError
+from dsv4cli.fsutil import disk_errors, write_json
 from dsv4cli.model.transformer import Transformer
 
 
@@ -35,9 +36,8 @@ def count_routes(model: Transformer, sequences: Iterable[list[int]], chunk: int 
 
 def save_counts(counts: dict[int, list[int]], path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"routing_counts": {str(k): v for k, v in counts.items()}}) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    with disk_errors(f"writing the routing counts {path}", "check the directory exists and is writable"):
+        write_json(path, {"routing_counts": {str(k): v for k, v in counts.items()}})
     return path
 
 
