@@ -42,6 +42,7 @@ def lib(request) -> cpu.NativeKernels:
     built = load_variant(flags, VARIANTS)
     if isa is not None:
         assert built.isa == isa
+    assert built.fp8_isa == built.isa  # one ISA ladder: every kernel file runs the same level on one CPU
     return built
 
 

@@ -24,6 +24,27 @@
 #include <immintrin.h>
 #endif
 
+// The one ISA ladder of every kernel file: the best level the compiler targets (-march=native), so
+// that on one CPU the FP4, FP8 and int3/int2 kernels always run the same level.
+//   DSV4_PATH_BF16    AVX-512 F/BW/VL/VBMI + BF16 dot products (Zen 4, Sapphire Rapids)
+//   DSV4_PATH_AVX512  AVX-512 F with AVX2/FMA/F16C, fp32 maths (Skylake-X .. Ice Lake)
+//   DSV4_PATH_AVX2    AVX2 + FMA + F16C (Haswell .. Zen 3)
+//   DSV4_PATH_SCALAR  everything else
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) && \
+    defined(__AVX512VBMI__)
+#define DSV4_PATH_BF16 1
+#define DSV4_ISA "avx512bf16"
+#elif defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DSV4_PATH_AVX512 1
+#define DSV4_ISA "avx512f"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DSV4_PATH_AVX2 1
+#define DSV4_ISA "avx2"
+#else
+#define DSV4_PATH_SCALAR 1
+#define DSV4_ISA "scalar"
+#endif
+
 namespace {
 
 // ------------------------------------------------------------------------------- scalar helpers
@@ -45,6 +66,16 @@ inline uint16_t bf16_bits(float f) {
     return static_cast<uint16_t>(u >> 16);
 }
 inline float bf16_round(float f) { return u2f(static_cast<uint32_t>(bf16_bits(f)) << 16); }
+
+// Write `r` as `parts` bf16 words whose sum approximates it ever closer (each part rounds what the
+// earlier ones left), at dst[pos], dst[Kp + pos], ...: the prepared-activation layout of the bf16 paths.
+inline void write_bf16_parts(float r, int parts, int64_t Kp, uint16_t* dst, int64_t pos) {
+    for (int p = 0; p < parts; ++p) {
+        const uint16_t h = bf16_bits(r);
+        dst[p * Kp + pos] = h;
+        r -= u2f(static_cast<uint32_t>(h) << 16);
+    }
+}
 
 // float -> float8_e4m3fn -> float, round to nearest even, for |v| <= 448 (the caller clamps).
 inline float e4m3_round(float v) {

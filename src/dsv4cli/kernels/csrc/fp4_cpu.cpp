@@ -24,17 +24,7 @@
 // too slowly on 1-2 KB rows (single-thread DRAM streaming went from ~9 to ~25 GB/s on Zen 4).
 // Work is split into items claimed through an atomic counter (see parallel_items).
 
-#include "common.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
-#define DSV4_PATH_BF16 1
-#elif defined(__AVX512F__)
-#define DSV4_PATH_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#define DSV4_PATH_AVX2 1
-#else
-#define DSV4_PATH_SCALAR 1
-#endif
+#include "common.h"  // the ISA ladder: DSV4_PATH_BF16 / _AVX512 / _AVX2 / _SCALAR
 
 namespace {
 
@@ -61,22 +51,25 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 //   gemv_tile<R, TB>(...)   R rows x TB tokens over the whole input dimension
 // A prepared row holds `parts` copies of Kp elements (Kp = K rounded up to kChunk).
 
+const char* kIsa = DSV4_ISA;
+
+#if DSV4_PATH_AVX512 || DSV4_PATH_AVX2
+using XT = float;
+constexpr int64_t kChunk = 32;
+
+// The fp32 SIMD paths, blocks of 32 inputs: even inputs first (low nibbles), then odd ones (high nibbles).
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
+    (void)parts; (void)Kp;
+    for (int64_t i = 0; i < kChunk; ++i) dst[c * kChunk + (i & 1) * 16 + (i >> 1)] = v[i];
+}
+#endif
+
 #if DSV4_PATH_BF16
 using XT = uint16_t;
 constexpr int64_t kChunk = 128;
-const char* kIsa = "avx512bf16";
-
 // Word 32*v + j of a chunk holds input 4*j + v: the decode below yields exactly that order.
 void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
-    for (int64_t i = 0; i < kChunk; ++i) {
-        const int64_t pos = c * kChunk + 32 * (i & 3) + (i >> 2);
-        float r = v[i];
-        for (int p = 0; p < parts; ++p) {
-            const uint16_t h = bf16_bits(r);
-            dst[p * Kp + pos] = h;
-            r -= u2f(static_cast<uint32_t>(h) << 16);
-        }
-    }
+    for (int64_t i = 0; i < kChunk; ++i) write_bf16_parts(v[i], parts, Kp, dst, c * kChunk + 32 * (i & 3) + (i >> 2));
 }
 
 alignas(64) const uint16_t kBf16Table[32] = {
@@ -158,15 +151,6 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
 }
 
 #elif DSV4_PATH_AVX512
-using XT = float;
-constexpr int64_t kChunk = 32;
-const char* kIsa = "avx512f";
-
-// Block of 32 inputs: even inputs first (low nibbles), then odd ones (high nibbles).
-void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
-    (void)parts; (void)Kp;
-    for (int64_t i = 0; i < kChunk; ++i) dst[c * kChunk + (i & 1) * 16 + (i >> 1)] = v[i];
-}
 
 // fp32 path for AVX-512 CPUs without BF16 (Skylake-X .. Ice Lake): 16 bytes -> 16 dwords, and
 // vpermps (which reads only the low 4 index bits) maps each nibble to its float value directly.
@@ -200,16 +184,6 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
 }
 
 #elif DSV4_PATH_AVX2
-using XT = float;
-constexpr int64_t kChunk = 32;
-const char* kIsa = "avx2";
-
-// Block of 32 inputs: even inputs first (low nibbles), then odd ones (high nibbles).
-void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
-    (void)parts;
-    for (int64_t i = 0; i < kChunk; ++i) dst[c * kChunk + (i & 1) * 16 + (i >> 1)] = v[i];
-    (void)Kp;
-}
 
 // acc[r][t] += scale_r * (decoded block row r . inputs 32b..32b+31 of token t); the decoded block
 // is f[r][0..3] = 8 values each, in the order the inputs were prepared (shared with lowbit.h).
@@ -276,7 +250,6 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
 #else
 using XT = float;
 constexpr int64_t kChunk = 32;
-const char* kIsa = "scalar";
 
 void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
     (void)parts; (void)Kp;

@@ -36,16 +36,6 @@
 
 #include "common.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) && \
-    defined(__AVX512VBMI__)
-#define FP8_PATH_BF16 1
-#elif defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
-#define FP8_PATH_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define FP8_PATH_AVX2 1
-#else
-#define FP8_PATH_SCALAR 1
-#endif
 
 #ifndef FP8_PF_TILES
 #define FP8_PF_TILES 2  // prefetch distance in tiles (rows R * FP8_PF_TILES ahead)
@@ -107,10 +97,22 @@ inline void prefetch_l2(const void* p) {
 // row's bytes (row stride K weights), `sr[r]` the float scales of row r's 128-row block (one per
 // chunk); sr == nullptr means bf16 weights.
 
-#if FP8_PATH_BF16
+const char* kIsa = DSV4_ISA;
+
+#if !DSV4_PATH_BF16
+using XT = float;
+constexpr int kMaxParts = 1;
+
+// The fp32 paths (AVX-512, AVX2, scalar) take the inputs in their natural order.
+void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
+    (void)parts; (void)Kp; (void)natural;
+    std::memcpy(dst + c * kBlk, v, kBlk * sizeof(float));
+}
+#endif
+
+#if DSV4_PATH_BF16
 using XT = uint16_t;
 constexpr int kMaxParts = 3;
-const char* kIsa = "avx512bf16";
 
 // Input i of a chunk (line l = i / 64, lane L = i % 64 / 16, k = i % 16) sits where the decode
 // below puts its weight: vpunpcklbw yields inputs 16L + 0..7 as words 8L + 0..7, vpunpckhbw
@@ -122,15 +124,7 @@ inline int64_t chunk_pos(int64_t i) {
 
 // natural: bf16 weights are read in input order, so their activations are not permuted.
 void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
-    for (int64_t i = 0; i < kBlk; ++i) {
-        const int64_t pos = c * kBlk + (natural ? i : chunk_pos(i));
-        float r = v[i];
-        for (int p = 0; p < parts; ++p) {
-            const uint16_t h = bf16_bits(r);
-            dst[p * Kp + pos] = h;
-            r -= u2f(static_cast<uint32_t>(h) << 16);
-        }
-    }
+    for (int64_t i = 0; i < kBlk; ++i) write_bf16_parts(v[i], parts, Kp, dst, c * kBlk + (natural ? i : chunk_pos(i)));
 }
 
 struct Decoder {
@@ -361,19 +355,7 @@ void gemm_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64
     }
 }
 
-#elif FP8_PATH_AVX512 || FP8_PATH_AVX2
-using XT = float;
-constexpr int kMaxParts = 1;
-#if FP8_PATH_AVX512
-const char* kIsa = "avx512f";
-#else
-const char* kIsa = "avx2";
-#endif
-
-void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
-    (void)parts; (void)Kp; (void)natural;
-    std::memcpy(dst + c * kBlk, v, kBlk * sizeof(float));
-}
+#elif DSV4_PATH_AVX512 || DSV4_PATH_AVX2
 
 // 16 bf16 weights (zero words past the row end).
 inline __m256i bf16_words(const uint8_t* p, int64_t left) {
@@ -403,7 +385,7 @@ template <int R, int TB, bool wb>
 inline void tile_impl(const uint8_t* w, const float* const* sr, int64_t K, const XT* const* xs, float* const* y,
                       int64_t yoff) {
     const int64_t esz = wb ? 2 : 1;  // bytes per weight
-#if FP8_PATH_AVX512
+#if DSV4_PATH_AVX512
     using V = __m512;
     constexpr int64_t kW = 16;
     auto zero = [] { return _mm512_setzero_ps(); };
@@ -419,7 +401,7 @@ inline void tile_impl(const uint8_t* w, const float* const* sr, int64_t K, const
     for (int64_t c = 0; c < nchunks; ++c) {
         V sc[R];
         for (int r = 0; r < R; ++r) {
-#if FP8_PATH_AVX512
+#if DSV4_PATH_AVX512
             sc[r] = _mm512_set1_ps(wb ? 1.0f : sr[r][c]);
 #else
             sc[r] = _mm256_set1_ps(wb ? 1.0f : sr[r][c]);
@@ -432,7 +414,7 @@ inline void tile_impl(const uint8_t* w, const float* const* sr, int64_t K, const
                 if (((j * esz) & 63) == 0) prefetch_l2(row + static_cast<int64_t>(kPfTiles) * R * K * esz);
                 if constexpr (wb) {  // bf16 words << 16 = fp32
                     const __m256i h = bf16_words(row, K - j);
-#if FP8_PATH_AVX512
+#if DSV4_PATH_AVX512
                     f[r][0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 #else
                     f[r][0] = _mm256_castsi256_ps(
@@ -442,7 +424,7 @@ inline void tile_impl(const uint8_t* w, const float* const* sr, int64_t K, const
 #endif
                 } else {
                     const __m256i h = halves(row, K - j);
-#if FP8_PATH_AVX512
+#if DSV4_PATH_AVX512
                     f[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(h), sc[r]);
 #else
                     f[r][0] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sc[r]);
@@ -452,7 +434,7 @@ inline void tile_impl(const uint8_t* w, const float* const* sr, int64_t K, const
             }
             for (int t = 0; t < TB; ++t) {
                 for (int u = 0; u < 16 / kW; ++u) {
-#if FP8_PATH_AVX512
+#if DSV4_PATH_AVX512
                     const V xv = _mm512_loadu_ps(xs[t] + j + kW * u);
                     for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(f[r][u], xv, acc[r][t]);
 #else
@@ -466,7 +448,7 @@ inline void tile_impl(const uint8_t* w, const float* const* sr, int64_t K, const
     for (int t = 0; t < TB; ++t)
         for (int r = 0; r < R; ++r) {
             const float unit = wb ? 1.0f : 256.0f;
-#if FP8_PATH_AVX512
+#if DSV4_PATH_AVX512
             y[t][yoff + r] = unit * _mm512_reduce_add_ps(acc[r][t]);
 #else
             __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
@@ -489,14 +471,6 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
 }
 
 #else
-using XT = float;
-constexpr int kMaxParts = 1;
-const char* kIsa = "scalar";
-
-void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
-    (void)parts; (void)Kp; (void)natural;
-    std::memcpy(dst + c * kBlk, v, kBlk * sizeof(float));
-}
 
 template <int R, int TB>
 inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp, int parts, const XT* const* xs,
@@ -518,7 +492,7 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
 }
 #endif
 
-#if !FP8_PATH_BF16
+#if !DSV4_PATH_BF16
 constexpr int kGemmMinTokens = 1 << 30;  // the fp32 paths decode on the fly for any batch
 constexpr bool kHasGemm = false;
 constexpr int kGR = 4;
