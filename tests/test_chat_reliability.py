@@ -3,7 +3,6 @@ traceback or a silent empty answer; library messages leave flags and REPL comman
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -17,10 +16,6 @@ import torch
 from dsv4cli.chat.tokenizer import Tokenizer
 from dsv4cli.demo.model import DEMO_ARGS, packaged_tokenizer_dir
 from dsv4cli.io.writer import random_tensors, write_checkpoint
-
-LIBRARY = ["engine/engine.py", "chat/session.py", "engine/sampling.py", "chat/tokenizer.py", "chat/detok.py",
-           "engine/events.py"]
-FRONT_END_WORDS = re.compile(r"(?:^|[\s(`'\"])(?:--[a-z]|/(?:clear|save|load|set|think|nothink|mode|read)\b)")
 
 
 def dsv4(*args: str | bytes, stdin: bytes = b"", env: dict | None = None) -> subprocess.CompletedProcess:
@@ -128,17 +123,3 @@ def test_the_tokenizer_replaces_lone_surrogates(tmp_path):
     assert tokenizer.encode("a\udcffb\ud800") == tokenizer.encode("a\ufffdb\ufffd")
 
 
-def _messages(path: Path) -> list[str]:
-    """The string constants of a module, docstrings left out."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and node.body
-                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
-    return [node.value for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
-
-
-@pytest.mark.parametrize("module", LIBRARY)
-def test_library_messages_name_no_flags_or_repl_commands(module):
-    source = Path(__file__).resolve().parents[1] / "src" / "dsv4cli" / module
-    assert [text for text in _messages(source) if FRONT_END_WORDS.search(text)] == []

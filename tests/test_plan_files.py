@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4cli.cli.options import FLAG_NAMES
 from dsv4cli.errors import UsageError
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.runtime import placement
@@ -95,7 +96,7 @@ def test_malformed_plan_names_the_file_and_the_key(tmp_path, contents, expected)
     err = info.value
     assert isinstance(err, UsageError) and err.exit_code == 2
     assert f"invalid placement plan {path}: " in err.message and expected in err.message
-    assert "\n" not in err.one_line() and len(err.message) < 300 and "dsv4 plan" in err.hint
+    assert "\n" not in err.one_line() and len(err.message) < 300 and "dsv4 plan" in err.one_line(FLAG_NAMES)
 
 
 def unreadable_paths(tmp_path: Path) -> list[tuple[str, Path, str]]:

@@ -9,6 +9,23 @@ or unreadable file, a full disk, out of memory, a failed download).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
+#: a setting named in a message, `{opt:ctx}`: each front end renders it (the CLI as --ctx, a server as its field)
+_OPTION = re.compile(r"\{opt:([a-z][a-z0-9_]*)\}")
+
+
+def option(name: str) -> str:
+    """The placeholder for setting `name` in a message or hint ("raise {ctx}"); library code names
+    settings this way instead of spelling a front end's flag."""
+    return "{opt:" + name + "}"
+
+
+def render(text: str, names: Mapping[str, str] | None = None) -> str:
+    """`text` with every `{opt:setting}` placeholder replaced by its name in `names` (else the setting's own name)."""
+    return _OPTION.sub(lambda m: (names or {}).get(m[1], m[1]), text)
+
 
 class DsvError(Exception):
     """Base class: a problem the user can act on."""
@@ -20,8 +37,10 @@ class DsvError(Exception):
         self.message = message
         self.hint = hint
 
-    def one_line(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
+    def one_line(self, names: Mapping[str, str] | None = None) -> str:
+        """Message and hint on one line, settings rendered with `names` (a front end's flags)."""
+        text = f"{self.message} ({self.hint})" if self.hint else self.message
+        return render(text, names)
 
 
 class UsageError(DsvError):

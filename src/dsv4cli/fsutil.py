@@ -270,9 +270,10 @@ def check_output_dir(out: Path, sources: list[Path], force: bool) -> None:
         raise UsageError(f"{out} exists and is not a directory", "choose another output path")
     if out.is_dir() and not is_empty_dir(out):
         if not force:
-            raise UsageError(f"{out} already exists", "choose another output directory, or pass --force to replace it")
+            raise UsageError(f"{out} already exists",
+                             "choose another output directory, or pass {opt:force} to replace it")
         if not made_by_dsv4(out):
-            raise UsageError(f"{out} holds files dsv4 did not write; --force replaces only dsv4 outputs",
+            raise UsageError(f"{out} holds files dsv4 did not write; {{opt:force}} replaces only dsv4 outputs",
                              "choose another output directory, or remove it yourself")
     check_writable_parent(out)
 

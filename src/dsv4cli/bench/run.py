@@ -86,16 +86,16 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         if self.model is not None and self.synth is not None:
-            raise UsageError("give either MODEL or --synth, not both")
+            raise UsageError("give either MODEL or {opt:synth}, not both")
         if self.synth is None and (self.layers is not None or self.experts is not None):
-            raise UsageError("--layers and --experts only apply to --synth")
+            raise UsageError("{opt:layers} and {opt:experts} only apply to {opt:synth}")
         _check_counts("-p", self.prompt_tokens, minimum=1)
         _check_counts("-n", self.gen_tokens, minimum=1)
         _check_counts("-d", self.depths, minimum=0)
         if self.repetitions < 1:
             raise UsageError(f"-r must be at least 1, got {self.repetitions}")
         if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+            raise UsageError(f"{{opt:threads}} must be at least 1, got {self.threads}")
         if self.stream_bytes < 4096:
             raise UsageError("the memory-bandwidth arrays must be at least 4 KiB")
         if self.ctx is not None:
@@ -125,8 +125,8 @@ def check_context(settings: BenchSettings, ctx: int) -> None:
     need = required_context(settings)
     if ctx < need:
         test = f"pp{prompt}" if prompt + 1 >= gen + 2 else f"tg{gen}"
-        raise UsageError(f"{test} at depth {depth} needs a context of {need} tokens, --ctx is {ctx}",
-                         f"raise --ctx to at least {need}, or leave it out")
+        raise UsageError(f"{test} at depth {depth} needs a context of {need} tokens, {{opt:ctx}} is {ctx}",
+                         f"raise {{opt:ctx}} to at least {need}, or leave it out")
 
 
 def parse_counts(flag: str, text: str) -> tuple[int, ...]:
@@ -655,7 +655,8 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise DsvError("--plot needs matplotlib, which is not installed", "install matplotlib or drop --plot") from None
+        raise DsvError("{opt:plot} needs matplotlib, which is not installed",
+                       "install matplotlib or drop {opt:plot}") from None
 
 
 def write_plot(report: BenchReport, out: str | Path) -> Path:

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code instead of raising
     except DsvError as err:
-        _fail(err.one_line(), err.exit_code)
+        from dsv4cli.cli.options import FLAG_NAMES
+
+        _fail(err.one_line(FLAG_NAMES), err.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except ClickException as err:

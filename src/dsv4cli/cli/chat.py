@@ -7,8 +7,8 @@ import sys
 
 import typer
 
-from dsv4cli.cli.options import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
-from dsv4cli.errors import DsvError, UsageError
+from dsv4cli.cli.options import FLAG_NAMES, CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
+from dsv4cli.errors import DsvError, UsageError, render
 from dsv4cli.runtime.resolve import WITH_WEIGHTS
 
 
@@ -92,7 +92,7 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
     from dsv4cli.errors import OutOfMemory
     from dsv4cli.ui.render import make_renderer
 
-    notices = opened.notices
+    notices = [render(notice, FLAG_NAMES) for notice in opened.notices]
     default_temperature, default_top_p = sampling_defaults(opened)
     sampling = dataclasses.replace(sampling, temperature=default_temperature if temperature is None else temperature,
                                    top_p=default_top_p if top_p is None else top_p)

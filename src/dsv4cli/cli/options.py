@@ -7,6 +7,20 @@ from typing import Annotated
 
 import typer
 
+#: how the CLI names the settings library messages mention as `{setting}` (errors.option)
+FLAG_NAMES = {
+    "ctx": "--ctx", "device": "--device", "gpu_memory": "--gpu-memory", "cpu_memory": "--cpu-memory", "plan": "--plan",
+    "counts": "--counts", "simulate": "--simulate", "force": "--force", "local_dir": "--local-dir",
+    "max_workers": "--max-workers", "include": "--include", "exclude": "--exclude", "synth": "--synth",
+    "layers": "--layers", "experts": "--experts", "plot": "--plot", "threads": "--threads", "eval_text": "--eval-text",
+    "to": "--to", "max_tokens": "--max-tokens",
+    "save_plan": "`dsv4 plan MODEL --save FILE`",
+    "save_counts": "`dsv4 plan MODEL --profile TEXT_FILE --save-counts FILE`",
+    "plan_on_cpu": "`dsv4 plan --device cpu`",
+    "convert_to_dsv4": "`dsv4 convert SRC OUT --to dsv4 --force`",
+    "package_demo": "`python tools/train_demo.py --package`",
+}
+
 Device = Annotated[str | None, typer.Option("--device", help="cpu or cuda:N (default: the first GPU if any).")]
 GpuMemory = Annotated[str | None, typer.Option("--gpu-memory", help="GPU budget, e.g. 24GB (default: free).")]
 CpuMemory = Annotated[str | None, typer.Option("--cpu-memory", help="Host RAM budget, e.g. 200GB (default: "

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from dsv4cli.cli.options import CpuMemory, Device, GpuMemory, RoutingCounts
-from dsv4cli.errors import UsageError
+from dsv4cli.cli.options import FLAG_NAMES, CpuMemory, Device, GpuMemory, RoutingCounts
+from dsv4cli.errors import UsageError, render
 from dsv4cli.units import human_bytes
 
 
@@ -83,7 +83,7 @@ def _profile(model: str, text_file: Path) -> dict[int, list[int]]:
         raise UsageError(f"cannot read {text_file}: {exc}") from None
     with open_model(model) as opened:  # it runs the model: a directory, `demo` or a downloaded model
         for notice in opened.notices:
-            typer.echo(f"dsv4: {notice}", err=True)
+            typer.echo(f"dsv4: {render(notice, FLAG_NAMES)}", err=True)
         paragraphs = [opened.tokenizer.encode(p) for p in text.split("\n\n") if p.strip()]
         return count_routes(opened.model, paragraphs)
 

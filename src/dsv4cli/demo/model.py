@@ -40,7 +40,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 MANIFEST_NAME = "manifest.json"
 #: room the unpacked V4 tokenizer files take (tokenizer.json is about 8 MB)
 TOKENIZER_BYTES = 12 << 20
-_REINSTALL = "reinstall dsv4, or rebuild the demo with tools/train_demo.py --package"
+_REINSTALL = "reinstall dsv4, or rebuild the demo with {opt:package_demo}"
 
 
 def packaged_tokenizer_dir(target: Path) -> Path:

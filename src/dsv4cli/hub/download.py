@@ -94,7 +94,7 @@ _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _HASH_BLOCK = 8 << 20
-_LOCAL_DIR_HINT = "fix the permissions, free some space, or choose another --local-dir"
+_LOCAL_DIR_HINT = "fix the permissions, free some space, or choose another {opt:local_dir}"
 _T = TypeVar("_T")
 
 
@@ -770,7 +770,7 @@ def check_disk_space(plan: Plan) -> None:
     if needed > free:
         raise DiskSpaceError(f"not enough disk space for {plan.repo_id}: need {human_bytes(needed)}, "
                              f"{human_bytes(free)} free in {plan.local_dir}",
-                             "free some space or choose another --local-dir")
+                             "free some space or choose another {opt:local_dir}")
 
 
 # ======================================================================= download
@@ -779,7 +779,7 @@ def check_disk_space(plan: Plan) -> None:
 def prepare(request: DownloadRequest) -> tuple[str, Path, Manifest | None]:
     """Validate the request: repo id, target directory, and any manifest already there."""
     if request.max_workers < 1:
-        raise UsageError("--max-workers must be at least 1")
+        raise UsageError("{opt:max_workers} must be at least 1")
     repo_id = resolve_repo_id(request.repo)
     local_dir = Path(os.path.abspath(os.path.expanduser(request.local_dir or default_local_dir(repo_id))))
     if local_dir.exists() and not local_dir.is_dir():
@@ -787,7 +787,7 @@ def prepare(request: DownloadRequest) -> tuple[str, Path, Manifest | None]:
     manifest = read_manifest(local_dir)
     if manifest is not None and manifest.repo_id != repo_id:
         raise UsageError(f"{local_dir} holds {manifest.repo_id}, not {repo_id}",
-                         "choose another --local-dir, or remove it with dsv4 rm")
+                         "choose another {opt:local_dir}, or remove it with dsv4 rm")
     return repo_id, local_dir, manifest
 
 
@@ -828,7 +828,7 @@ def make_plan(request: DownloadRequest, *, check_existing: bool = True,
         snapshot = fetch_snapshot(repo_id, request.revision, hub_endpoint(), note)
     files = select_files(snapshot.files, request.include, request.exclude)
     if not files:
-        raise UsageError(f"no file of {repo_id} matches --include/--exclude",
+        raise UsageError(f"no file of {repo_id} matches {{opt:include}}/{{opt:exclude}}",
                          f"{len(snapshot.files)} files in the repository")
     plan = Plan(repo_id, snapshot.revision, snapshot.commit, local_dir, [PlannedFile(f, "get") for f in files],
                 dict(verified), {f.path: f for f in snapshot.files})
@@ -1171,10 +1171,10 @@ def _write_error(err: OSError, local_dir: Path, file: RemoteFile, kept: int) -> 
     if _is_disk_full(err):
         free = human_bytes(_free_or_zero(local_dir))
         return DiskSpaceError(f"disk full while writing {file.path}: {free} free in {local_dir}",
-                              f"free some space or choose another --local-dir, then {resume}")
+                              f"free some space or choose another {{opt:local_dir}}, then {resume}")
     reason = (err.strerror or _first_line(err)).lower()
     return DownloadError(f"cannot write {part_path(local_dir, file.path)}: {reason}",
-                         f"fix the permissions or choose another --local-dir, then {resume}")
+                         f"fix the permissions or choose another {{opt:local_dir}}, then {resume}")
 
 
 def _free_or_zero(local_dir: Path) -> int:

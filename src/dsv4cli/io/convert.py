@@ -177,7 +177,7 @@ def fp4_to_fp8_blocks(packed: torch.Tensor, scale: torch.Tensor, name: str = "we
         if bool((pairs < 0).any()):
             raise CheckpointError(f"{name}: FP4 -> FP8 would lose precision (the 32-column scales inside one "
                                   "128x128 block are too far apart)",
-                                  "keep the FP4 experts (e.g. --to dsv4); fp8-experts needs a lossless source")
+                                  "keep the FP4 experts (e.g. {opt:to} dsv4); fp8-experts needs a lossless source")
         fp8[band] = pairs.to(torch.uint8).view(-1, fp8.shape[1])
     fp8 = fp8.view(torch.float8_e4m3fn)
     return fp8, block_exponent.to(torch.uint8).view(torch.float8_e8m0fnu)

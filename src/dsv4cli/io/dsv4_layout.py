@@ -45,7 +45,7 @@ TENSOR_ALIGN = 64
 EXPERT_PARTS = ("w1.weight", "w3.weight", "w2.weight", "w1.scale", "w3.scale", "w2.scale")
 EXPERT_NAME_RE = re.compile(
     r"^(?P<prefix>(?:layers|mtp)\.\d+\.ffn)\.experts\.(?P<expert>\d+)\.(?P<part>w[123]\.(?:weight|scale))$")
-_RECONVERT = "re-run `dsv4 convert SRC OUT --to dsv4 --force` from the official checkpoint"
+_RECONVERT = "re-run {opt:convert_to_dsv4} from the official checkpoint"
 
 
 def is_dsv4_layout(model_dir: str | Path) -> bool:

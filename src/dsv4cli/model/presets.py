@@ -48,13 +48,13 @@ def shrink(args: ModelArgs, layers: int | None = None, experts: int | None = Non
     """`args` with fewer layers (the layer schedule cut to fit) and/or a different expert count."""
     if layers is not None:
         if layers < 1:
-            raise UsageError("--layers must be at least 1")
+            raise UsageError("{opt:layers} must be at least 1")
         if layers > args.n_layers:
-            raise UsageError(f"--layers {layers} exceeds the model's {args.n_layers} layers")
+            raise UsageError(f"{{opt:layers}} {layers} exceeds the model's {args.n_layers} layers")
         ratios = (*args.compress_ratios[:layers], *args.compress_ratios[args.n_layers:])
         args = args.replace(n_layers=layers, compress_ratios=ratios, n_hash_layers=min(args.n_hash_layers, layers))
     if experts is not None:
         if experts < args.n_activated_experts:
-            raise UsageError(f"--experts must be at least {args.n_activated_experts}")
+            raise UsageError(f"{{opt:experts}} must be at least {args.n_activated_experts}")
         args = args.replace(n_routed_experts=experts)
     return args

@@ -102,7 +102,7 @@ def evaluate_quality(original: str | Path, quantized: str | Path, text: str | No
         ids, folded = text_tokens(text, original, model_p.args.vocab_size)
         ids = ids[:max_tokens]
         if ids.numel() < 2:
-            raise UsageError("the evaluation text is shorter than 2 tokens", "pass a longer --eval-text")
+            raise UsageError("the evaluation text is shorter than 2 tokens", "pass a longer {opt:eval_text}")
         kls, agrees, nlls_p, nlls_q, windows = [], [], [], [], 0
         for start in range(0, ids.numel(), seq_len):
             window = ids[start:start + seq_len]

@@ -46,7 +46,7 @@ def check_plan(model: Transformer, plan: PlacementPlan) -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"the placement plan puts weights on {plan.device} but no CUDA GPU is visible",
-                             "re-plan with `dsv4 plan --device cpu`, or check the driver (nvidia-smi)")
+                             "re-plan with {opt:plan_on_cpu}, or check the driver (nvidia-smi)")
         if (device.index or 0) >= torch.cuda.device_count():
             raise UsageError(f"the placement plan names {plan.device}; this machine has "
                              f"{torch.cuda.device_count()} GPU(s)", "re-plan with `dsv4 plan`")
@@ -86,7 +86,7 @@ def place_model(model: Transformer, plan: PlacementPlan, *, prefetch: bool = Tru
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"{plan.device} ran out of memory while placing the model "
                           f"({plan.n_gpu_experts} resident experts, {plan.staging_slots} staging slots)",
-                          "lower --gpu-memory or --ctx (other processes may be using the GPU)") from None
+                          "lower {opt:gpu_memory} or {opt:ctx} (other processes may be using the GPU)") from None
 
 
 @dataclass
@@ -113,7 +113,8 @@ def place_by_options(model: Transformer, options: PlacementOptions, context: int
         placement.plan = resolve_plan(model.args, options, context)
         if placement.plan.context < context:
             raise UsageError(f"the placement plan budgets the KV cache for {placement.plan.context:,} tokens, "
-                             f"--ctx asks for {context:,}", f"re-plan with `dsv4 plan --ctx {context}`, or lower --ctx")
+                             f"{{opt:ctx}} asks for {context:,}",
+                             f"re-plan with `dsv4 plan {{opt:ctx}} {context}`, or lower {{opt:ctx}}")
         placement.warnings.extend(placement.plan.warnings)
         placement.offload = place_model(model, placement.plan)
     already_warned = placement.plan is not None and placement.plan.host_mode == "mmap"

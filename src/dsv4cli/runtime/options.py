@@ -64,28 +64,30 @@ def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
     (defaults: the first GPU's free memory when there is a GPU, the available RAM)."""
     if options.plan is not None:
         if options.planning_flags_given:
-            raise UsageError("--plan already says where everything goes",
-                             "drop --device/--gpu-memory/--cpu-memory/--counts/--simulate, or drop --plan")
+            raise UsageError("{opt:plan} already says where everything goes",
+                             "drop {opt:device}/{opt:gpu_memory}/{opt:cpu_memory}/{opt:counts}/{opt:simulate}, "
+                             "or drop {opt:plan}")
         return PlacementPlan.load(options.plan)
     if options.device is not None and not is_valid_device(options.device):
-        raise UsageError(f"--device must be cpu or cuda:N, not {options.device!r}")
+        raise UsageError(f"{{opt:device}} must be cpu or cuda:N, not {options.device!r}")
     detected, free_gpu = free_gpu_bytes(None if options.device in (None, "cpu") else options.device)
     if options.simulate:
         if options.device not in (None, "cpu"):
-            raise UsageError("--simulate plans for the CPU standing in for a GPU", "drop --device or use --device cpu")
+            raise UsageError("{opt:simulate} plans for the CPU standing in for a GPU",
+                             "drop {opt:device} or use {opt:device} cpu")
         if options.gpu_memory is None:
-            raise UsageError("--simulate needs --gpu-memory (the size of the pretend GPU)")
+            raise UsageError("{opt:simulate} needs {opt:gpu_memory} (the size of the pretend GPU)")
         device = "cpu"
     else:
         device = options.device or detected
     if device == "cpu" and options.gpu_memory is not None and not options.simulate:
-        raise UsageError("--gpu-memory needs a GPU and none is visible here (or --device cpu was given)",
-                         "add --device cuda:N to plan for a GPU machine, or --simulate to let host memory "
+        raise UsageError("{opt:gpu_memory} needs a GPU and none is visible here (or {opt:device} cpu was given)",
+                         "add {opt:device} cuda:N to plan for a GPU machine, or {opt:simulate} to let host memory "
                          "stand in for a GPU")
     gpu_budget = parse_size(options.gpu_memory) if options.gpu_memory else free_gpu
     if device != "cpu" and gpu_budget == 0:
-        raise UsageError(f"--device {device}, but no CUDA GPU is visible here",
-                         "pass --gpu-memory to plan for another machine, or use --device cpu")
+        raise UsageError(f"{{opt:device}} {device}, but no CUDA GPU is visible here",
+                         "pass {opt:gpu_memory} to plan for another machine, or use {opt:device} cpu")
     cpu_budget = parse_size(options.cpu_memory) if options.cpu_memory else available_ram_bytes()
     if routing_counts is None and options.counts is not None:
         from dsv4cli.runtime.profiling import load_counts

@@ -117,7 +117,7 @@ class InvalidPlan(UsageError):
     """A placement plan file that cannot be read or does not hold a valid plan."""
 
 
-PLAN_HINT = "write one with `dsv4 plan MODEL --save FILE`"
+PLAN_HINT = "write one with {opt:save_plan}"
 #: far above any real plan (DeepSeek-V4 Pro with every expert listed is a few hundred KB)
 MAX_PLAN_BYTES = 64 << 20
 HOST_MODES = ("ram", "mmap")
@@ -138,7 +138,7 @@ def _read_plan_text(path: Path) -> str:
             raw = f.read(MAX_PLAN_BYTES + 1)
     except OSError as exc:
         raise InvalidPlan(f"cannot read placement plan {path}: {exc.strerror or exc}",
-                          "check the path, or write a plan with `dsv4 plan MODEL --save FILE`") from None
+                          "check the path, or write a plan with {opt:save_plan}") from None
     if len(raw) > MAX_PLAN_BYTES:
         raise InvalidPlan(f"invalid placement plan {path}: larger than {MAX_PLAN_BYTES >> 20} MiB", PLAN_HINT)
     try:
@@ -322,7 +322,7 @@ def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: in
             raise OutOfMemory(
                 f"the GPU budget of {gpu_budget_bytes / 2**30:.1f} GiB cannot hold the dense weights and "
                 f"KV cache ({(dense + kv + reserve) / 2**30:.1f} GiB with reserve)",
-                "lower --ctx, raise --gpu-memory, or run on the CPU (--device cpu)")
+                "lower {opt:ctx}, raise {opt:gpu_memory}, or run on the CPU ({opt:device} cpu)")
         plan.staging_slots = min(staging_slots, free // expert, total_experts)
         free -= plan.staging_slots * expert
         n_gpu = min(int(free // expert), total_experts)

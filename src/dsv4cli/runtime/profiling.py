@@ -47,4 +47,4 @@ def load_counts(path: str | Path) -> dict[int, list[int]]:
         return {int(k): [int(c) for c in v] for k, v in data.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"cannot read routing counts from {path}: {exc}",
-                         "write them with `dsv4 plan MODEL --profile TEXT_FILE --save-counts FILE`") from None
+                         "write them with {opt:save_counts}") from None

@@ -28,6 +28,7 @@ from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.service import sigint_cancels
 from dsv4cli.chat.session import ChatSession, TranscriptNotFound, mode_label
 from dsv4cli.chat.tokenizer import replace_lone_surrogates
+from dsv4cli.cli.options import FLAG_NAMES
 from dsv4cli.engine.engine import ContextFull
 from dsv4cli.engine.events import TurnResult
 from dsv4cli.errors import DsvError, UsageError
@@ -97,7 +98,7 @@ def error_line(err: BaseException) -> str:
     if isinstance(err, ContextFull):
         return f"{err.message} (/clear to start over, or restart with a larger --ctx)"
     if isinstance(err, DsvError):
-        return err.one_line()
+        return err.one_line(FLAG_NAMES)
     detail = " ".join(str(err).split())
     if isinstance(err, OSError | ValueError):
         return detail or type(err).__name__
