@@ -8,7 +8,7 @@ work=${1:?usage: benchmarks/quality.sh WORKDIR}
 mkdir -p "$work/out"
 cd "$work"
 dsv4 synth tiny tiny --seed 0 --force >/dev/null
-python -c "from pathlib import Path; import shutil; from dsv4cli.demo import demo_model_dir; \
+python -c "from pathlib import Path; import shutil; from dsv4cli.demo.model import demo_model_dir; \
 shutil.rmtree('demo', ignore_errors=True); shutil.copytree(demo_model_dir(Path('cache')), 'demo')"
 cal="$repo/docs/design.md"
 for m in tiny demo; do
