@@ -140,7 +140,7 @@ def tty(show_thinking: str = "collapse", clock: Clock | None = None, **kwargs) -
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=WIDTH, color_system="truecolor")
     kwargs.setdefault("show_stats", False)
-    renderer = TtyRenderer(console, show_thinking=show_thinking, clock=clock or Clock(0.01), **kwargs)
+    renderer = TtyRenderer(console, thinking=show_thinking, clock=clock or Clock(0.01), **kwargs)
     return renderer, out
 
 
@@ -576,13 +576,13 @@ def test_make_renderer():
     assert isinstance(plain, PlainRenderer) and plain.verbose
     assert isinstance(make_renderer("json", stdout=out, show_stats=True), JsonRenderer)
     console = Console(file=io.StringIO(), width=WIDTH)
-    assert make_renderer("tty", console=console, show_thinking="keep", verbose=True).show_thinking == "keep"
+    assert make_renderer("tty", console=console, thinking="keep", verbose=True).thinking == "keep"
     with pytest.raises(ValueError):
         make_renderer("html")
     with pytest.raises(TypeError):
         make_renderer("tty", colour=True)
     with pytest.raises(ValueError):
-        TtyRenderer(console, show_thinking="fold")
+        TtyRenderer(console, thinking="fold")
 
 
 def test_renderers_follow_the_protocol():

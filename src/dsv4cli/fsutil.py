@@ -17,11 +17,12 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,30 @@ def locked(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, wait: bool = False, busy: Callable[[str], Exception] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on the lock file `path` (created; this pid written in it) for the block.
+
+    `wait`: block until it is free. Otherwise a held lock raises `busy(pid of the holder)` (default: a
+    UsageError). Where the file system has no advisory locks, the block runs unlocked."""
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE), "r+") as fh:  # no truncation before the lock
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (ImportError, OSError) as exc:
+            if isinstance(exc, BlockingIOError):
+                holder = re.match(r"\s*(\d+)", fh.read(64))
+                pid = holder.group(1) if holder else "unknown"
+                raise (busy(pid) if busy else UsageError(f"{path} is locked by process {pid}", "wait for it")) from None
+            yield  # no locks here
+            return
+        fh.truncate(0)
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
 
 
 def free_bytes(path: Path) -> int:

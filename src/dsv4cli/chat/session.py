@@ -36,7 +36,6 @@ from dsv4cli.errors import UsageError
 from dsv4cli.fsutil import atomic_write_bytes, describe_os_error
 
 TRANSCRIPT_VERSION = 1
-MODE_LABELS = {ThinkMode.NON_THINK: "non-think", ThinkMode.THINK_HIGH: "think-high", ThinkMode.THINK_MAX: "think-max"}
 _TRANSCRIPT_ONLY_KEYS = ("interrupted",)
 _MAX_DETAIL = 160  # characters of an offending value quoted in an error
 
@@ -59,7 +58,8 @@ class ChatSettings:
 
 
 def mode_label(mode: ThinkMode) -> str:
-    return MODE_LABELS[mode]
+    """The mode's name, as --mode and /mode take it: its ThinkMode value."""
+    return mode.value
 
 
 class ChatSession:

@@ -15,6 +15,7 @@ import typer
 
 from dsv4cli.cli.options import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import UsageError
+from dsv4cli.runtime.resolve import WITH_WEIGHTS
 
 BENCH_HELP = "\n\n".join([
     "Measure prompt processing (pp) and token generation (tg) speed, llama-bench style.",
@@ -46,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="bench", help=BENCH_HELP)
     def bench(
-        model: str | None = typer.Argument(None, help="Checkpoint directory or downloaded model; omit for the demo."),
+        model: str | None = typer.Argument(None, help=f"MODEL: {WITH_WEIGHTS}; omit for the demo."),
         n_prompt: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens per pp test (comma list)."),
         n_gen: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens per tg test (comma list)."),
         n_depth: str = typer.Option("0", "-d", "--n-depth", help="Context depths to test at, e.g. 0,4096."),

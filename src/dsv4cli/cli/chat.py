@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.cli.options import FLAG_NAMES, CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import DsvError, UsageError, render
 from dsv4cli.runtime.resolve import WITH_WEIGHTS
@@ -17,7 +18,7 @@ def register(app: typer.Typer) -> None:
     app.command(name="chat")(chat)
 
 
-MODES = ["non-think", "think-high", "think-max"]
+MODES = [mode.value for mode in ThinkMode]
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
                   "seed": "--seed"}
 NOT_UTF8_HINT = "pass UTF-8 text; convert other encodings first, e.g. with iconv -f latin1 -t utf-8"
@@ -108,7 +109,7 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
     if text is None:
         from dsv4cli.ui.repl import run_repl
 
-        renderer = make_renderer("tty", show_thinking=thinking_view, markdown=not no_markdown)
+        renderer = make_renderer("tty", thinking=thinking_view, markdown=not no_markdown)
         for notice in notices:
             renderer.warning(notice)
         if placed:
@@ -129,7 +130,6 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
 
 def _chat_mode(mode: str, nothink: bool, think_max: bool):
     """The ThinkMode that --mode, --nothink and --think-max choose."""
-    from dsv4cli.chat.encoding import ThinkMode
 
     if nothink and think_max:
         raise UsageError("--nothink and --think-max contradict each other")

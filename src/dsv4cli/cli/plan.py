@@ -8,6 +8,7 @@ import typer
 
 from dsv4cli.cli.options import FLAG_NAMES, CpuMemory, Device, GpuMemory, RoutingCounts
 from dsv4cli.errors import UsageError, render
+from dsv4cli.runtime.resolve import CONFIG_ONLY
 from dsv4cli.units import human_bytes
 
 
@@ -17,7 +18,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="plan")
     def plan(
-        model: str = typer.Argument(..., help="Model directory, config.json, or preset (flash, pro, ...)."),
+        model: str = typer.Argument(..., help=f"MODEL: {CONFIG_ONLY} (--profile runs the "
+                                                       "model: not a preset)."),
         device: Device = None,
         gpu_memory: GpuMemory = None,
         cpu_memory: CpuMemory = None,

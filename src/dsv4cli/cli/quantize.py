@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from dsv4cli.errors import UsageError
+from dsv4cli.runtime.resolve import WITH_WEIGHTS
 from dsv4cli.units import human_bytes, parse_size
 
 RECIPE_HELP = ("q4 (official FP4 experts, no-op on an official checkpoint), q4-dense4 (+ FP8 dense -> FP4), "
@@ -66,8 +67,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="quantize")
     def quantize(
-        source: str = typer.Argument(..., metavar="SRC", help="Source checkpoint: a directory, a downloaded "
-                                                                "model's name, or `demo` (the built-in model)."),
+        source: str = typer.Argument(..., metavar="SRC", help=f"Source: {WITH_WEIGHTS}."),
         out: Path = typer.Argument(..., help="Output directory (created atomically); with --eval-only, an "
                                              "existing quantized checkpoint to evaluate."),
         recipe: str = typer.Option("q3", "--recipe", help=RECIPE_HELP),

@@ -58,7 +58,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from dsv4cli import __version__
 from dsv4cli.errors import DsvError, ModelNotFound, UsageError
-from dsv4cli.fsutil import atomic_write_text
+from dsv4cli.fsutil import atomic_write_text, file_lock
 from dsv4cli.paths import data_dir
 from dsv4cli.units import human_bytes
 
@@ -896,27 +896,8 @@ def _download_lock(local_dir: Path, busy: Callable[[str], DsvError] | None = Non
     """
     path = state_dir(local_dir) / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory lock; verification still catches a mangled file
+    with file_lock(path, busy=busy or functools.partial(_writing_elsewhere, local_dir)):
         yield
-        return
-    busy = busy or functools.partial(_writing_elsewhere, local_dir)
-    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as fh:  # no truncation before the lock
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy(_lock_holder(fh)) from None
-        fh.truncate(0)
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        yield
-
-
-def _lock_holder(fh: Any) -> str:
-    """The pid the lock holder wrote ("unknown" if it has not written it yet)."""
-    match = re.match(r"\s*(\d+)", fh.read(64))
-    return match.group(1) if match else "unknown"
 
 
 def _writing_elsewhere(local_dir: Path, pid: str) -> DsvError:

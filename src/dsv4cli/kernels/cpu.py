@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import json
@@ -31,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ import torch
 
 from dsv4cli import paths
 from dsv4cli.errors import DsvError
-from dsv4cli.fsutil import atomic_write_bytes, fsync_directory
+from dsv4cli.fsutil import atomic_write_bytes, file_lock, fsync_directory
 from dsv4cli.kernels import ref
 from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operands_ok
 
@@ -191,7 +190,7 @@ def _cached_build(spec: BuildSpec, out_dir: Path) -> Path:
     if verified(library, spec):
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out_dir / f".fp4_cpu-{spec.key}.lock"):
+    with file_lock(out_dir / f".fp4_cpu-{spec.key}.lock", wait=True):
         if verified(library, spec):  # another process built it while this one waited
             return library
         _remove_stale_temporaries(out_dir)
@@ -217,19 +216,6 @@ def _sha256(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (created) for the block; where the file system has no locks, none:
-    the unique temporary names and atomic renames keep concurrent builds safe without one."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _compile_into(spec: BuildSpec, library: Path) -> None:

@@ -502,20 +502,20 @@ class TtyRenderer:
         console: Console | None = None,
         *,
         file: TextIO | None = None,
-        show_thinking: ThinkingDisplay = "collapse",
+        thinking: ThinkingDisplay = "collapse",
         markdown: bool = True,
         show_stats: bool = True,
         max_fps: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
         code_theme: str = "monokai",
     ) -> None:
-        if show_thinking not in ("collapse", "keep", "hide"):
-            raise ValueError(f"show_thinking must be collapse, keep or hide, not {show_thinking!r}")
+        if thinking not in ("collapse", "keep", "hide"):
+            raise ValueError(f"thinking must be collapse, keep or hide, not {thinking!r}")
         if max_fps <= 0:
             raise ValueError(f"max_fps must be positive, not {max_fps!r}")
         self._redirect = console is None and file is None  # a console on the real stdout: catch stray prints
         self.console = console or Console(file=file, highlight=False)
-        self.show_thinking = show_thinking
+        self.thinking = thinking
         self.markdown = markdown
         self.show_stats = show_stats
         self._frame_seconds = 1.0 / max_fps
@@ -536,10 +536,10 @@ class TtyRenderer:
         self._start_live()
         if self._phase != "reasoning":
             self._start_reasoning()
-        if self.show_thinking == "hide":
+        if self.thinking == "hide":
             return
         lines = self._trace.feed(text)
-        if self.show_thinking == "keep":
+        if self.thinking == "keep":
             self._show(lines)
         else:
             self._trace_recent.extend(lines)
@@ -611,7 +611,7 @@ class TtyRenderer:
     def _start_reasoning(self) -> None:
         self._phase = "reasoning"
         self._think_started = self._clock()
-        if self.show_thinking == "keep":
+        if self.thinking == "keep":
             self._show([self._header()], force=True)
         else:
             self._show(force=True)
@@ -621,11 +621,11 @@ class TtyRenderer:
         tokens = result.stats.reasoning_tokens if result is not None else 0
         if result is not None and self._replayed_reasoning:
             seconds = result.stats.reasoning_seconds or None
-        trace = self._trace.finish() if self.show_thinking == "keep" else []
+        trace = self._trace.finish() if self.thinking == "keep" else []
         self._trace_recent.clear()
         self._phase = "content"
         summary: Line = [Segment(thought_summary(seconds, tokens), Style(dim=True, italic=True))]
-        spacer = [[]] if self.show_thinking == "keep" else []  # set a kept trace apart from the answer
+        spacer = [[]] if self.thinking == "keep" else []  # set a kept trace apart from the answer
         self._show([*trace, summary, *spacer], force=True)
 
     @staticmethod
@@ -639,9 +639,9 @@ class TtyRenderer:
             return self._answer.render_tail()
         if self._phase != "reasoning":
             return [], []
-        if self.show_thinking == "keep":
+        if self.thinking == "keep":
             return self._trace.render_tail()
-        if self.show_thinking == "hide":
+        if self.thinking == "hide":
             return [], [self._header()]
         body = [*self._trace_recent, *self._trace.render_tail()[1]]
         return [], [self._header(), *body[-(TAIL_LINES - 1) :]]
