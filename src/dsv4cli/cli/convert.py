@@ -55,13 +55,16 @@ def register(app: typer.Typer) -> None:
         max_shard_size: str = typer.Option("4GiB", "--max-shard-size", help="Largest output shard, e.g. 4GB."),
     ) -> None:
         """Convert a checkpoint: streaming, restartable (re-run after an interruption), atomic."""
-        from dsv4cli.io.convert import TARGETS, convert_checkpoint
+        from dsv4cli.fsutil import check_output_dir
         from dsv4cli.runtime.resolve import resolve_model
+
+        max_bytes = parse_size(max_shard_size)
+        source = resolve_model(src).path
+        check_output_dir(out.absolute(), [source.absolute()], force)  # bad paths fail before torch loads
+        from dsv4cli.io.convert import TARGETS, convert_checkpoint
 
         if to not in TARGETS:
             raise UsageError(f"unknown --to {to!r}", f"choose one of: {', '.join(TARGETS)}")
-        max_bytes = parse_size(max_shard_size)
-        source = resolve_model(src).path
         with progress_bar(sys.stderr.isatty()) as update:
             path = convert_checkpoint(source, out, to, max_shard_bytes=max_bytes, force=force, progress=update)
         typer.echo(str(path))

@@ -88,12 +88,7 @@ def register(app: typer.Typer) -> None:
         max_shard_size: str = typer.Option("4GiB", "--max-shard-size", help="Largest output shard, e.g. 4GB."),
     ) -> None:
         """Quantize a checkpoint (experts to int3/int2, dense linears to FP4) and optionally measure its quality."""
-        from dsv4cli import kernels
-        from dsv4cli.cli.convert import progress_bar
-        from dsv4cli.quant.imatrix import Imatrix
-        from dsv4cli.quant.quality import evaluate_quality
-        from dsv4cli.quant.quantize import quantize_checkpoint
-        from dsv4cli.quant.recipes import load_recipe
+        from dsv4cli.fsutil import check_output_dir
         from dsv4cli.runtime.resolve import resolve_model
 
         if calibration_text is not None and imatrix is not None:
@@ -102,6 +97,14 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--boost-layers must be between 0 and 1, got {boost_layers}")
         text = _read_text(eval_text, "--eval-text")
         src = resolve_model(source).path
+        if not eval_only:
+            check_output_dir(out.absolute(), [src.absolute()], force)  # bad paths fail before torch loads
+        from dsv4cli import kernels
+        from dsv4cli.cli.convert import progress_bar
+        from dsv4cli.quant.imatrix import Imatrix
+        from dsv4cli.quant.quality import evaluate_quality
+        from dsv4cli.quant.quantize import quantize_checkpoint
+        from dsv4cli.quant.recipes import load_recipe
         report: dict[str, Any] = {}
         for notice in kernels.select():
             _say(notice)
