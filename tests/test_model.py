@@ -233,9 +233,9 @@ def test_qat_simulations_are_applied_to_the_cached_rows():
     rd = args.rope_head_dim
     window = cache.layers[0].window
     assert torch.equal(ref.kv_fp8_quant(window, rd), window)  # FP8-representable non-RoPE dims
-    entries = cache.layers[1].compressor.pool[:, : SEQ // 4]
+    entries = cache.layers[1].compressor.entries(SEQ // 4)
     assert torch.equal(ref.kv_fp8_quant(entries, rd), entries)
-    keys = cache.layers[1].indexer.pool[:, : SEQ // 4]
+    keys = cache.layers[1].indexer.entries(SEQ // 4)
     assert torch.equal(fake_quant_fp4(keys), keys)  # FP4-representable after the Hadamard rotation
     plain_cache = tiny_model("tiny", Numerics.plain(torch.bfloat16)).new_cache(1, SEQ)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dsv4cli.kernels import ref
 
 OPS = ("linear", "grouped_linear", "swiglu_expert", "moe_experts", "hc_split_sinkhorn", "sparse_attn",
-       "kv_fp8_quant", "indexer_fp4_quant")
+       "kv_fp8_quant", "indexer_fp4_quant", "indexer_topk", "cached_attn")
 MODES = ("auto", "ref", "cpu", "triton")
 
 _active: dict[str, Callable] = {}
@@ -129,6 +129,14 @@ def hc_split_sinkhorn(*args, **kwargs):
 
 def sparse_attn(*args, **kwargs):
     return _active["sparse_attn"](*args, **kwargs)
+
+
+def indexer_topk(*args, **kwargs):
+    return _active["indexer_topk"](*args, **kwargs)
+
+
+def cached_attn(*args, **kwargs):
+    return _active["cached_attn"](*args, **kwargs)
 
 
 def kv_fp8_quant(*args, **kwargs):

@@ -39,6 +39,7 @@ import torch
 
 from dsv4cli import paths
 from dsv4cli.errors import DsvError
+from dsv4cli.formats.kvcache import compact_index_supported, compact_kv_supported, index_row_bytes, kv_row_bytes
 from dsv4cli.fsutil import atomic_write_bytes, file_lock, fsync_directory
 from dsv4cli.kernels import ref
 from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operands_ok
@@ -46,7 +47,7 @@ from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operand
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "fp4_cpu.cpp"
 #: translation units compiled into the one library (they share csrc/common.h)
-SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp")
+SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp", CSRC / "attn_cpu.cpp")
 HEADERS = (CSRC / "common.h", CSRC / "lowbit.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNELS = "DSV4_KERNELS"
@@ -302,9 +303,19 @@ class NativeKernels:
         lib.dsv4_fp8_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _int, _i64, _ptr, _int, _int]
         lib.dsv4_bf16_linear.restype = _int
         lib.dsv4_bf16_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int]
+        lib.dsv4_attn_isa.restype = ctypes.c_char_p
+        lib.dsv4_attn_isa.argtypes = []
+        lib.dsv4_indexer_topk.restype = _int
+        lib.dsv4_indexer_topk.argtypes = [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
+                                          _i64, _ptr, _ptr, _int]
+        lib.dsv4_cached_attn.restype = _int
+        lib.dsv4_cached_attn.argtypes = [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _i64,
+                                         _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
+                                         _f32, _ptr, _int]
         self.isa: str = lib.dsv4_fp4_isa().decode()
         #: code path of the FP8 kernels (the bf16 one also needs AVX-512 VBMI)
         self.fp8_isa: str = lib.dsv4_fp8_isa().decode()
+        self.attn_isa: str = lib.dsv4_attn_isa().decode()
 
     def fake_quant_fp8(self, x: torch.Tensor, block: int = 128) -> torch.Tensor:
         """`formats.fake_quant_fp8` on float32 rows, natively (bit-exact; for tests)."""
@@ -375,6 +386,52 @@ class NativeKernels:
         return out
 
     quant_moe = fp4_moe  # the same call: FP4, int3 and int2 experts alike
+
+    def indexer_topk(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
+                     top: int, threads: int) -> torch.Tensor:
+        """float32 q [B,S,H,D] and weights [B,S,H] (contiguous), keys [B,N,row] (float32, bf16 or compact
+        FP4 bytes; rows contiguous), visible [S] int64 -> [B,S,top] int64 (inputs already validated)."""
+        b, s, h, d = q.shape
+        n = keys.shape[1]
+        out = torch.empty(b, s, top, dtype=torch.int64)
+        scores = torch.empty(b * s * max(n, 1), dtype=torch.float32)
+        size = keys.element_size()
+        rc = self.lib.dsv4_indexer_topk(q.data_ptr(), weights.data_ptr(), keys.data_ptr(), _element_kind(keys, 2),
+                                        keys.stride(0) * size, keys.stride(1) * size, b, s, h, d, n,
+                                        visible.data_ptr(), top, out.data_ptr(), scores.data_ptr(), threads)
+        _check(rc, "indexer top-k")
+        return out
+
+    def cached_attn(self, q: torch.Tensor, local_kv: torch.Tensor, local_idx: torch.Tensor, pool: torch.Tensor | None,
+                    pool_idx: torch.Tensor | None, attn_sink: torch.Tensor, softmax_scale: float, rope_dim: int,
+                    threads: int) -> torch.Tensor:
+        """`ref.cached_attn` natively; q contiguous, every row and index list contiguous in its last dim."""
+        b, s, h, d = q.shape
+        out = torch.empty_like(q)
+        lsize = local_kv.element_size()
+        k = 0 if pool is None or pool_idx is None else pool_idx.shape[-1]
+        pool_args = ((pool.data_ptr(), _element_kind(pool), pool.stride(0) * pool.element_size(),
+                      pool.stride(1) * pool.element_size(), pool_idx.data_ptr(), _batch_stride(pool_idx),
+                      pool_idx.stride(1), k) if k else (None, 0, 0, 0, None, 0, 0, 0))
+        rc = self.lib.dsv4_cached_attn(q.data_ptr(), _element_kind(q), b, s, h, d, local_kv.data_ptr(),
+                                       _element_kind(local_kv), local_kv.stride(0) * lsize, local_kv.stride(1) * lsize,
+                                       local_idx.data_ptr(), _batch_stride(local_idx), local_idx.stride(1),
+                                       local_idx.shape[-1], *pool_args, rope_dim, attn_sink.data_ptr(),
+                                       float(softmax_scale), out.data_ptr(), threads)
+        _check(rc, "cached attention")
+        return out
+
+
+#: element kinds of csrc/attn_cpu.cpp by dtype (uint8 = compact rows, told apart by the op)
+_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _element_kind(t: torch.Tensor, compact_kind: int = 3) -> int:
+    return _KINDS.get(t.dtype, compact_kind)
+
+
+def _batch_stride(t: torch.Tensor) -> int:
+    return 0 if t.shape[0] == 1 else t.stride(0)
 
 
 def _check(rc: int, what: str) -> None:
@@ -562,10 +619,67 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, e
                       for i in range(0, n, MOE_TOKEN_CHUNK)])
 
 
+#: queries per native indexer call: bounds its score scratch (queries x entries floats) to ~64 MB
+INDEXER_SCORE_BYTES = 1 << 26
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dim() == 3 and t.stride(-1) == 1 and not t.requires_grad
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, topk: int,
+                 block_entries: int = 8192, max_chunk_bytes: int = 1 << 26) -> torch.Tensor:
+    """`ref.indexer_topk` natively: scores computed tile by tile from the stored keys (float, bf16 or
+    compact FP4, decoded in registers) and the top-k kept in a bounded heap per query, with the same
+    tie rule (earlier entry wins). Queries go in chunks whose score rows fit `INDEXER_SCORE_BYTES`."""
+    b, s, h, d = q.shape
+    n = keys.shape[1]
+    top = min(topk, n)
+    compact = keys.dtype == torch.uint8
+    row = index_row_bytes(d) if compact else d
+    if (not _native_input(q) or not _rows_ok(keys) or top == 0 or (keys.dtype not in _FLOAT_DTYPES and not compact)
+            or keys.shape[-1] != row or (compact and not compact_index_supported(d))
+            or weights.shape != (b, s, h) or visible.shape != (s,)):
+        return ref.indexer_topk(q, weights, keys, visible, topk, block_entries, max_chunk_bytes)
+    lib = load()
+    qf = q.to(torch.float32).contiguous()
+    wf = weights.to(torch.float32).contiguous()
+    seen = visible.to(torch.int64).contiguous()
+    step = max(1, INDEXER_SCORE_BYTES // max(1, 4 * b * n))
+    parts = [lib.indexer_topk(qf[:, s0:s0 + step].contiguous(), wf[:, s0:s0 + step].contiguous(), keys,
+                              seen[s0:s0 + step].contiguous(), top, threads()) for s0 in range(0, s, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def cached_attn(q: torch.Tensor, local_kv: torch.Tensor, local_idx: torch.Tensor, pool: torch.Tensor | None,
+                pool_idx: torch.Tensor | None, attn_sink: torch.Tensor, softmax_scale: float, rope_dim: int,
+                max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """`ref.cached_attn` natively: per (query, group of heads) an online softmax over tiles of the listed
+    rows, each decoded from where it lies (window rows, dense or compact pool rows) into float32 scratch."""
+    b, s, h, d = q.shape
+    has_pool = pool is not None and pool_idx is not None and pool_idx.shape[-1] > 0
+    ok = (_native_input(q) and q.dim() == 4 and attn_sink.numel() == h and _rows_ok(local_kv)
+          and local_kv.dtype == q.dtype and local_kv.shape[-1] == d
+          and local_idx.dim() == 3 and local_idx.shape[1:2] == (s,) and local_idx.shape[0] in (1, b)
+          and local_idx.dtype == torch.int64 and local_idx.stride(-1) == 1)
+    if ok and has_pool:
+        compact = pool.dtype == torch.uint8
+        ok = (_rows_ok(pool) and (pool.dtype == q.dtype or compact) and pool_idx.dtype == torch.int64
+              and pool_idx.dim() == 3 and pool_idx.shape[:2] in ((b, s), (1, s)) and pool_idx.stride(-1) == 1
+              and (pool.shape[-1] == (kv_row_bytes(d, rope_dim) if compact else d))
+              and (not compact or compact_kv_supported(d, rope_dim)))
+    if not ok:
+        return ref.cached_attn(q, local_kv, local_idx, pool, pool_idx, attn_sink, softmax_scale, rope_dim,
+                               max_chunk_bytes)
+    return load().cached_attn(q.contiguous(), local_kv, local_idx, pool if has_pool else None,
+                              pool_idx if has_pool else None, attn_sink.float().contiguous(), softmax_scale,
+                              rope_dim, threads())
+
+
 def implementations() -> dict[str, Callable]:
     """The ops the native kernels provide (op name -> function), for `kernels.install`; none when they
     are not available."""
     if not available():
         return {}
     return {"linear": linear, "grouped_linear": grouped_linear, "swiglu_expert": swiglu_expert,
-            "moe_experts": moe_experts}
+            "moe_experts": moe_experts, "indexer_topk": indexer_topk, "cached_attn": cached_attn}

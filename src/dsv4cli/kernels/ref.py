@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv4cli.formats.kvcache import decode_index_rows, decode_kv_rows
 from dsv4cli.formats.lowbit import dequantize_lowbit
 from dsv4cli.formats.official import (
     dequantize_fp4_rows,
@@ -177,3 +178,91 @@ def indexer_fp4_quant(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Hadamard rotation of the last dim, then FP4 fake-quant (block 32) (spec §2.5)."""
     h = hadamard_matrix(x.shape[-1], device=x.device)
     return fake_quant_fp4((x.float() @ h).to(x.dtype), 32)
+
+
+def kv_rows(pool: torch.Tensor, rows: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Rows `rows` (any index shape, >= 0) of one sequence's main-KV pool [P, D or compact bytes], float32."""
+    picked = pool[rows]
+    if pool.dtype == torch.uint8:
+        return decode_kv_rows(picked, head_dim, rope_dim, torch.float32)
+    return picked.float()
+
+
+def index_keys(keys: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Indexer keys [..., D or compact bytes] as float32 [..., D]."""
+    if keys.dtype == torch.uint8:
+        return decode_index_rows(keys, head_dim, torch.float32)
+    return keys.float()
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, topk: int,
+                 block_entries: int = 8192, max_chunk_bytes: int = 1 << 26) -> torch.Tensor:
+    """The lightning indexer's choice (spec §2.5): for each query the `topk` entries with the largest
+    sum_h w_h * relu(q_h . k), among the entries it sees.
+
+    q [B,S,H,D], weights [B,S,H] float32, keys [B,N,D] (or compact FP4 rows, `formats.kvcache`),
+    visible [S]: query s sees entries w < visible[s]. Returns [B,S,min(topk,N)] entry ids in order of
+    falling score, -1 where fewer are visible. Ties go to the earlier entry, so the choice does not
+    depend on how a sequence was chunked. Scores are computed in blocks of `block_entries` entries (and
+    of queries, under `max_chunk_bytes`) and merged into a running top-k: no [S, N] score matrix.
+    """
+    b, s, h, d = q.shape
+    n = keys.shape[1]
+    top = min(topk, n)
+    out = torch.full((b, s, top), -1, dtype=torch.long, device=q.device)
+    if top == 0 or s == 0:
+        return out
+    block = max(1, min(n, block_entries))
+    step = max(1, max_chunk_bytes // max(1, 4 * b * h * block))
+    for s0 in range(0, s, step):
+        s1 = min(s, s0 + step)
+        qs, ws, seen = q[:, s0:s1].float(), weights[:, s0:s1, :, None].float(), visible[s0:s1, None]
+        best_scores = best_ids = None
+        for n0 in range(0, n, block):
+            n1 = min(n, n0 + block)
+            k = index_keys(keys[:, n0:n1], d)
+            scores = (torch.relu(torch.einsum("bshd,btd->bsht", qs, k)) * ws).sum(2)
+            ids = torch.arange(n0, n1, device=q.device).expand(b, s1 - s0, -1)
+            scores = scores.masked_fill(ids >= seen, float("-inf"))
+            if best_scores is not None:
+                # The running best come first, in score order with ties by id, and all have smaller ids
+                # than this block: a stable sort of the two keeps the global tie rule.
+                scores, ids = torch.cat([best_scores, scores], -1), torch.cat([best_ids, ids], -1)
+            order = scores.sort(dim=-1, descending=True, stable=True).indices[..., :top]
+            best_scores, best_ids = scores.gather(-1, order), ids.gather(-1, order)
+        out[:, s0:s1] = torch.where(best_ids < seen, best_ids, -1)
+    return out
+
+
+def cached_attn(q: torch.Tensor, local_kv: torch.Tensor, local_idx: torch.Tensor, pool: torch.Tensor | None,
+                pool_idx: torch.Tensor | None, attn_sink: torch.Tensor, softmax_scale: float, rope_dim: int,
+                max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """`sparse_attn` over two KV sources read in place (spec §2.3 step 5, §2.7): the window rows
+    `local_kv` [B,L,D] (activation dtype) with `local_idx` [B or 1,S,W], and a compressed pool [B,P,D]
+    (or compact rows, `formats.kvcache`) with `pool_idx` [B,S,K] (None: no pool). -1 = skip.
+
+    Only the listed pool rows are read (and decoded); the pool is never copied whole.
+    """
+    b, s, h, d = q.shape
+    local_idx = local_idx.expand(b, s, -1)
+    if pool is None or pool_idx is None or pool_idx.shape[-1] == 0:
+        return sparse_attn(q, local_kv, attn_sink, local_idx, softmax_scale, max_chunk_bytes)
+    k_local, k_pool = local_idx.shape[-1], pool_idx.shape[-1]
+    per_query = (k_local + k_pool) * d * 4 + h * (k_local + k_pool) * 8
+    step = max(1, max_chunk_bytes // max(1, b * per_query))
+    sink = attn_sink.float().view(1, 1, h)
+    out = []
+    for start in range(0, s, step):
+        li, pi = local_idx[:, start:start + step], pool_idx[:, start:start + step]
+        rows = torch.cat([
+            torch.stack([local_kv[i][li[i].clamp(min=0)].float() for i in range(b)]),
+            torch.stack([kv_rows(pool[i], pi[i].clamp(min=0), d, rope_dim) for i in range(b)]),
+        ], dim=2)
+        valid = torch.cat([li >= 0, pi >= 0], dim=-1)
+        logits = torch.einsum("bshd,bskd->bshk", q[:, start:start + step].float(), rows) * softmax_scale
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        peak = torch.maximum(logits.amax(-1), sink)
+        probs = torch.exp(logits - peak[..., None])
+        denom = probs.sum(-1) + torch.exp(sink - peak)
+        out.append((torch.einsum("bshk,bskd->bshd", probs, rows) / denom[..., None]).to(q.dtype))
+    return torch.cat(out, dim=1)

@@ -85,7 +85,7 @@ class Compressor(nn.Module):
             entries = kernels.indexer_fp4_quant(entries)
         elif not self.rotate and self.numerics.kv_fp8_quant:
             entries = kernels.kv_fp8_quant(entries, self.args.rope_head_dim)
-        state.pool[:, first:first + n_windows] = entries.to(state.pool.dtype)
+        state.write(first, entries)
         return first + n_windows
 
 
@@ -113,21 +113,7 @@ class Indexer(nn.Module):
         n_entries = self.compressor(x, start_pos, state, rotary)
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         visible_count = (positions + 1) // CSA  # query t sees entries w < (t+1)//4
-        keys = state.pool[:, :n_entries].float()
-        top = min(self.args.index_topk, n_entries)
-        out = torch.full((batch, seq, top), -1, dtype=torch.long, device=x.device)
-        step = max(1, (1 << 26) // max(1, batch * self.n_heads * n_entries))
-        for s0 in range(0, seq, step):
-            s1 = min(seq, s0 + step)
-            scores = torch.relu(torch.einsum("bshd,btd->bsht", q[:, s0:s1].float(), keys))
-            scores = (scores * weights[:, s0:s1, :, None]).sum(2)
-            hidden = torch.arange(n_entries, device=x.device)[None, :] >= visible_count[s0:s1, None]
-            scores = scores.masked_fill(hidden, float("-inf"))
-            # A stable sort breaks ties (e.g. all heads relu'd to 0) toward earlier entries, so
-            # the choice does not depend on how the sequence was chunked.
-            picked = scores.sort(dim=-1, descending=True, stable=True).indices[..., :top]
-            out[:, s0:s1] = torch.where(picked < visible_count[s0:s1, None], picked, -1)
-        return out
+        return kernels.indexer_topk(q, weights, state.pool[:, :n_entries], visible_count, self.args.index_topk)
 
 
 class Attention(nn.Module):
@@ -172,7 +158,7 @@ class Attention(nn.Module):
             kv = kernels.kv_fp8_quant(kv, args.rope_head_dim)
 
         local_kv, window_idx = self._window(kv, start_pos, cache)
-        kv_rows, index = local_kv, window_idx.expand(batch, -1, -1)
+        pool = picked = None
         if self.ratio != SWA:
             n_entries = self.compressor(x, start_pos, cache.compressor, self.rotary)
             if self.ratio == CSA:
@@ -181,11 +167,10 @@ class Attention(nn.Module):
                 entries = torch.arange(n_entries, device=x.device).expand(seq, -1)
                 picked = torch.where(entries < ((positions + 1) // self.ratio)[:, None], entries, -1)
                 picked = picked.expand(batch, -1, -1)
-            picked = torch.where(picked >= 0, picked + local_kv.shape[1], -1)
-            kv_rows = torch.cat([local_kv, cache.compressor.pool[:, :n_entries].to(kv.dtype)], dim=1)
-            index = torch.cat([index, picked], dim=-1)
+            pool = cache.compressor.pool[:, :n_entries]
 
-        o = kernels.sparse_attn(q, kv_rows, self.attn_sink, index, softmax_scale(args.head_dim))
+        o = kernels.cached_attn(q, local_kv, window_idx, pool, picked, self.attn_sink, softmax_scale(args.head_dim),
+                                args.rope_head_dim)
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
         return self._project_out(o)
 

@@ -5,6 +5,11 @@ for compressed layers the pool of emitted compressed entries (entry w = tokens
 [w*m, (w+1)*m)) plus the compressor's running state (the open window's projected
 tokens and, for the overlapping CSA compressor, the previous window's first half);
 for CSA layers also the indexer's key pool and its compressor state.
+
+The pools are what grows with the context. Where the numerics already round their entries to the
+official low-precision grids (FP8 KV, FP4 indexer keys), they are stored in the serving engines'
+compact rows (`formats.kvcache`: 584 B per main entry, 68 B per indexer key), which decode to the
+same values; otherwise in the activation dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +18,48 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv4cli.formats.kvcache import (
+    compact_index_supported,
+    compact_kv_supported,
+    decode_index_rows,
+    decode_kv_rows,
+    encode_index_rows,
+    encode_kv_rows,
+    index_row_bytes,
+    kv_row_bytes,
+)
 from dsv4cli.model.args import CSA, SWA, ModelArgs
+
+#: pool layouts: entries in the activation dtype, compact FP8 main-KV rows, compact FP4 indexer keys
+DENSE, FP8_KV, FP4_INDEX = "dense", "fp8-kv", "fp4-index"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How the pools store their entries: `main` for the attention's KV pool, `index` for the
+    indexer's keys (DENSE, FP8_KV, FP4_INDEX)."""
+
+    main: str = DENSE
+    index: str = DENSE
+
+    @classmethod
+    def for_numerics(cls, args: ModelArgs, act_dtype: torch.dtype, kv_fp8_quant: bool,
+                     indexer_fp4_quant: bool) -> CacheLayout:
+        """Compact wherever it is lossless: FP8 KV rows need the FP8 KV rounding and bf16 activations
+        (their RoPE dims are stored in bf16); FP4 keys need the indexer's FP4 rounding."""
+        main = FP8_KV if (kv_fp8_quant and act_dtype == torch.bfloat16
+                          and compact_kv_supported(args.head_dim, args.rope_head_dim)) else DENSE
+        index = FP4_INDEX if indexer_fp4_quant and compact_index_supported(args.index_head_dim) else DENSE
+        return cls(main, index)
+
+    @staticmethod
+    def entry_bytes(layout: str, head_dim: int, rope_dim: int, dtype_bytes: int) -> int:
+        """Bytes of one pool entry stored in `layout`."""
+        if layout == FP8_KV:
+            return kv_row_bytes(head_dim, rope_dim)
+        if layout == FP4_INDEX:
+            return index_row_bytes(head_dim)
+        return head_dim * dtype_bytes
 
 
 @dataclass
@@ -23,24 +69,54 @@ class CompressorState:
     ratio: int
     pending_kv: torch.Tensor  # [B, m, c*d] float32: projected tokens of the open window
     pending_score: torch.Tensor  # [B, m, c*d] float32: their gate logits (+ ape)
-    pool: torch.Tensor  # [B, max_len // m, d]: emitted entries, in activation dtype
+    pool: torch.Tensor  # [B, max_len // m, d] in activation dtype, or [B, max_len // m, bytes] compact rows
     prev_kv: torch.Tensor | None = None  # CSA: [B, m, d] Ca half of the last closed window
     prev_score: torch.Tensor | None = None
+    layout: str = DENSE
+    head_dim: int = 0
+    rope_dim: int = 0
+    dtype: torch.dtype = torch.bfloat16  # the activation dtype entries are written and read in
 
     @classmethod
     def allocate(cls, ratio: int, head_dim: int, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> CompressorState:
+                 device: torch.device, layout: str = DENSE, rope_dim: int = 0) -> CompressorState:
         overlap = ratio == CSA
         width = (2 if overlap else 1) * head_dim
         f32 = dict(dtype=torch.float32, device=device)
+        if layout == DENSE:
+            pool = torch.zeros(batch, max_len // ratio, head_dim, dtype=dtype, device=device)
+        else:
+            row = kv_row_bytes(head_dim, rope_dim) if layout == FP8_KV else index_row_bytes(head_dim)
+            pool = torch.zeros(batch, max_len // ratio, row, dtype=torch.uint8, device=device)
         return cls(
             ratio=ratio,
             pending_kv=torch.zeros(batch, ratio, width, **f32),
             pending_score=torch.full((batch, ratio, width), float("-inf"), **f32),
-            pool=torch.zeros(batch, max_len // ratio, head_dim, dtype=dtype, device=device),
+            pool=pool,
             prev_kv=torch.zeros(batch, ratio, head_dim, **f32) if overlap else None,
             prev_score=torch.full((batch, ratio, head_dim), float("-inf"), **f32) if overlap else None,
+            layout=layout, head_dim=head_dim, rope_dim=rope_dim, dtype=dtype,
         )
+
+    def write(self, first: int, entries: torch.Tensor) -> None:
+        """Store entries [B, n, d] (already rounded by the numerics) at pool rows first.. ."""
+        n = entries.shape[1]
+        if self.layout == FP8_KV:
+            self.pool[:, first:first + n] = encode_kv_rows(entries, self.rope_dim)
+        elif self.layout == FP4_INDEX:
+            self.pool[:, first:first + n] = encode_index_rows(entries)
+        else:
+            self.pool[:, first:first + n] = entries.to(self.pool.dtype)
+
+    def entries(self, stop: int | None = None) -> torch.Tensor:
+        """Pool rows [:stop] decoded to the activation dtype: a copy, for tests and tools (the attention
+        reads the pool in place)."""
+        rows = self.pool[:, :stop]
+        if self.layout == FP8_KV:
+            return decode_kv_rows(rows, self.head_dim, self.rope_dim, self.dtype)
+        if self.layout == FP4_INDEX:
+            return decode_index_rows(rows, self.head_dim, self.dtype)
+        return rows
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.pending_kv, self.pending_score, self.pool, self.prev_kv, self.prev_score)
@@ -59,13 +135,14 @@ class LayerCache:
 
     @classmethod
     def allocate(cls, args: ModelArgs, layer_id: int, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> LayerCache:
+                 device: torch.device, layout: CacheLayout = CacheLayout()) -> LayerCache:
         ratio = args.layer_ratio(layer_id)
         window = torch.zeros(batch, args.window_size, args.head_dim, dtype=dtype, device=device)
         if ratio == SWA:
             return cls(window)
-        compressor = CompressorState.allocate(ratio, args.head_dim, batch, max_len, dtype, device)
-        indexer = (CompressorState.allocate(ratio, args.index_head_dim, batch, max_len, dtype, device)
+        compressor = CompressorState.allocate(ratio, args.head_dim, batch, max_len, dtype, device, layout.main,
+                                              args.rope_head_dim)
+        indexer = (CompressorState.allocate(ratio, args.index_head_dim, batch, max_len, dtype, device, layout.index)
                    if ratio == CSA else None)
         return cls(window, compressor, indexer)
 
@@ -109,15 +186,17 @@ class ModelCache:
     mtp: list[LayerCache] = field(default_factory=list)
     pos: int = 0
     mtp_pos: int = 0
+    layout: CacheLayout = CacheLayout()
 
     @classmethod
     def allocate(cls, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", with_mtp: bool = False) -> ModelCache:
+                 device: torch.device | str = "cpu", with_mtp: bool = False,
+                 layout: CacheLayout = CacheLayout()) -> ModelCache:
         device = torch.device(device)
-        layers = [LayerCache.allocate(args, i, batch, max_len, dtype, device) for i in range(args.n_layers)]
-        mtp = ([LayerCache.allocate(args, args.n_layers + i, batch, max_len, dtype, device)
+        layers = [LayerCache.allocate(args, i, batch, max_len, dtype, device, layout) for i in range(args.n_layers)]
+        mtp = ([LayerCache.allocate(args, args.n_layers + i, batch, max_len, dtype, device, layout)
                 for i in range(args.n_mtp_layers)] if with_mtp else [])
-        return cls(args, batch, max_len, layers, mtp)
+        return cls(args, batch, max_len, layers, mtp, layout=layout)
 
     @property
     def nbytes(self) -> int:
@@ -150,13 +229,13 @@ class ModelCache:
         self.pos = self.mtp_pos = 0
 
     @staticmethod
-    def bytes_per_token(args: ModelArgs, dtype_bytes: int = 2) -> float:
-        """Cache bytes that grow with context per token (compressed pools; spec §2.7)."""
+    def bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, layout: CacheLayout = CacheLayout()) -> float:
+        """Cache bytes that grow with context per token (compressed pools; spec §2.7), in `layout`."""
         total = 0.0
         for layer in range(args.n_layers):
             ratio = args.layer_ratio(layer)
             if ratio:
-                total += args.head_dim * dtype_bytes / ratio
+                total += layout.entry_bytes(layout.main, args.head_dim, args.rope_head_dim, dtype_bytes) / ratio
             if ratio == CSA:
-                total += args.index_head_dim * dtype_bytes / ratio
+                total += layout.entry_bytes(layout.index, args.index_head_dim, 0, dtype_bytes) / ratio
         return total

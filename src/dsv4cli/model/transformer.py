@@ -12,7 +12,7 @@ from torch import nn
 from dsv4cli import kernels
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.attention import Attention
-from dsv4cli.model.cache import LayerCache, ModelCache
+from dsv4cli.model.cache import CacheLayout, LayerCache, ModelCache
 from dsv4cli.model.hyper import hc_head, hc_post, hc_pre
 from dsv4cli.model.layers import Embedding, Linear, Numerics, RMSNorm, _frozen
 from dsv4cli.model.moe import MoE, RoutedExperts, RouteObserver
@@ -124,7 +124,13 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int = 4096, device: torch.device | str | None = None
                   ) -> ModelCache:
         return ModelCache.allocate(self.args, batch, max_len, self.numerics.act_dtype,
-                                   device or self.device, with_mtp=len(self.mtp) > 0)
+                                   device or self.device, with_mtp=len(self.mtp) > 0, layout=self.cache_layout)
+
+    @property
+    def cache_layout(self) -> CacheLayout:
+        """How this model's caches store their pools (compact wherever that is lossless)."""
+        n = self.numerics
+        return CacheLayout.for_numerics(self.args, n.act_dtype, n.kv_fp8_quant, n.indexer_fp4_quant)
 
     def streams(self, token_ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """Run the trunk on token_ids [B,S] at positions cache.pos.. ; returns the residual
