@@ -28,6 +28,7 @@ from dsv4cli.formats.kvcache import (
     index_row_bytes,
     kv_row_bytes,
 )
+from dsv4cli.kernels import ref
 from dsv4cli.model.args import CSA, SWA, ModelArgs
 
 #: pool layouts: entries in the activation dtype, compact FP8 main-KV rows, compact FP4 indexer keys
@@ -227,6 +228,34 @@ class ModelCache:
                     if comp.prev_score is not None:
                         comp.prev_score.fill_(float("-inf"))
         self.pos = self.mtp_pos = 0
+
+    def fill_synthetic(self, depth: int, seed: int = 0) -> None:
+        """Make the cache look as if `depth` tokens had been processed, with random entries instead of a
+        prefill: every window ring and the first depth // ratio entries of every pool get random rows,
+        rounded as the model rounds its own (FP8 KV, FP4 keys). One decode step after it does exactly
+        the work a real context of `depth` tokens causes, so deep decode speed takes seconds to measure
+        (`dsv4 bench --fill synthetic`). The text such a cache stands for is noise: for timing only."""
+        if not 0 <= depth <= self.max_len:
+            raise ValueError(f"depth {depth} is outside the cache's 0..{self.max_len} positions")
+        self.reset()
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        rope = self.args.rope_head_dim
+        for layer in self.layers + self.mtp:
+            rows = torch.randn(layer.window.shape, generator=g)
+            layer.window.copy_(ref.kv_fp8_quant(rows.to(layer.window.dtype), rope))
+            for state in (layer.compressor, layer.indexer):
+                if state is None:
+                    continue
+                n = depth // state.ratio
+                for first in range(0, n, 4096):  # in blocks: no full-size temporaries
+                    count = min(4096, n - first)
+                    rows = torch.randn(self.batch, count, state.head_dim, generator=g).to(state.dtype)
+                    if state is layer.indexer:
+                        rows = ref.indexer_fp4_quant(rows)
+                    else:
+                        rows = ref.kv_fp8_quant(rows, rope)
+                    state.write(first, rows.to(state.pool.device))
+        self.pos = self.mtp_pos = depth
 
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, layout: CacheLayout = CacheLayout()) -> float:

@@ -13,8 +13,7 @@ namespace {
 
 constexpr int KIND_F32 = 0, KIND_BF16 = 1, KIND_FP4_INDEX = 2, KIND_FP8_KV = 3;
 constexpr int64_t INDEX_TILE = 16;  // indexer entries scored together (one AVX-512 / two AVX2 vectors)
-constexpr int64_t ATTN_TILE = 32;   // KV rows decoded and scored together
-constexpr int64_t HEAD_GROUP = 8;   // attention heads per work item
+constexpr int64_t ATTN_TILE = 16;   // KV rows decoded and scored together (fp32 tile in L1)
 
 inline float bf16_to_f32(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
 
@@ -49,17 +48,22 @@ inline void decode_row(const uint8_t* row, int kind, int64_t d, int64_t rope, fl
     } else if (kind == KIND_FP4_INDEX) {
         const float* lut = tables().e2m1;
         const uint8_t* scales = row + d / 2;
-        for (int64_t i = 0; i < d; i += 2) {
-            const float s = ue8m0(scales[i / 32]);
-            out[i] = lut[row[i / 2] & 15] * s;
-            out[i + 1] = lut[row[i / 2] >> 4] * s;
+        for (int64_t b0 = 0; b0 < d; b0 += 32) {
+            const float sc = ue8m0(scales[b0 / 32]);
+            for (int64_t i = b0; i < b0 + 32; i += 2) {
+                out[i] = lut[row[i / 2] & 15] * sc;
+                out[i + 1] = lut[row[i / 2] >> 4] * sc;
+            }
         }
     } else {
         const float* lut = tables().e4m3;
         const int64_t nope = d - rope;
         const uint16_t* r = reinterpret_cast<const uint16_t*>(row + nope);
         const uint8_t* scales = row + nope + 2 * rope;
-        for (int64_t i = 0; i < nope; ++i) out[i] = lut[row[i]] * ue8m0(scales[i / 64]);
+        for (int64_t b0 = 0; b0 < nope; b0 += 64) {
+            const float sc = ue8m0(scales[b0 / 64]);
+            for (int64_t i = b0; i < b0 + 64; ++i) out[i] = lut[row[i]] * sc;
+        }
         for (int64_t i = 0; i < rope; ++i) out[nope + i] = bf16_to_f32(r[i]);
     }
 }
@@ -75,41 +79,68 @@ inline float hsum256(__m256 v) {
 }
 #endif
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// out[j] = a . b[j] for four rows b[0..3] (one pass over a: half the loads of four dots)
+inline void dot4(const float* a, const float* const* b, int64_t n, float* out) {
     int64_t i = 0;
-    float total = 0.0f;
+    float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
 #if defined(DSV4_PATH_BF16) || defined(DSV4_PATH_AVX512)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (; i + 32 <= n; i += 32) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-    }
-    total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif defined(DSV4_PATH_AVX2)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
     for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        const __m512 x = _mm512_loadu_ps(a + i);
+        c0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[0] + i), c0);
+        c1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[1] + i), c1);
+        c2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[2] + i), c2);
+        c3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[3] + i), c3);
     }
-    total = hsum256(_mm256_add_ps(acc0, acc1));
+    t0 = _mm512_reduce_add_ps(c0), t1 = _mm512_reduce_add_ps(c1);
+    t2 = _mm512_reduce_add_ps(c2), t3 = _mm512_reduce_add_ps(c3);
+#elif defined(DSV4_PATH_AVX2)
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(a + i);
+        c0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[0] + i), c0);
+        c1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[1] + i), c1);
+        c2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[2] + i), c2);
+        c3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[3] + i), c3);
+    }
+    t0 = hsum256(c0), t1 = hsum256(c1), t2 = hsum256(c2), t3 = hsum256(c3);
 #endif
-    for (; i < n; ++i) total += a[i] * b[i];
-    return total;
+    for (; i < n; ++i) {
+        t0 += a[i] * b[0][i];
+        t1 += a[i] * b[1][i];
+        t2 += a[i] * b[2][i];
+        t3 += a[i] * b[3][i];
+    }
+    out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
 }
 
-// y = y * keep + p * x
-inline void scale_add(float keep, float p, const float* x, float* y, int64_t n) {
+// y = y * keep + sum_j p[j] * x[j] over four rows x[0..3] (one load and store of y per four rows)
+inline void scale_add4(float keep, const float* p, const float* const* x, float* y, int64_t n) {
     int64_t i = 0;
 #if defined(DSV4_PATH_BF16) || defined(DSV4_PATH_AVX512)
-    const __m512 k = _mm512_set1_ps(keep), pv = _mm512_set1_ps(p);
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + i), _mm512_mul_ps(k, _mm512_loadu_ps(y + i))));
+    const __m512 k = _mm512_set1_ps(keep), p0 = _mm512_set1_ps(p[0]), p1 = _mm512_set1_ps(p[1]),
+                 p2 = _mm512_set1_ps(p[2]), p3 = _mm512_set1_ps(p[3]);
+    for (; i + 16 <= n; i += 16) {
+        __m512 acc = _mm512_mul_ps(k, _mm512_loadu_ps(y + i));
+        acc = _mm512_fmadd_ps(p0, _mm512_loadu_ps(x[0] + i), acc);
+        acc = _mm512_fmadd_ps(p1, _mm512_loadu_ps(x[1] + i), acc);
+        acc = _mm512_fmadd_ps(p2, _mm512_loadu_ps(x[2] + i), acc);
+        acc = _mm512_fmadd_ps(p3, _mm512_loadu_ps(x[3] + i), acc);
+        _mm512_storeu_ps(y + i, acc);
+    }
 #elif defined(DSV4_PATH_AVX2)
-    const __m256 k = _mm256_set1_ps(keep), pv = _mm256_set1_ps(p);
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_mul_ps(k, _mm256_loadu_ps(y + i))));
+    const __m256 k = _mm256_set1_ps(keep), p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[1]),
+                 p2 = _mm256_set1_ps(p[2]), p3 = _mm256_set1_ps(p[3]);
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc = _mm256_mul_ps(k, _mm256_loadu_ps(y + i));
+        acc = _mm256_fmadd_ps(p0, _mm256_loadu_ps(x[0] + i), acc);
+        acc = _mm256_fmadd_ps(p1, _mm256_loadu_ps(x[1] + i), acc);
+        acc = _mm256_fmadd_ps(p2, _mm256_loadu_ps(x[2] + i), acc);
+        acc = _mm256_fmadd_ps(p3, _mm256_loadu_ps(x[3] + i), acc);
+        _mm256_storeu_ps(y + i, acc);
+    }
 #endif
-    for (; i < n; ++i) y[i] = y[i] * keep + p * x[i];
+    for (; i < n; ++i) y[i] = y[i] * keep + p[0] * x[0][i] + p[1] * x[1][i] + p[2] * x[2][i] + p[3] * x[3][i];
 }
 
 // scores[t] += sum_h w[h] * relu(q[h] . keys_t[t]) for one tile of INDEX_TILE entries, keys transposed
@@ -281,28 +312,33 @@ int dsv4_cached_attn(const uint8_t* q, int act_kind, int64_t B, int64_t S, int64
                      const uint8_t* pool, int pool_kind, int64_t pool_sb, int64_t pool_sn,
                      const int64_t* pool_idx, int64_t pidx_sb, int64_t pidx_ss, int64_t K, int64_t rope,
                      const float* sink, float softmax_scale, uint8_t* out, int nthreads) {
-    const int64_t hgroups = (H + HEAD_GROUP - 1) / HEAD_GROUP;
+    // Heads per work item: all of them where there are queries enough for every thread (each item decodes
+    // its rows once), fewer (multiples of 4) to give every thread work on short calls such as one decode step.
+    const int want = pick_threads(nthreads);
+    const int64_t splits = std::max<int64_t>(1, (want + B * S - 1) / (B * S));
+    const int64_t head_group = std::max<int64_t>(4, (H + splits - 1) / splits + 3) / 4 * 4;
+    const int64_t hgroups = (H + head_group - 1) / head_group;
     const int64_t items = B * S * hgroups;
-    const int nt = std::max(1, std::min<int>(pick_threads(nthreads), static_cast<int>(items)));
+    const int nt = std::max(1, std::min<int>(want, static_cast<int>(items)));
     const int64_t esize = act_kind == KIND_F32 ? 4 : 2;
     parallel_items(
         nt, items,
-        [&] { return std::vector<float>(ATTN_TILE * D + HEAD_GROUP * (2 * D + ATTN_TILE + 2)); },
+        [&] { return std::vector<float>(ATTN_TILE * D + head_group * (2 * D + ATTN_TILE + 2)); },
         [&](int64_t item, std::vector<float>& scratch) {
-            const int64_t b = item / (S * hgroups), s = (item / hgroups) % S, h0 = (item % hgroups) * HEAD_GROUP;
-            const int64_t hn = std::min(HEAD_GROUP, H - h0);
+            const int64_t b = item / (S * hgroups), s = (item / hgroups) % S, h0 = (item % hgroups) * head_group;
+            const int64_t hn = std::min(head_group, H - h0);
             float* rows = scratch.data();
             float* qf = rows + ATTN_TILE * D;
-            float* acc = qf + HEAD_GROUP * D;
-            float* logits = acc + HEAD_GROUP * D;  // [HEAD_GROUP][ATTN_TILE]
-            float* peak = logits + HEAD_GROUP * ATTN_TILE;
-            float* denom = peak + HEAD_GROUP;
+            float* acc = qf + head_group * D;
+            float* logits = acc + head_group * D;  // [head_group][ATTN_TILE]
+            float* peak = logits + head_group * ATTN_TILE;
+            float* denom = peak + head_group;
             for (int64_t h = 0; h < hn; ++h) {
                 decode_row(q + (((b * S + s) * H) + h0 + h) * D * esize, act_kind, D, 0, qf + h * D);
                 peak[h] = sink[h0 + h];  // the running max starts at the sink logit
                 denom[h] = 0.0f;
             }
-            std::fill(acc, acc + HEAD_GROUP * D, 0.0f);
+            std::fill(acc, acc + head_group * D, 0.0f);
             const int64_t* lidx = local_idx + b * lidx_sb + s * lidx_ss;
             const int64_t* pidx = K > 0 ? pool_idx + b * pidx_sb + s * pidx_ss : nullptr;
             int64_t listed[ATTN_TILE];
@@ -323,20 +359,31 @@ int dsv4_cached_attn(const uint8_t* q, int act_kind, int64_t B, int64_t S, int64
                     if (from_pool[t]) decode_row(pool + b * pool_sb + listed[t] * pool_sn, pool_kind, D, rope, rows + t * D);
                     else decode_row(local + b * local_sb + listed[t] * local_sn, local_kind, D, 0, rows + t * D);
                 }
+                for (int64_t t = count; t < (count + 3) / 4 * 4; ++t)  // pad to whole groups of four rows
+                    std::fill(rows + t * D, rows + (t + 1) * D, 0.0f);
+                const int64_t padded = (count + 3) / 4 * 4;
                 for (int64_t h = 0; h < hn; ++h) {
                     float* lg = logits + h * ATTN_TILE;
                     float m = peak[h];
+                    for (int64_t t = 0; t < padded; t += 4) {
+                        const float* four[4] = {rows + t * D, rows + (t + 1) * D, rows + (t + 2) * D, rows + (t + 3) * D};
+                        dot4(qf + h * D, four, D, lg + t);
+                    }
                     for (int64_t t = 0; t < count; ++t) {
-                        lg[t] = dot(qf + h * D, rows + t * D, D) * softmax_scale;
+                        lg[t] *= softmax_scale;
                         m = std::max(m, lg[t]);
                     }
                     const float keep = std::exp(peak[h] - m);
                     denom[h] *= keep;
+                    float p[ATTN_TILE];
+                    for (int64_t t = 0; t < padded; ++t) {
+                        p[t] = t < count ? std::exp(lg[t] - m) : 0.0f;
+                        denom[h] += p[t];
+                    }
                     float* a = acc + h * D;
-                    for (int64_t t = 0; t < count; ++t) {
-                        const float p = std::exp(lg[t] - m);
-                        denom[h] += p;
-                        scale_add(t == 0 ? keep : 1.0f, p, rows + t * D, a, D);
+                    for (int64_t t = 0; t < padded; t += 4) {
+                        const float* four[4] = {rows + t * D, rows + (t + 1) * D, rows + (t + 2) * D, rows + (t + 3) * D};
+                        scale_add4(t == 0 ? keep : 1.0f, p + t, four, a, D);
                     }
                     peak[h] = m;
                 }
