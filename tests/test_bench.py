@@ -130,6 +130,30 @@ def test_fill_rewind_and_fixed_traces(engine):
     assert greedy_tokens() == greedy_tokens()  # same state, same trace: identical work in every repetition
 
 
+def test_synthetic_fill_times_tg_from_random_entries_and_pp_from_a_real_prefill():
+    report = run_bench(BenchSettings(**{**SMALL, "depths": (0, 300), "fill": "synthetic", "repetitions": 1}))
+    rows = {(r.test, r.depth): r for r in report.results}
+    assert set(rows) == {("pp", 0), ("tg", 0), ("pp", 300), ("tg", 300)}
+    assert rows["tg", 300].synthetic_fill and not rows["pp", 300].synthetic_fill
+    assert not rows["tg", 0].synthetic_fill  # depth 0 has nothing to fill
+    for r in rows.values():
+        assert r.start_position == r.depth and r.reused_tokens == r.depth
+    text = bench.render_markdown(report)
+    assert re.search(r"\| tg3 +\| +300\* \|", text) and "synthetic entries (--fill synthetic)" in text
+    assert report.to_dict()["settings"]["fill"] == "synthetic"
+    assert [r["fill"] for r in report.to_dict()["results"] if r["depth"] == 300] == ["prefill", "synthetic"]
+
+
+def test_synthetic_fill_looks_like_a_context_of_that_depth(engine):
+    traces = Traces.make(engine.model.args.vocab_size, 20, 4, seed=0)
+    fake = bench.synthetic_fill(engine, traces, 20)
+    assert engine.cache.pos == 20 and fake.ids == traces.fill[:20] and fake.synthetic
+    csa = next(layer for layer in engine.cache.layers if layer.indexer is not None)
+    assert csa.compressor.pool[:, :5].abs().sum() > 0 and csa.compressor.pool[:, 5:].abs().sum() == 0
+    _, stats = run_once(engine, fake, traces, "tg", 3)
+    assert stats.cached_tokens == 20 and stats.generated_tokens == 4
+
+
 def test_markdown_table_layout(report):
     text = bench.render_markdown(report)
     lines = text.splitlines()
@@ -213,6 +237,7 @@ def test_register_is_idempotent():
     (dict(threads=0), "--threads"),
     (dict(ctx=10), "needs a context of 15 tokens"),
     (dict(model="some/dir"), "either MODEL or --synth"),
+    (dict(fill="random"), "unknown --fill 'random'"),
 ])
 def test_bad_settings(overrides, message):
     from dsv4cli.cli.options import FLAG_NAMES

@@ -289,3 +289,24 @@ def test_model_on_native_attention_kernels_equals_the_reference():
     run(official)
     assert len(errors) == 11 * PRESETS["tiny"].n_layers and max(errors) < 8e-3
     assert len(picks) > 0 and all(picks)
+
+
+def test_a_million_token_context_is_allocated_compact_and_passes_the_think_max_gate():
+    """--ctx 1,048,576 on the tiny model: the memory check measures the compact cache, the allocation is
+    that size (half the bf16 pools), and think-max does not warn."""
+    from dsv4cli.chat.session import ChatSession
+    from dsv4cli.engine.engine import Engine, cache_bytes
+
+    model = tiny_model("tiny", Numerics())
+    ctx = 1_048_576
+    engine = Engine(model, max_context=ctx)
+    assert engine.cache.nbytes == cache_bytes(model, ctx)
+    args = PRESETS["tiny"]
+    growth = engine.cache.nbytes - ModelCache.allocate(args, 1, 0, torch.bfloat16, layout=model.cache_layout,
+                                                       device="meta", with_mtp=bool(model.mtp)).nbytes
+    per_token = ModelCache.bytes_per_token(args, 2, model.cache_layout)  # MTP layers are sliding-only: no pools
+    assert growth == pytest.approx(per_token * ctx, rel=1e-6)
+    assert per_token == 2 * (200 + 34) / 4 + 200 / 128  # tiny: 200 B rows (64 FP8 + 64 bf16 dims), 34 B keys
+    session = ChatSession(engine, tokenizer=None)
+    assert session.set_mode("think-max") is None
+    assert ChatSession(Engine(model, max_context=4096), tokenizer=None).set_mode("think-max") is not None

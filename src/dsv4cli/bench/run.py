@@ -1,7 +1,9 @@
 """`dsv4 bench` as a service: llama-bench-style prompt-processing / token-generation throughput.
 
 For each context depth `d` the cache is first filled with `d` tokens of a fixed synthetic trace
-(not timed), then:
+(not timed; with `fill="synthetic"`, `--fill synthetic`, tg tests instead start from a cache filled
+with random entries (`ModelCache.fill_synthetic`): the same work per decoded token as a real context,
+in seconds instead of a prefill of `d` tokens; pp tests always prefill for real), then:
 
 * `pp N`: prefill N more tokens (tok/s = N / prefill time);
 * `tg N`: feed one token, then decode N tokens greedily (tok/s = N / time of the N decode steps).
@@ -81,6 +83,7 @@ class BenchSettings:
     threads: int | None = None  # None: torch's default
     seed: int = 0
     warmup: bool = True
+    fill: str = "prefill"  # how tg tests reach their depth: "prefill" (real) or "synthetic" (random entries)
     stream_bytes: int = DEFAULT_STREAM_BYTES  # size of each array of the memory-bandwidth test
     placement: PlacementOptions = field(default_factory=PlacementOptions)  # the placement flags of `dsv4 chat`
 
@@ -94,6 +97,8 @@ class BenchSettings:
         _check_counts("-d", self.depths, minimum=0)
         if self.repetitions < 1:
             raise UsageError(f"-r must be at least 1, got {self.repetitions}")
+        if self.fill not in FILLS:
+            raise UsageError(f"unknown {{opt:fill}} {self.fill!r}", f"choose one of: {', '.join(FILLS)}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"{{opt:threads}} must be at least 1, got {self.threads}")
         if self.stream_bytes < 4096:
@@ -104,6 +109,9 @@ class BenchSettings:
     @property
     def context(self) -> int:
         return self.ctx if self.ctx is not None else required_context(self)
+
+
+FILLS = ("prefill", "synthetic")
 
 
 def _check_counts(flag: str, values: tuple[int, ...], minimum: int) -> None:
@@ -196,6 +204,7 @@ class TestResult:
     peak_memory_bytes: int = 0
     bytes_per_token: int | None = None  # tg only
     reference_bandwidth: float | None = None  # measured triad bytes/s
+    synthetic_fill: bool = False  # the depth came from random cache entries, not a prefill
 
     @property
     def label(self) -> str:
@@ -233,6 +242,7 @@ class TestResult:
         bandwidth = self.bandwidth
         return {
             "test": self.test, "label": self.label, "tokens": self.tokens, "depth": self.depth,
+            "fill": "synthetic" if self.synthetic_fill else "prefill",
             "tokens_per_second": self.mean, "tokens_per_second_std": self.std,
             "samples_tokens_per_second": self.samples, "seconds": self.seconds,
             "warmup_seconds": self.warmup_seconds, "start_position": self.start_position,
@@ -359,6 +369,7 @@ def _final_stats(events: Iterator) -> GenerationStats:
 class _Fill:
     ids: list[int]
     snapshot: Any
+    synthetic: bool = False
 
 
 def fill_to_depth(engine: Engine, traces: Traces, depth: int, previous: _Fill | None = None) -> _Fill:
@@ -372,6 +383,15 @@ def fill_to_depth(engine: Engine, traces: Traces, depth: int, previous: _Fill | 
     if engine.cache.pos != depth or engine.cached_ids != traces.fill[:depth]:
         raise RuntimeError(f"cache at {engine.cache.pos} after filling to depth {depth}")
     return _Fill(list(engine.cached_ids), engine.cache.snapshot())
+
+
+def synthetic_fill(engine: Engine, traces: Traces, depth: int) -> _Fill:
+    """The engine's cache at `depth` with random entries standing for the first `depth` trace tokens
+    (`ModelCache.fill_synthetic`); not timed, and only for tg (their text is noise)."""
+    engine.reset()
+    engine.cache.fill_synthetic(depth, seed=depth)
+    engine.cached_ids = list(traces.fill[:depth])
+    return _Fill(list(engine.cached_ids), engine.cache.snapshot(), synthetic=True)
 
 
 def rewind(engine: Engine, fill: _Fill) -> None:
@@ -397,7 +417,7 @@ def measure(engine: Engine, fill: _Fill, traces: Traces, test: str, tokens: int,
             progress: Progress | None = None) -> TestResult:
     """Warm-up (not counted), then `settings.repetitions` timed runs of one test at one depth."""
     depth = len(fill.ids)
-    result = TestResult(test, tokens, depth, start_position=fill.snapshot.pos)
+    result = TestResult(test, tokens, depth, start_position=fill.snapshot.pos, synthetic_fill=fill.synthetic)
     if settings.warmup:
         _say(progress, f"{result.label} @ d{depth}: warm-up")
         result.warmup_seconds, _ = run_once(engine, fill, traces, test, tokens)
@@ -563,9 +583,17 @@ def run_tests(engine: Engine, settings: BenchSettings, progress: Progress | None
     tests += [("tg", n) for n in dict.fromkeys(settings.gen_tokens)]
     results, fill = [], None
     for depth in sorted(set(settings.depths)):
-        _say(progress, f"filling the cache to depth {depth}")
-        fill = fill_to_depth(engine, traces, depth, fill)
-        results += [measure(engine, fill, traces, test, n, settings, progress) for test, n in tests]
+        real = [(test, n) for test, n in tests if test == "pp" or settings.fill == "prefill" or depth == 0]
+        if real:
+            _say(progress, f"filling the cache to depth {depth}")
+            fill = fill_to_depth(engine, traces, depth, fill)
+            results += [measure(engine, fill, traces, test, n, settings, progress) for test, n in real]
+        if len(real) < len(tests):
+            _say(progress, f"filling the cache to depth {depth} with synthetic entries")
+            fake = synthetic_fill(engine, traces, depth)
+            results += [measure(engine, fake, traces, test, n, settings, progress)
+                        for test, n in tests if (test, n) not in real]
+            fill = None  # the next real fill starts over: the live cache holds random entries
     return results
 
 
@@ -573,6 +601,7 @@ def _settings_dict(settings: BenchSettings, engine: Engine) -> dict[str, Any]:
     return {"prompt_tokens": list(settings.prompt_tokens), "gen_tokens": list(settings.gen_tokens),
             "depths": sorted(set(settings.depths)), "repetitions": settings.repetitions, "ctx": engine.max_context,
             "seed": settings.seed, "warmup": settings.warmup, "prefill_chunk": engine.prefill_chunk,
+            "fill": settings.fill,
             "sampling": "greedy"}
 
 
@@ -600,7 +629,8 @@ def table_rows(report: BenchReport) -> list[list[str]]:
     rows = []
     for r in report.results:
         bandwidth = r.bandwidth
-        rows.append([report.model["name"], size, params, r.label, str(r.depth), f"{r.mean:.2f} ± {r.std:.2f}",
+        depth = f"{r.depth}*" if r.synthetic_fill else str(r.depth)
+        rows.append([report.model["name"], size, params, r.label, depth, f"{r.mean:.2f} ± {r.std:.2f}",
                      "-" if bandwidth is None else f"{bandwidth / 1e9:.2f}", _fmt_ratio(r.bandwidth_ratio),
                      _fmt_ratio(r.expert_cache_hit_rate)])
     return rows
@@ -641,6 +671,9 @@ def render_markdown(report: BenchReport) -> str:
         f"triad {bw.triad / 1e9:.2f} GB/s, copy {bw.copy / 1e9:.2f} GB/s; \"of mem BW\" = tg GB/s / triad",
         f"peak memory: {human_bytes(report.peak_memory_bytes)} ({report.peak_memory_kind.upper()})",
     ]
+    if any(r.synthetic_fill for r in report.results):
+        footer.append("depth*: the cache was filled with synthetic entries (--fill synthetic), not by a prefill: "
+                      "the work per decoded token of a real context that deep, with text that stands for nothing")
     if report.model.get("placement"):
         footer.append(report.model["placement"])
         footer += [f"{r.label} @ d{r.depth}: expert cache hit {_fmt_ratio(r.expert_cache_hit_rate)}, "

@@ -51,6 +51,9 @@ def register(app: typer.Typer) -> None:
         n_prompt: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens per pp test (comma list)."),
         n_gen: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens per tg test (comma list)."),
         n_depth: str = typer.Option("0", "-d", "--n-depth", help="Context depths to test at, e.g. 0,4096."),
+        fill: str = typer.Option("prefill", "--fill", help="How tg tests reach a depth: prefill (real) or synthetic "
+                                                           "(random cache entries: tg at 1M in seconds; marked "
+                                                           "depth* in the table). pp always prefills."),
         repetitions: int = typer.Option(3, "-r", "--repetitions", help="Timed runs per test (after a warm-up)."),
         output: str = typer.Option("md", "-o", "--output", help="md (table) or json (everything, raw timings)."),
         plot: Path | None = typer.Option(None, "--plot", help="Also draw tok/s against depth into this PNG "
@@ -83,7 +86,7 @@ def register(app: typer.Typer) -> None:
         settings = BenchSettings(
             model=model, synth=synth, layers=layers, experts=experts, prompt_tokens=parse_counts("-p", n_prompt),
             gen_tokens=parse_counts("-n", n_gen), depths=parse_counts("-d", n_depth), repetitions=repetitions,
-            ctx=ctx, threads=threads, seed=seed,
+            ctx=ctx, threads=threads, seed=seed, fill=fill,
             placement=PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
                                        counts=counts))
         if plot is not None:

@@ -12,6 +12,7 @@ FLAG_NAMES = {
     "ctx": "--ctx", "device": "--device", "gpu_memory": "--gpu-memory", "cpu_memory": "--cpu-memory", "plan": "--plan",
     "counts": "--counts", "simulate": "--simulate", "force": "--force", "local_dir": "--local-dir",
     "max_workers": "--max-workers", "include": "--include", "exclude": "--exclude", "synth": "--synth",
+    "fill": "--fill",
     "layers": "--layers", "experts": "--experts", "plot": "--plot", "threads": "--threads", "eval_text": "--eval-text",
     "to": "--to", "max_tokens": "--max-tokens",
     "save_plan": "`dsv4 plan MODEL --save FILE`",

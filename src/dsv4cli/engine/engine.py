@@ -259,7 +259,7 @@ def cache_bytes(model: Transformer, max_context: int) -> int:
         return model.new_cache(1, max_context, device="meta").nbytes
     except (RuntimeError, TypeError, OverflowError):
         dtype_bytes = torch.empty(0, dtype=model.numerics.act_dtype).element_size()
-        return int(ModelCache.bytes_per_token(model.args, dtype_bytes) * max_context)
+        return int(ModelCache.bytes_per_token(model.args, dtype_bytes, model.cache_layout) * max_context)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from dsv4cli.io.schema import checkpoint_specs, logical_params
 from dsv4cli.model.args import CSA, HCA, SWA, ModelArgs
-from dsv4cli.model.cache import ModelCache
+from dsv4cli.model.cache import CacheLayout, ModelCache
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class ModelSummary:
     bytes_routed_experts: int
     bytes_by_dtype: dict[str, int]
     routed_expert_bytes_per_token: int  # read per decoded token (trunk)
-    cache_bytes_per_token: float  # compressed pools, bf16
+    cache_bytes_per_token: float  # compressed pools in the compact layout of the official numerics
+    cache_bytes_per_token_bf16: float  # the same pools in bf16 (plain numerics)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,5 +82,6 @@ def summarize(args: ModelArgs) -> ModelSummary:
         bytes_routed_experts=sum(s.nbytes for n, s in specs.items() if ".experts." in n),
         bytes_by_dtype=dict(sorted(bytes_by_dtype.items())),
         routed_expert_bytes_per_token=per_expert_bytes * args.n_activated_experts * args.n_layers,
-        cache_bytes_per_token=ModelCache.bytes_per_token(args),
+        cache_bytes_per_token=ModelCache.bytes_per_token(args, 2, CacheLayout.official(args)),
+        cache_bytes_per_token_bf16=ModelCache.bytes_per_token(args),
     )

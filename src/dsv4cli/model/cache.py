@@ -53,6 +53,11 @@ class CacheLayout:
         index = FP4_INDEX if indexer_fp4_quant and compact_index_supported(args.index_head_dim) else DENSE
         return cls(main, index)
 
+    @classmethod
+    def official(cls, args: ModelArgs) -> CacheLayout:
+        """The layout under the official numerics (bf16 activations, FP8 KV, FP4 indexer keys): compact."""
+        return cls.for_numerics(args, torch.bfloat16, kv_fp8_quant=True, indexer_fp4_quant=True)
+
     @staticmethod
     def entry_bytes(layout: str, head_dim: int, rope_dim: int, dtype_bytes: int) -> int:
         """Bytes of one pool entry stored in `layout`."""

@@ -20,7 +20,7 @@ from dsv4cli.errors import DsvError, OutOfMemory, UsageError
 from dsv4cli.fsutil import atomic_write_text
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
-from dsv4cli.model.cache import ModelCache
+from dsv4cli.model.cache import CacheLayout, ModelCache
 
 PLAN_VERSION = 1
 CACHE_POLICIES = ("lru", "lfu", "mru")
@@ -308,7 +308,8 @@ def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: in
     host memory stand in for a GPU of that size (to measure the expert cache without one)."""
     accelerated = device != "cpu" if accelerated is None else accelerated
     dense, expert = model_bytes(args)
-    kv = int(ModelCache.bytes_per_token(args) * context) + args.n_layers * args.window_size * args.head_dim * 2
+    per_token = ModelCache.bytes_per_token(args, 2, CacheLayout.official(args))  # the compact pools
+    kv = int(per_token * context) + args.n_layers * args.window_size * args.head_dim * 2
     total_experts = args.n_layers * args.n_routed_experts
     plan = PlacementPlan(device=device, context=context, dense_bytes=dense, kv_cache_bytes=kv, expert_bytes=expert,
                          n_layers=args.n_layers, n_experts=args.n_routed_experts,

@@ -25,8 +25,9 @@ def render_summary(name: str, s: ModelSummary, console: Console | None = None) -
                        f"({human_bytes(s.bytes_routed_experts)} routed experts)"),
         ("by dtype", ", ".join(f"{k} {human_bytes(v)}" for k, v in s.bytes_by_dtype.items())),
         ("decode reads", f"{human_bytes(s.routed_expert_bytes_per_token)} of routed experts per token"),
-        ("KV cache", f"{s.cache_bytes_per_token:,.0f} B per token of context "
-                     f"({human_bytes(s.cache_bytes_per_token * 1_048_576)} at 1M tokens)"),
+        ("KV cache", f"{s.cache_bytes_per_token:,.0f} B per token of context in compact FP8/FP4 rows "
+                     f"({human_bytes(s.cache_bytes_per_token * 1_048_576)} at 1M tokens; "
+                     f"{s.cache_bytes_per_token_bf16:,.0f} B in bf16)"),
     ]
     for key, value in rows:
         table.add_row(key, value)
