@@ -3,11 +3,12 @@ the Flash-shaped 4-layer slice (sliding, CSA, HCA, CSA; real Flash attention and
 experts), with today's path and the path it replaced, side by side in one run.
 
     python benchmarks/bench_long_context.py [--depths 1024,16384,65536,262144,1048576] [--steps 4]
-        [--prefill-depths 0,8192,32768] [--prefill-tokens 256] [--threads 1] [--json out.json]
+        [--prefill-depths 0,8192,32768] [--prefill-tokens 256] [--rounds 2] [--threads 1] [--json out.json]
 
 Decode at depth N: the caches are filled with N tokens' worth of synthetic entries
 (`ModelCache.fill_synthetic`, rounded as the model rounds its own), then `--steps` real decode steps
-are timed, each doing exactly the work a real context of N tokens causes; the median is reported.
+are timed, each doing exactly the work a real context of N tokens causes. The two paths alternate at
+every depth, for `--rounds` rounds; the median over rounds of each round's median step is reported.
 Prefill at depth N: the same synthetic context, then a real prefill of `--prefill-tokens` tokens.
 
 Rows:
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-depths", default="0,8192,32768")
     parser.add_argument("--prefill-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--paths", default="new,old")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
@@ -143,12 +145,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     results: dict = {"decode_ms": {p: {} for p in paths}, "prefill_tok_s": {p: {} for p in paths},
                      "load_average": os.getloadavg()[0], "threads": opts.threads}
+    # Decode: the paths alternate at every depth, in `--rounds` rounds, so that the machine's noise hits
+    # both alike; each number is the median over rounds of the per-round median step time.
+    samples: dict = {p: {d: [] for d in counts(opts.depths)} for p in paths}
+    for _ in range(opts.rounds):
+        for depth in counts(opts.depths):
+            for path in paths:
+                use_path(path)
+                samples[path][depth].append(decode_ms(model, path, depth, opts.steps))
+                print(f"{path} tg @ {depth:>8}: {samples[path][depth][-1]:8.1f} ms/token", flush=True)
+    for path in paths:
+        for depth, values in samples[path].items():
+            results["decode_ms"][path][depth] = statistics.median(values)
     for path in paths:
         use_path(path)
-        for depth in counts(opts.depths):
-            ms = decode_ms(model, path, depth, opts.steps)
-            results["decode_ms"][path][depth] = ms
-            print(f"{path} tg @ {depth:>8}: {ms:8.1f} ms/token", flush=True)
         for depth in counts(opts.prefill_depths):
             tps = prefill_tok_s(model, path, depth, opts.prefill_tokens, opts.reps)
             results["prefill_tok_s"][path][depth] = tps
