@@ -25,10 +25,10 @@ formats' size, and the process's resident memory after filling the deepest conte
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -115,6 +115,12 @@ def prefill_tok_s(model, path: str, depth: int, tokens: int, reps: int) -> float
     return tokens / statistics.median(times)
 
 
+def resident_bytes() -> int:
+    """The process's resident set size now (Linux: /proc/self/statm), not its peak."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def counts(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -173,17 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         big = ModelCache.allocate(args, 1, 1 << 20, model.numerics.act_dtype, device="meta",
                                   layout=model.cache_layout if path == "new" else CacheLayout()).nbytes
         per_token[path] = (big - small) / (1 << 20)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gc.collect()
+    rss_before = resident_bytes()
     cache = new_cache(model, "new", deepest + 1)
     cache.fill_synthetic(deepest)
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_after = resident_bytes()
     results["kv_bytes_per_token"] = per_token
     results["kv_bytes_per_token_compact_formula"] = ModelCache.bytes_per_token(args, 2, model.cache_layout)
     results["cache_bytes_at_deepest"] = cache.nbytes
-    results["peak_rss_growth_at_deepest"] = max(0, rss_after - rss_before)
+    results["rss_growth_at_deepest"] = rss_after - rss_before
     print(f"KV bytes/token of context: {per_token} (compact formula "
           f"{results['kv_bytes_per_token_compact_formula']:.2f}); cache at {deepest}: {cache.nbytes / 1e6:.1f} MB, "
-          f"peak RSS grew {results['peak_rss_growth_at_deepest'] / 1e6:.1f} MB (0 when an earlier fill peaked higher)")
+          f"resident memory grew {results['rss_growth_at_deepest'] / 1e6:.1f} MB allocating and filling it")
     for path in paths:
         tg = results["decode_ms"][path]
         base = tg.get(1024) or next(iter(tg.values()))
