@@ -303,6 +303,54 @@ def check_sparse_attn():
 
 
 @check
+def check_cached_attn():
+    from dsv4cli.formats.kvcache import encode_kv_rows
+    from dsv4cli.kernels import triton_longctx
+
+    g = torch.Generator().manual_seed(8)
+    b, s, h, d, rope = 2, 3, 5, 128, 64
+    for n_pool, k in ((30, 37), (100, 20), (12, 0)):
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.randn(b, s, h, d, generator=g).to(dtype)
+            local = torch.randn(b, 9, d, generator=g).to(dtype)
+            local_idx = index_lists(1, s, 6, 9, g)
+            pool = ref.kv_fp8_quant(torch.randn(b, n_pool, d, generator=g).to(dtype), rope)
+            pool_idx = index_lists(b, s, k, n_pool, g)
+            sink = torch.randn(h, generator=g)
+            for stored in (pool, encode_kv_rows(pool, rope)):
+                if stored.dtype == torch.uint8 and dtype == torch.float32:
+                    continue  # compact rows are the bf16 model's
+                y = triton_longctx.cached_attn(q, local, local_idx, stored, pool_idx, sink, d**-0.5, rope)
+                want = ref.cached_attn(q, local, local_idx, stored, pool_idx, sink, d**-0.5, rope)
+                assert_close_scaled(y, want, *act_tol(dtype))
+            empty = torch.full_like(local_idx, -1)
+            y = triton_longctx.cached_attn(q, local, empty, pool, torch.full_like(pool_idx, -1), sink, d**-0.5, rope)
+            assert torch.equal(y.float(), torch.zeros(b, s, h, d))
+
+
+@check
+def check_indexer_topk():
+    from dsv4cli.formats.kvcache import encode_index_rows
+    from dsv4cli.kernels import triton_longctx
+
+    g = torch.Generator().manual_seed(9)
+    for b, s, h, d, n, topk, integer in ((1, 1, 4, 32, 50, 8, True), (2, 5, 5, 64, 33, 5, False),
+                                         (1, 4, 3, 32, 10, 16, True)):
+        if integer:  # exact scores: many ties, which must go to the earlier entry
+            q = torch.randint(-2, 3, (b, s, h, d), generator=g).float()
+            keys = torch.randint(-1, 2, (b, n, d), generator=g).float()
+            weights = torch.randint(0, 3, (b, s, h), generator=g).float()
+        else:
+            q, keys, weights = torch.randn(b, s, h, d, generator=g), torch.randn(b, n, d, generator=g), torch.rand(
+                b, s, h, generator=g)
+        keys[:, ::5] = 0
+        visible = torch.randint(0, n + 1, (s,), generator=g)
+        for stored in (keys, encode_index_rows(keys)):
+            got = triton_longctx.indexer_topk(q, weights, stored, visible, topk)
+            assert torch.equal(got, ref.indexer_topk(q, weights, stored, visible, topk)), (b, s, n, stored.dtype)
+
+
+@check
 def check_hc_split_sinkhorn():
     from dsv4cli.kernels import triton_hc
 
@@ -355,7 +403,9 @@ def compile_launches() -> dict[str, str | None]:
                 results[name] = traceback.format_exc()[-3000:]
 
     JITFunction.run = compile_only
-    for module in (triton_quant, triton_gemm, triton_attn, triton_hc):
+    from dsv4cli.kernels import triton_longctx
+
+    for module in (triton_quant, triton_gemm, triton_attn, triton_hc, triton_longctx):
         module.runs_here = lambda *tensors: True
     triton_quant.check_runnable = triton_gemm.check_runnable = lambda *tensors: None
     triton_gemm.fp8_supported = lambda device: True
@@ -383,6 +433,16 @@ def compile_launches() -> dict[str, str | None]:
         triton_attn.sparse_attn(torch.randn(1, 2, 64, d).to(dtype), torch.randn(1, 100, d).to(dtype), torch.randn(64),
                                 torch.randint(0, 100, (1, 2, 64)), d**-0.5)
     triton_hc.hc_split_sinkhorn(torch.randn(5, 24), torch.randn(3), torch.randn(24), 4, 20, 1e-6)
+    from dsv4cli.formats.kvcache import encode_index_rows, encode_kv_rows
+
+    q, local = torch.randn(1, 1, 64, 512).to(bf16), torch.randn(1, 129, 512).to(bf16)
+    pool = encode_kv_rows(torch.randn(1, 600, 512).to(bf16), 64)
+    for stored in (pool, torch.randn(1, 600, 512).to(bf16)):  # compact and dense pools
+        triton_longctx.cached_attn(q, local, torch.arange(128)[None, None], stored, torch.arange(512)[None, None],
+                                   torch.randn(64), 512**-0.5, 64)
+    for keys in (encode_index_rows(torch.randn(1, 300, 128)), torch.randn(1, 300, 128).to(bf16)):
+        triton_longctx.indexer_topk(torch.randn(1, 2, 64, 128).to(bf16), torch.rand(1, 2, 64), keys,
+                                    torch.tensor([300, 300]), 64)
     return results
 
 
@@ -458,6 +518,8 @@ def test_kernels_compile_for_sm90(children: dict[str, str | None]) -> None:
         pytest.fail(failure, pytrace=False)
     compiled = {k: v for k, v in children.items() if "(" in k}
     assert len(compiled) >= 10, sorted(compiled)
+    kernels = {name.split("(")[0] for name in compiled}
+    assert {"_cached_attn_kernel", "_index_scores_kernel", "_sparse_attn_kernel"} <= kernels, sorted(kernels)
     failed = {k: v for k, v in compiled.items() if v is not None}
     if failed:
         pytest.fail("\n\n".join(f"{k}:\n{v}" for k, v in failed.items()), pytrace=False)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsv4cli.kernels import ref, triton_attn, triton_gemm, triton_hc, triton_quant
+from dsv4cli.kernels import ref, triton_attn, triton_gemm, triton_hc, triton_longctx, triton_quant
 
 
 def implementations() -> dict[str, Callable]:
@@ -26,6 +26,8 @@ def implementations() -> dict[str, Callable]:
         "sparse_attn": triton_attn.sparse_attn,
         "kv_fp8_quant": triton_quant.kv_fp8_quant,
         "indexer_fp4_quant": triton_quant.indexer_fp4_quant,
+        "indexer_topk": triton_longctx.indexer_topk,
+        "cached_attn": triton_longctx.cached_attn,
     }
 
 
