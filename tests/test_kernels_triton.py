@@ -686,3 +686,33 @@ if __name__ == "__main__":  # child process: python test_kernels_triton.py {inte
     if (sys.argv[1] == "interpret") != (os.environ.get("TRITON_INTERPRET") == "1"):
         sys.exit("interpret mode needs TRITON_INTERPRET=1 set before triton is imported, compile mode needs it unset")
     worker_main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+
+
+@pytest.mark.parametrize("seq", [1, 4])
+@pytest.mark.usefixtures("cuda_triton")
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cached_attn_and_indexer_flash_shapes(seq: int) -> None:
+    """Decode/prefill-sized calls at Flash shapes on a 64K-entry compact pool: the Triton twins of the
+    long-context ops against the reference on the same GPU tensors."""
+    from dsv4cli.formats.kvcache import encode_index_rows, encode_kv_rows
+    from dsv4cli.kernels import triton_longctx
+
+    g = torch.Generator().manual_seed(1)
+    h, d, n_pool = 64, 512, 65536
+    q = torch.randn(1, seq, h, d, generator=g).to(torch.bfloat16).cuda()
+    local = torch.randn(1, 128 + seq, d, generator=g).to(torch.bfloat16).cuda()
+    local_idx = torch.arange(128, device="cuda").expand(1, seq, -1).contiguous()
+    pool = encode_kv_rows(torch.randn(1, n_pool, d, generator=g).to(torch.bfloat16), 64).cuda()
+    pool_idx = torch.stack([torch.randperm(n_pool, generator=g)[:512] for _ in range(seq)])[None].cuda()
+    sink = torch.randn(h, generator=g).cuda()
+    got = triton_longctx.cached_attn(q, local, local_idx, pool, pool_idx, sink, d**-0.5, 64)
+    assert_close_scaled(got, ref.cached_attn(q, local, local_idx, pool, pool_idx, sink, d**-0.5, 64), 2**-5, 2**-6)
+    iq = ref.indexer_fp4_quant(torch.randn(1, seq, 64, 128, generator=g)).cuda()
+    weights = torch.rand(1, seq, 64, generator=g).cuda()
+    keys = encode_index_rows(ref.indexer_fp4_quant(torch.randn(1, n_pool, 128, generator=g))).cuda()
+    visible = torch.full((seq,), n_pool, device="cuda")
+    picked = triton_longctx.indexer_topk(iq, weights, keys, visible, 512)
+    want = ref.indexer_topk(iq, weights, keys, visible, 512)
+    overlap = (picked[..., :, None] == want[..., None, :]).any(-1).float().mean()
+    assert overlap > 0.99  # float32 summation order may swap entries at a near-tie on the border
