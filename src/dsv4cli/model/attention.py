@@ -176,10 +176,15 @@ class Attention(nn.Module):
 
     def _window(self, kv: torch.Tensor, start_pos: int, cache: LayerCache
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV rows the window can reach (earlier tokens from the ring, then this chunk) and each
-        query's window indices into them [1,S,win] (-1 = nothing there); updates the ring."""
+        """KV rows the window can reach (earlier tokens from the ring, then this chunk; for one decoded token
+        the ring itself, read in place) and each query's window indices into them [1,S,win] (-1 = nothing
+        there); updates the ring."""
         win = self.args.window_size
         seq = kv.shape[1]
+        if seq == 1:  # decode: the new row goes into the ring first, then the ring itself is read in place
+            cache.window[:, start_pos % win] = kv[:, 0].to(cache.window.dtype)
+            key_pos = torch.arange(start_pos - win + 1, start_pos + 1, device=kv.device)
+            return cache.window, torch.where(key_pos >= 0, key_pos % win, -1)[None, None]
         n_prev = min(start_pos, win - 1)
         first = start_pos - n_prev
         earlier = torch.arange(first, start_pos, device=kv.device)
