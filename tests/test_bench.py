@@ -139,7 +139,7 @@ def test_synthetic_fill_times_tg_from_random_entries_and_pp_from_a_real_prefill(
     for r in rows.values():
         assert r.start_position == r.depth and r.reused_tokens == r.depth
     text = bench.render_markdown(report)
-    assert re.search(r"\| tg3 +\| +300\* \|", text) and "synthetic entries (--fill synthetic)" in text
+    assert re.search(r"\| tg3 +\| +300\* \|", text) and "filled with synthetic entries, not by a prefill" in text
     assert report.to_dict()["settings"]["fill"] == "synthetic"
     assert [r["fill"] for r in report.to_dict()["results"] if r["depth"] == 300] == ["prefill", "synthetic"]
 

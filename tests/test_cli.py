@@ -127,3 +127,38 @@ def test_ctrl_c_exits_130(xdg):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "[interrupted]" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--nothink", "--think-max"), "--nothink and --think-max contradict each other"),
+    (("--mode", "non-think", "--think-max"), "--mode non-think and --think-max contradict each other"),
+    (("--mode", "think-max", "--nothink"), "--mode think-max and --nothink contradict each other"),
+    (("--mode", "think-high", "--nothink"), "--mode think-high and --nothink contradict each other"),
+])
+def test_contradictory_mode_flags_are_all_refused_alike(flags, message):
+    from dsv4cli.cli.chat import _chat_mode
+    from dsv4cli.errors import UsageError
+
+    mode = flags[1] if flags[0] == "--mode" else None
+    with pytest.raises(UsageError) as err:
+        _chat_mode(mode, "--nothink" in flags, "--think-max" in flags)
+    assert err.value.message == message
+
+
+def test_mode_flags_that_agree_and_the_default():
+    from dsv4cli.chat.encoding import ThinkMode
+    from dsv4cli.cli.chat import _chat_mode
+
+    assert _chat_mode(None, False, False) is ThinkMode.THINK_HIGH
+    assert _chat_mode("think-max", False, True) is ThinkMode.THINK_MAX
+    assert _chat_mode("non-think", True, False) is ThinkMode.NON_THINK
+    assert _chat_mode(None, True, False) is ThinkMode.NON_THINK
+
+
+def test_dash_m_is_not_the_mode_and_contradictions_exit_2():
+    """llama-cli and llm users type -m MODEL: -m is no short form of --mode (a clean usage error)."""
+    proc = dsv4("chat", "-m", "think-max", "-p", "hi")
+    assert proc.returncode == 2 and "-m" in proc.stderr and "Traceback" not in proc.stderr
+    proc = dsv4("chat", "--mode", "non-think", "--think-max", "-p", "hi")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "--mode non-think and --think-max contradict each other" in proc.stderr

@@ -158,9 +158,9 @@ def test_nan_weights_fail_with_a_clear_error_and_reset_the_cache():
 def test_a_context_too_large_for_memory_is_refused_before_allocating(model, monkeypatch):
     assert cache_bytes(model, 256) == Engine(model, max_context=256).cache.nbytes
     assert cache_bytes(model, 10**20) > 10**20  # beyond what torch can describe: estimated
-    monkeypatch.setattr(engine_module, "available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(engine_module, "available_bytes", lambda device: 2**20)
     with pytest.raises(ContextTooLarge) as caught:
-        Engine(model, max_context=1_000_000_000)
+        Engine(model, max_context=1_000_000)
     message = caught.value.message
     assert isinstance(caught.value, OutOfMemory) and "--" not in caught.value.one_line()
-    assert message.startswith("a 1,000,000,000-token context needs ") and "1.0 GiB is available" in message
+    assert message.startswith("a 1,000,000-token context needs ") and "1.05 MB is available" in message

@@ -310,3 +310,17 @@ def test_a_million_token_context_is_allocated_compact_and_passes_the_think_max_g
     session = ChatSession(engine, tokenizer=None)
     assert session.set_mode("think-max") is None
     assert ChatSession(Engine(model, max_context=4096), tokenizer=None).set_mode("think-max") is not None
+
+
+def test_a_context_beyond_max_position_embeddings_is_refused():
+    from dsv4cli.cli.options import FLAG_NAMES
+    from dsv4cli.engine.engine import Engine
+    from dsv4cli.errors import UsageError
+
+    model = tiny_model("tiny", Numerics())
+    model.args = model.args.replace(max_position_embeddings=4096)
+    Engine(model, max_context=4096)
+    with pytest.raises(UsageError) as err:
+        Engine(model, max_context=4097)
+    assert err.value.one_line(FLAG_NAMES) == ("a context of 4,097 tokens exceeds the model's max_position_embeddings "
+                                              "(4,096) (lower --ctx to 4,096 or less)")

@@ -134,7 +134,7 @@ def test_simulated_plan_splits_experts_by_the_pretend_budget():
     dense_and_kv = plan_placement(ARGS, context=256).dense_bytes + plan_placement(ARGS, context=256).kv_cache_bytes
     expert = plan_placement(ARGS, context=256).expert_bytes
     budget = dense_and_kv + 10 * expert
-    plan = resolve_plan(ARGS, PlacementOptions(simulate=True, gpu_memory=str(budget)), context=256)
+    plan = resolve_plan(ARGS, PlacementOptions(simulate=True, gpu_memory=f"{budget}B"), context=256)
     assert plan.device == "cpu" and plan.staging_slots + plan.n_gpu_experts == 10
     assert plan_placement(ARGS, device="cpu", gpu_budget_bytes=budget, context=256).n_gpu_experts == 0
 
@@ -169,7 +169,7 @@ def test_saved_plan_and_routing_counts(tmp_path):
     expert = plan_placement(ARGS, context=256).expert_bytes
     base = plan_placement(ARGS, context=256)
     budget = base.dense_bytes + base.kv_cache_bytes + 33 * expert  # 32 staging slots + 1 resident
-    plan = resolve_plan(ARGS, PlacementOptions(simulate=True, gpu_memory=str(budget), counts=counts), context=256)
+    plan = resolve_plan(ARGS, PlacementOptions(simulate=True, gpu_memory=f"{budget}B", counts=counts), context=256)
     assert plan.gpu_experts == {2: [5]}
     plan.save(tmp_path / "plan.json")
     assert resolve_plan(ARGS, PlacementOptions(plan=tmp_path / "plan.json"), context=1) == plan
@@ -325,3 +325,27 @@ def test_ram_shortage_is_warned_once(tiny_checkpoint, monkeypatch):
         monkeypatch.setattr(apply, "available_ram_bytes", lambda: 1 * MB)
         placement = place_by_options(model, PlacementOptions(device="cpu", cpu_memory="1MB"), 256, tiny_checkpoint)
     assert len(placement.warnings) == 1 and "memory-mapped files" in placement.warnings[0]
+
+
+@pytest.mark.parametrize("option, flag", [("gpu_memory", "--gpu-memory"), ("cpu_memory", "--cpu-memory")])
+def test_a_memory_budget_without_a_unit_is_refused_with_the_unit_suggested(option, flag):
+    from dsv4cli.cli.options import FLAG_NAMES
+
+    with pytest.raises(UsageError) as err:
+        resolve_plan(ARGS, PlacementOptions(simulate=True, **{"gpu_memory": "1GB", option: "24"}), context=256)
+    assert err.value.one_line(FLAG_NAMES) == (f"{flag} '24' has no unit (write it with one: 24GB (10^9 bytes) "
+                                              "or 24GiB (2^30))")
+
+
+def test_plan_is_a_calculation_that_needs_no_gpu():
+    """`dsv4 plan flash --gpu-memory 24GB` (the README's command) plans for a GPU of that size, GPU or not;
+    running with --gpu-memory and no GPU is still refused (test_chat_with_a_simulated_plan)."""
+    from tests.test_cli import dsv4
+
+    made = dsv4("plan", "flash", "--gpu-memory", "24GB", "--json")
+    assert made.returncode == 0, made.stderr
+    plan = json.loads(made.stdout)
+    assert plan["device"].startswith("cuda") and plan["gpu_budget_bytes"] == 24 * 10**9
+    assert plan["kv_cache_bytes"] > 16384 * 3000  # the compact KV of the default 16K context
+    table = dsv4("plan", "flash", "--gpu-memory", "24GB")
+    assert table.returncode == 0 and "placement plan: flash" in table.stdout

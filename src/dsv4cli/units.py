@@ -28,6 +28,16 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
+def parse_memory(text: str, option: str) -> int:
+    """A memory budget such as '24GB' or '24GiB': like `parse_size`, but a bare number is refused. Nobody
+    means 24 bytes of GPU memory; the error suggests the unit. `option` names the setting ({opt:name})."""
+    match = _SIZE_RE.match(text)
+    if match is not None and not match[2]:
+        raise UsageError(f"{{opt:{option}}} {text!r} has no unit", f"write it with one: {match[1]}GB "
+                         f"(10^9 bytes) or {match[1]}GiB (2^30)")
+    return parse_size(text)
+
+
 def parse_size(text: str) -> int:
     """'4GB' (10**9), '4GiB' (2**30), '500MB', '1048576' -> bytes."""
     match = _SIZE_RE.match(text)

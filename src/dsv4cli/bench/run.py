@@ -672,7 +672,7 @@ def render_markdown(report: BenchReport) -> str:
         f"peak memory: {human_bytes(report.peak_memory_bytes)} ({report.peak_memory_kind.upper()})",
     ]
     if any(r.synthetic_fill for r in report.results):
-        footer.append("depth*: the cache was filled with synthetic entries (--fill synthetic), not by a prefill: "
+        footer.append("depth*: the cache was filled with synthetic entries, not by a prefill: "
                       "the work per decoded token of a real context that deep, with text that stands for nothing")
     if report.model.get("placement"):
         footer.append(report.model["placement"])

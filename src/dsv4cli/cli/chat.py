@@ -27,7 +27,8 @@ NOT_UTF8_HINT = "pass UTF-8 text; convert other encodings first, e.g. with iconv
 def chat(
     model: str | None = typer.Argument(None, help=f"MODEL: {WITH_WEIGHTS}. Omit it for the built-in demo model."),
     prompt: str | None = typer.Option(None, "-p", "--prompt", help="One-shot prompt (stdin, if piped, comes first)."),
-    mode: str = typer.Option("think-high", "--mode", "-m", help="Reasoning mode: non-think, think-high, think-max."),
+    mode: str | None = typer.Option(None, "--mode", show_default=False,
+                                    help="Reasoning mode: non-think, think-high (default), think-max."),
     nothink: bool = typer.Option(False, "--nothink", help="Shortcut for --mode non-think."),
     think_max: bool = typer.Option(False, "--think-max", help="Shortcut for --mode think-max."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
@@ -128,16 +129,22 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
     return _one_shot(session, text, renderer, as_json)
 
 
-def _chat_mode(mode: str, nothink: bool, think_max: bool):
-    """The ThinkMode that --mode, --nothink and --think-max choose."""
-
-    if nothink and think_max:
-        raise UsageError("--nothink and --think-max contradict each other")
-    chosen = "non-think" if nothink else "think-max" if think_max else mode
-    try:
-        return ThinkMode.parse(chosen)
-    except ValueError:
-        raise UsageError(f"unknown mode {chosen!r}", f"choose one of: {', '.join(MODES)}") from None
+def _chat_mode(mode: str | None, nothink: bool, think_max: bool) -> ThinkMode:
+    """The ThinkMode that --mode, --nothink and --think-max choose (think-high when none is given); any two
+    that choose different modes are refused alike."""
+    picks: dict[str, ThinkMode] = {}
+    if mode is not None:
+        try:
+            picks[f"--mode {mode}"] = ThinkMode.parse(mode)
+        except ValueError:
+            raise UsageError(f"unknown mode {mode!r}", f"choose one of: {', '.join(MODES)}") from None
+    if nothink:
+        picks["--nothink"] = ThinkMode.NON_THINK
+    if think_max:
+        picks["--think-max"] = ThinkMode.THINK_MAX
+    if len(set(picks.values())) > 1:
+        raise UsageError(f"{' and '.join(picks)} contradict each other", "give one reasoning mode")
+    return next(iter(picks.values()), ThinkMode.THINK_HIGH)
 
 
 def _check_limits(ctx: int, max_tokens: int | None, reasoning_budget: int | None) -> None:

@@ -47,10 +47,10 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --cache-policy {cache_policy!r}", f"choose one of: {', '.join(CACHE_POLICIES)}")
         options = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, simulate=simulate,
                                    cache_policy=cache_policy)
-        result = resolve_plan(args, options, ctx)  # the flags are checked before a --profile run
+        result = resolve_plan(args, options, ctx, calculation=True)  # the flags are checked before a --profile run
         routing = _routing_counts(model, counts, profile, save_counts)
         if routing:
-            result = resolve_plan(args, options, ctx, routing)
+            result = resolve_plan(args, options, ctx, routing, calculation=True)
         if save is not None:
             result.save(save)
         if as_json:

@@ -34,6 +34,7 @@ from dsv4cli.errors import CheckpointError, OutOfMemory, UsageError
 from dsv4cli.model.cache import CacheSnapshot, ModelCache
 from dsv4cli.model.transformer import Transformer
 from dsv4cli.runtime.options import available_ram_bytes
+from dsv4cli.units import human_bytes
 
 MAX_SNAPSHOTS = 8
 
@@ -67,7 +68,8 @@ class NonFiniteLogits(CheckpointError):
 
 
 def gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:,.1f} GiB"
+    """Bytes as the tables write them (decimal units: `units.human_bytes`)."""
+    return human_bytes(nbytes)
 
 
 @dataclass
@@ -80,6 +82,10 @@ class Engine:
     def __init__(self, model: Transformer, max_context: int = 4096, prefill_chunk: int = 256):
         if max_context < 2:
             raise UsageError(f"context size must be at least 2 tokens, got {max_context}")
+        longest = model.args.max_position_embeddings
+        if max_context > longest:
+            raise UsageError(f"a context of {max_context:,} tokens exceeds the model's max_position_embeddings "
+                             f"({longest:,})", f"lower {{opt:ctx}} to {longest:,} or less")
         check_cache_fits(model, max_context)
         self.model = model
         self.max_context = max_context

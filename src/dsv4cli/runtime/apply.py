@@ -24,6 +24,7 @@ from dsv4cli.model.transformer import Transformer
 from dsv4cli.runtime.offload import OffloadedExperts
 from dsv4cli.runtime.options import PlacementOptions, available_ram_bytes, resolve_plan
 from dsv4cli.runtime.placement import PlacementPlan
+from dsv4cli.units import human_bytes
 
 
 def is_routed_expert(name: str) -> bool:
@@ -123,6 +124,6 @@ def place_by_options(model: Transformer, options: PlacementOptions, context: int
         ram = available_ram_bytes()
         if weights > ram:
             placement.warnings.append(
-                f"the weights ({weights / 2**30:.1f} GiB) exceed the available RAM ({ram / 2**30:.1f} GiB): they are "
+                f"the weights ({human_bytes(weights)}) exceed the available RAM ({human_bytes(ram)}): they are "
                 "read from the memory-mapped files on demand, so speed is limited by the disk")
     return placement

@@ -10,7 +10,7 @@ from pathlib import Path
 from dsv4cli.errors import UsageError
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.runtime.placement import PlacementPlan, frequencies_from_counts, is_valid_device, plan_placement
-from dsv4cli.units import parse_size
+from dsv4cli.units import parse_memory
 
 
 def available_ram_bytes() -> int:
@@ -59,9 +59,12 @@ class PlacementOptions:
 
 
 def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
-                 routing_counts: dict[int, list[int]] | None = None) -> PlacementPlan:
+                 routing_counts: dict[int, list[int]] | None = None, calculation: bool = False) -> PlacementPlan:
     """The plan the flags ask for: a saved one (`--plan`), or one computed from the budgets
-    (defaults: the first GPU's free memory when there is a GPU, the available RAM)."""
+    (defaults: the first GPU's free memory when there is a GPU, the available RAM).
+
+    `calculation` (`dsv4 plan`): nothing will run here, so `--gpu-memory` without a visible GPU plans for a
+    GPU of that size (cuda:0) instead of being refused."""
     if options.plan is not None:
         if options.planning_flags_given:
             raise UsageError("{opt:plan} already says where everything goes",
@@ -80,15 +83,17 @@ def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
         device = "cpu"
     else:
         device = options.device or detected
+        if calculation and options.device is None and device == "cpu" and options.gpu_memory is not None:
+            device = "cuda:0"
     if device == "cpu" and options.gpu_memory is not None and not options.simulate:
         raise UsageError("{opt:gpu_memory} needs a GPU and none is visible here (or {opt:device} cpu was given)",
                          "add {opt:device} cuda:N to plan for a GPU machine, or {opt:simulate} to let host memory "
                          "stand in for a GPU")
-    gpu_budget = parse_size(options.gpu_memory) if options.gpu_memory else free_gpu
+    gpu_budget = parse_memory(options.gpu_memory, "gpu_memory") if options.gpu_memory else free_gpu
     if device != "cpu" and gpu_budget == 0:
         raise UsageError(f"{{opt:device}} {device}, but no CUDA GPU is visible here",
                          "pass {opt:gpu_memory} to plan for another machine, or use {opt:device} cpu")
-    cpu_budget = parse_size(options.cpu_memory) if options.cpu_memory else available_ram_bytes()
+    cpu_budget = parse_memory(options.cpu_memory, "cpu_memory") if options.cpu_memory else available_ram_bytes()
     if routing_counts is None and options.counts is not None:
         from dsv4cli.runtime.profiling import load_counts
 

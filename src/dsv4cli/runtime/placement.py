@@ -21,6 +21,7 @@ from dsv4cli.fsutil import atomic_write_text
 from dsv4cli.io.schema import checkpoint_specs
 from dsv4cli.model.args import ModelArgs
 from dsv4cli.model.cache import CacheLayout, ModelCache
+from dsv4cli.units import human_bytes
 
 PLAN_VERSION = 1
 CACHE_POLICIES = ("lru", "lfu", "mru")
@@ -74,13 +75,12 @@ class PlacementPlan:
 
     def summary(self) -> str:
         """One line for the chat banner: what runs where."""
-        gib = 2**30
         experts = (self.n_gpu_experts + self.staging_slots) * self.expert_bytes
         on_device = self.dense_bytes + self.kv_cache_bytes + experts
         host = "host RAM" if self.host_mode == "ram" else "the memory-mapped files"
         pretend = " (host memory standing in for a GPU)" if self.device == "cpu" else ""
         return (f"placement: dense weights and KV cache on {self.device}{pretend}, {self.n_gpu_experts:,} routed "
-                f"experts resident there + {self.staging_slots} staging slots ({on_device / gib:.1f} GiB), "
+                f"experts resident there + {self.staging_slots} staging slots ({human_bytes(on_device)}), "
                 f"{self.n_host_experts:,} in {host}")
 
     def to_json(self) -> str:
@@ -321,8 +321,8 @@ def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: in
         free = gpu_budget_bytes - dense - kv - reserve
         if free < 0:
             raise OutOfMemory(
-                f"the GPU budget of {gpu_budget_bytes / 2**30:.1f} GiB cannot hold the dense weights and "
-                f"KV cache ({(dense + kv + reserve) / 2**30:.1f} GiB with reserve)",
+                f"the GPU budget of {human_bytes(gpu_budget_bytes)} cannot hold the dense weights and "
+                f"KV cache ({human_bytes(dense + kv + reserve)} with reserve)",
                 "lower {opt:ctx}, raise {opt:gpu_memory}, or run on the CPU ({opt:device} cpu)")
         plan.staging_slots = min(staging_slots, free // expert, total_experts)
         free -= plan.staging_slots * expert
@@ -334,8 +334,8 @@ def plan_placement(args: ModelArgs, *, device: str = "cpu", gpu_budget_bytes: in
     if cpu_budget_bytes is not None and host_needed > cpu_budget_bytes:
         plan.host_mode = "mmap"
         plan.warnings.append(
-            f"host experts need {host_needed / 2**30:.1f} GiB but the CPU budget is "
-            f"{cpu_budget_bytes / 2**30:.1f} GiB: experts are read from the memory-mapped files on demand "
+            f"host experts need {human_bytes(host_needed)} but the CPU budget is "
+            f"{human_bytes(cpu_budget_bytes)}: experts are read from the memory-mapped files on demand "
             "(works, but decode is limited by disk speed)")
     return plan
 
