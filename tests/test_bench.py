@@ -130,6 +130,29 @@ def test_fill_rewind_and_fixed_traces(engine):
     assert greedy_tokens() == greedy_tokens()  # same state, same trace: identical work in every repetition
 
 
+def test_csv_and_jsonl_outputs(report):
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(bench.render(report, "csv"))))
+    assert tuple(rows[0]) == bench.CSV_COLUMNS and len(rows) == len(report.results)
+    assert [(r["test"], int(r["tokens"]), int(r["depth"])) for r in rows] == [
+        (r.test, r.tokens, r.depth) for r in report.results]
+    assert all(float(r["tokens_per_second"]) > 0 and r["model"] == report.model["name"] for r in rows)
+    lines = [json.loads(line) for line in bench.render(report, "jsonl").splitlines()]
+    assert len(lines) == len(report.results)
+    assert all(line["model"] == report.model["name"] and line["threads"] == 1 and line["tokens_per_second"] > 0
+               for line in lines)
+    assert json.loads(bench.render(report, "json")) == report.to_dict()
+
+
+def test_zero_skips_pp_or_tg_as_in_llama_bench():
+    only_tg = run_bench(BenchSettings(**{**SMALL, "prompt_tokens": (0,), "depths": (0,), "repetitions": 1}))
+    assert [(r.test, r.tokens) for r in only_tg.results] == [("tg", 3)]
+    only_pp = run_bench(BenchSettings(**{**SMALL, "gen_tokens": (0,), "depths": (0,), "repetitions": 1}))
+    assert [(r.test, r.tokens) for r in only_pp.results] == [("pp", 8)]
+
+
 def test_synthetic_fill_times_tg_from_random_entries_and_pp_from_a_real_prefill():
     report = run_bench(BenchSettings(**{**SMALL, "depths": (0, 300), "fill": "synthetic", "repetitions": 1}))
     rows = {(r.test, r.depth): r for r in report.results}
@@ -230,8 +253,8 @@ def test_register_is_idempotent():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(prompt_tokens=(0,)), "-p values must be at least 1"),
-    (dict(gen_tokens=(5, 0)), "-n values must be at least 1"),
+    (dict(prompt_tokens=(-1,)), "-p values must be at least 0"),
+    (dict(prompt_tokens=(0,), gen_tokens=(0,)), "-p 0 and -n 0 leave nothing to measure"),
     (dict(depths=(-1,)), "-d values must be at least 0"),
     (dict(repetitions=0), "-r must be at least 1"),
     (dict(threads=0), "--threads"),
@@ -261,7 +284,7 @@ def test_settings_errors_and_context_hint():
 
 def test_cli_errors_are_one_line(capsys, tmp_path):
     cases = [
-        (["-p", "0"], 2, "-p values must be at least 1"),
+        (["-p", "0", "-n", "0"], 2, "-p 0 and -n 0 leave nothing to measure"),
         (["--synth", "tiny", "-d", "100", "--ctx", "50"], 2, "raise --ctx"),
         (["-o", "xml"], 2, "choose one of: md, json"),
         (["--synth", "nope"], 2, "unknown model preset"),

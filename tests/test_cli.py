@@ -162,3 +162,35 @@ def test_dash_m_is_not_the_mode_and_contradictions_exit_2():
     proc = dsv4("chat", "--mode", "non-think", "--think-max", "-p", "hi")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "--mode non-think and --think-max contradict each other" in proc.stderr
+
+
+def test_prompt_and_system_from_files_and_threads(tmp_path):
+    prompt, system = tmp_path / "prompt.txt", tmp_path / "system.txt"
+    prompt.write_text("What is 2 + 3?\n", encoding="utf-8")
+    system.write_text("\ufeffAnswer briefly.", encoding="utf-8")  # a byte-order mark is dropped
+    from_files = dsv4("chat", "-f", str(prompt), "--system-file", str(system), "--threads", "1", "--mode",
+                      "non-think", "--temperature", "0", "-n", "8", "--json")
+    assert from_files.returncode == 0, from_files.stderr
+    inline = dsv4("chat", "-p", "What is 2 + 3?\n", "--system", "Answer briefly.", "--mode", "non-think",
+                  "--temperature", "0", "-n", "8", "--json")
+    assert json.loads(from_files.stdout)["content"] == json.loads(inline.stdout)["content"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("-p", "hi", "-f", "{prompt}"), "-p and -f are alternatives"),
+    (("--system", "x", "--system-file", "{prompt}", "-p", "hi"), "--system and --system-file are alternatives"),
+    (("-f", "{missing}"), "cannot read -f {missing}: No such file or directory"),
+    (("-f", "{latin1}"), "-f {latin1} is not valid UTF-8: byte 0xe9 at offset 3"),
+    (("-f", "{blank}"), "-f {blank} is empty"),
+    (("-p", "hi", "--threads", "0"), "--threads must be at least 1, got 0"),
+])
+def test_bad_prompt_files_and_threads_are_one_line_usage_errors(tmp_path, args, message):
+    files = {"prompt": tmp_path / "p.txt", "missing": tmp_path / "nope.txt", "latin1": tmp_path / "l.txt",
+             "blank": tmp_path / "b.txt"}
+    files["prompt"].write_text("hi")
+    files["latin1"].write_bytes(b"caf\xe9")
+    files["blank"].write_text(" \n")
+    named = {k: str(v) for k, v in files.items()}
+    proc = dsv4("chat", *(a.format(**named) for a in args))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert message.format(**named) in proc.stderr

@@ -32,7 +32,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +50,15 @@ from dsv4cli.model.args import ModelArgs
 from dsv4cli.paths import cache_dir
 from dsv4cli.runtime.options import PlacementOptions
 from dsv4cli.runtime.resolve import DIRECTORY, ModelRef, resolve_model
+from dsv4cli.runtime.threads import thread_count
 from dsv4cli.units import human_bytes, human_count
 
 SCHEMA = "dsv4-bench/1"
 GREEDY = SamplingParams(temperature=0)
-OUTPUTS = ("md", "json")
+OUTPUTS = ("md", "json", "jsonl", "csv")
+#: the per-result columns of `-o csv` (and the keys each `-o jsonl` line starts with)
+CSV_COLUMNS = ("model", "test", "tokens", "depth", "fill", "tokens_per_second", "tokens_per_second_std",
+               "bandwidth_gb_s", "bandwidth_ratio", "expert_cache_hit_rate", "peak_memory_bytes")
 #: tensors looked up by token id: a decoded token reads one row of them, not the whole table
 LOOKUP_TABLES = ("embed.weight", ".tid2eid")
 DEFAULT_STREAM_BYTES = 128 << 20
@@ -92,8 +95,10 @@ class BenchSettings:
             raise UsageError("give either MODEL or {opt:synth}, not both")
         if self.synth is None and (self.layers is not None or self.experts is not None):
             raise UsageError("{opt:layers} and {opt:experts} only apply to {opt:synth}")
-        _check_counts("-p", self.prompt_tokens, minimum=1)
-        _check_counts("-n", self.gen_tokens, minimum=1)
+        _check_counts("-p", self.prompt_tokens, minimum=0)  # 0 skips the pp tests, as in llama-bench
+        _check_counts("-n", self.gen_tokens, minimum=0)
+        if not any(self.prompt_tokens) and not any(self.gen_tokens):
+            raise UsageError("-p 0 and -n 0 leave nothing to measure", "give a pp or a tg size")
         _check_counts("-d", self.depths, minimum=0)
         if self.repetitions < 1:
             raise UsageError(f"-r must be at least 1, got {self.repetitions}")
@@ -470,31 +475,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextmanager
-def thread_count(threads: int | None) -> Iterator[int]:
-    """Use `threads` for torch (and the native CPU kernels, if present) while active."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-        _native_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        if threads is not None:
-            torch.set_num_threads(before)
-            _native_threads(None)
-
-
-def _native_threads(threads: int | None) -> None:
-    try:
-        from dsv4cli.kernels import cpu
-    except ImportError:
-        return
-    setter = getattr(cpu, "set_threads", None)
-    if setter is not None:
-        setter(threads)
-
-
 # ======================================================================= environment
 
 
@@ -579,8 +559,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
 def run_tests(engine: Engine, settings: BenchSettings, progress: Progress | None = None) -> list[TestResult]:
     traces = Traces.make(engine.model.args.vocab_size, max(settings.depths), max(settings.prompt_tokens),
                          settings.seed)
-    tests = [("pp", p) for p in dict.fromkeys(settings.prompt_tokens)]
-    tests += [("tg", n) for n in dict.fromkeys(settings.gen_tokens)]
+    tests = [("pp", p) for p in dict.fromkeys(settings.prompt_tokens) if p > 0]
+    tests += [("tg", n) for n in dict.fromkeys(settings.gen_tokens) if n > 0]
     results, fill = [], None
     for depth in sorted(set(settings.depths)):
         real = [(test, n) for test, n in tests if test == "pp" or settings.fill == "prefill" or depth == 0]
@@ -681,6 +661,27 @@ def render_markdown(report: BenchReport) -> str:
                    for r in report.results]
     table = markdown_table(TABLE_HEADER, table_rows(report))
     return "\n".join([*(f"- {h}" for h in header), "", table, "", *(f"- {f}" for f in footer)])
+
+
+def render(report: BenchReport, output: str) -> str:
+    """The report as `-o` asks: md (table), json (everything), jsonl (one object per result, with the model,
+    machine threads and date), csv (`CSV_COLUMNS`, one row per result)."""
+    import csv
+    import json
+
+    if output == "md":
+        return render_markdown(report)
+    if output == "json":
+        return json.dumps(report.to_dict(), indent=2)
+    common = {"model": report.model["name"], "threads": report.machine["threads"], "date": report.date}
+    rows = [{**common, **result.to_dict()} for result in report.results]
+    if output == "jsonl":
+        return "\n".join(json.dumps(row) for row in rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().rstrip("\n")
 
 
 def require_matplotlib() -> None:

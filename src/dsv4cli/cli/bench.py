@@ -5,7 +5,6 @@ Call `register(app)` to add the command to the dsv4 typer app (idempotent).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,7 +54,8 @@ def register(app: typer.Typer) -> None:
                                                            "(random cache entries: tg at 1M in seconds; marked "
                                                            "depth* in the table). pp always prefills."),
         repetitions: int = typer.Option(3, "-r", "--repetitions", help="Timed runs per test (after a warm-up)."),
-        output: str = typer.Option("md", "-o", "--output", help="md (table) or json (everything, raw timings)."),
+        output: str = typer.Option("md", "-o", "--output", help="md (table), json (everything, raw timings), "
+                                   "jsonl (a line per result) or csv."),
         plot: Path | None = typer.Option(None, "--plot", help="Also draw tok/s against depth into this PNG "
                                                               "(needs matplotlib)."),
         threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads (default: torch's)."),
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
             OUTPUTS,
             BenchSettings,
             parse_counts,
-            render_markdown,
+            render,
             require_matplotlib,
             run_bench,
             write_plot,
@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
             require_matplotlib()
         with progress_status(sys.stderr.isatty()) as progress:
             report = run_bench(settings, progress)
-        text = json.dumps(report.to_dict(), indent=2) if output == "json" else render_markdown(report)
+        text = render(report, output)
         typer.echo(text)
         if plot is not None:
             typer.echo(f"plot: {write_plot(report, plot)}", err=True)

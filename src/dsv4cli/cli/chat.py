@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import typer
 
@@ -27,11 +28,16 @@ NOT_UTF8_HINT = "pass UTF-8 text; convert other encodings first, e.g. with iconv
 def chat(
     model: str | None = typer.Argument(None, help=f"MODEL: {WITH_WEIGHTS}. Omit it for the built-in demo model."),
     prompt: str | None = typer.Option(None, "-p", "--prompt", help="One-shot prompt (stdin, if piped, comes first)."),
+    prompt_file: Path | None = typer.Option(None, "-f", "--file", help="One-shot prompt read from a UTF-8 file "
+                                            "(instead of -p)."),
     mode: str | None = typer.Option(None, "--mode", show_default=False,
                                     help="Reasoning mode: non-think, think-high (default), think-max."),
     nothink: bool = typer.Option(False, "--nothink", help="Shortcut for --mode non-think."),
     think_max: bool = typer.Option(False, "--think-max", help="Shortcut for --mode think-max."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    system_file: Path | None = typer.Option(None, "--system-file", help="System prompt read from a UTF-8 file."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for torch and the native kernels "
+                                       "(default: torch's)."),
     temperature: float | None = typer.Option(None, help="Sampling temperature (0 = greedy). Default: the model's "
                                              "generation_config.json (DeepSeek: 1.0; the demo: 0.5)."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold (default: as temperature)."),
@@ -65,8 +71,12 @@ def chat(
     if thinking_view not in ("collapse", "keep", "hide"):
         raise UsageError(f"--thinking must be collapse, keep or hide, not {thinking_view!r}")
     _check_limits(ctx, max_tokens, reasoning_budget)
-    prompt = _flag_text(prompt, "-p", "give the prompt's text, or pipe it on stdin")
-    system = _flag_text(system, "--system", "give the system prompt's text, or leave --system out")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    prompt = _one_of(_flag_text(prompt, "-p", "give the prompt's text, or pipe it on stdin"), "-p",
+                     _file_text(prompt_file, "-f"), "-f")
+    system = _one_of(_flag_text(system, "--system", "give the system prompt's text, or leave --system out"),
+                     "--system", _file_text(system_file, "--system-file"), "--system-file")
     sampling = _sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     text = _one_shot_text(prompt)
     interactive = text is None
@@ -77,7 +87,9 @@ def chat(
 
     placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
                                  counts=counts)
-    with open_model(model, placement=placement, context=ctx) as opened:
+    from dsv4cli.runtime.threads import thread_count
+
+    with thread_count(threads), open_model(model, placement=placement, context=ctx) as opened:
         raise typer.Exit(_converse(opened, text, think, system, sampling, temperature, top_p, max_tokens, ctx,
                                    reasoning_budget, thinking_view, no_markdown, no_history, as_json, show_thinking,
                                    verbose))
@@ -178,6 +190,28 @@ def _flag_text(text: str | None, flag: str, hint: str) -> str | None:
     if not text.strip():
         raise UsageError(f"{flag} is empty", hint)
     return text
+
+
+def _file_text(path: Path | None, flag: str) -> str | None:
+    """The UTF-8 text of a file flag's file (None without the flag); UsageError when it cannot be read,
+    is not UTF-8 or is blank."""
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}", "give a readable file") from None
+    text = _decode_utf8(raw, f"{flag} {path}")
+    if not text.strip():
+        raise UsageError(f"{flag} {path} is empty", "put the text in the file, or leave the flag out")
+    return text
+
+
+def _one_of(first: str | None, first_flag: str, second: str | None, second_flag: str) -> str | None:
+    """The text one of two alternative flags gave; UsageError when both were given."""
+    if first is not None and second is not None:
+        raise UsageError(f"{first_flag} and {second_flag} are alternatives", "give the text one way")
+    return first if first is not None else second
 
 
 def _valid_utf8(text: str, where: str) -> str:
