@@ -905,7 +905,7 @@ def make_plan(ctx: Ctx, name: str, model_dir: Path, setup: BenchSetup, cuda: boo
     budget, resident = gpu_budget(model_dir, setup, cuda)
     plan_file = ctx.work / f"plan-{name}.json"
     where = ["--device", "cuda:0"] if cuda else ["--simulate"]
-    dsv4("plan", str(model_dir), *where, "--gpu-memory", str(budget), "--ctx", str(setup.context()),
+    dsv4("plan", str(model_dir), *where, "--gpu-memory", f"{budget}B", "--ctx", str(setup.context()),
          "--save", str(plan_file))
     plan = json.loads(plan_file.read_text())
     got = (sum(len(v) for v in plan["gpu_experts"].values()), plan["staging_slots"])
