@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     deepest = max(counts(opts.depths))
     per_token = {}
     for path in paths:
-        small, big = new_cache(model, path, 0).nbytes, None
+        small = new_cache(model, path, 0).nbytes
         big = ModelCache.allocate(args, 1, 1 << 20, model.numerics.act_dtype, device="meta",
                                   layout=model.cache_layout if path == "new" else CacheLayout()).nbytes
         per_token[path] = (big - small) / (1 << 20)

@@ -92,7 +92,7 @@ class CompressorState:
         if layout == DENSE:
             pool = torch.zeros(batch, max_len // ratio, head_dim, dtype=dtype, device=device)
         else:
-            row = kv_row_bytes(head_dim, rope_dim) if layout == FP8_KV else index_row_bytes(head_dim)
+            row = CacheLayout.entry_bytes(layout, head_dim, rope_dim, 1)
             pool = torch.zeros(batch, max_len // ratio, row, dtype=torch.uint8, device=device)
         return cls(
             ratio=ratio,
