@@ -96,6 +96,28 @@ def test_linear_matches_reference(lib, n, k, o, act_quant):
 
 
 @native
+@pytest.mark.parametrize("n", [5, 6, 13])  # below, at and past the panel GEMM's token threshold
+def test_linear_scales_outside_the_fold_range(lib, n):
+    """Rows whose UE8M0 scales the panel GEMM cannot fold into bf16 exponents (bytes 1 and 253) take
+    the on-the-fly tiles; each row must still match the reference exactly up to summation order."""
+    g = torch.Generator().manual_seed(n)
+    k, o = 256, 12
+    w, s = fp4(o, k, g)
+    s = s.view(torch.uint8).clone()
+    s[1] = 1    # 2^-126: folded, every word would leave the normal range
+    s[6, 3] = 253  # 2^126 in one block only
+    w[6, 48:64] &= 0x55  # |e2m1| <= 3 in that block (first bit of each nibble's magnitude cleared)
+    x = torch.randn(n, k, generator=g)
+    x[:, 96:128] *= 2.0**-100  # keeps the 2^126 block's products finite and normal
+    want = x @ ref.dequantize_weight(w, s.view(torch.float8_e8m0fnu)).T
+    got = lib.fp4_linear(x, w, s, False, 1)
+    assert torch.isfinite(want).all()
+    # per output column (row 1's values are ~2^-120 of the others), no floor on the denominator
+    per_row = (got - want).abs().amax(0) / want.abs().amax(0)
+    assert (per_row < 1e-5).all(), per_row
+
+
+@native
 def test_linear_bf16_and_batch_dims():
     g = torch.Generator().manual_seed(1)
     w, s = quantize_fp4_rows(torch.randn(48, 256, generator=g))  # the real encoder's output
@@ -156,6 +178,7 @@ MOE_CASES = [  # (experts, dim, inter, tokens, k)
     (7, 384, 160, 7, 6),   # tails: 384 and 160 are not multiples of 256 / 128
     (3, 128, 96, 4, 6),    # fewer experts than slots: experts selected twice by one token
     (9, 512, 256, 13, 3),
+    (3, 384, 160, 40, 2),  # ~27 tokens per expert: the panel GEMM (prefill), with K tails
 ]
 
 

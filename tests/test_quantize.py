@@ -107,7 +107,7 @@ def lib(request) -> cpu.NativeKernels:
 
 
 @pytest.mark.parametrize("fmt", ["int3", "int2"])
-@pytest.mark.parametrize(("n", "k", "o"), [(1, 256, 64), (5, 160, 33), (9, 1024, 7)])
+@pytest.mark.parametrize(("n", "k", "o"), [(1, 256, 64), (5, 160, 33), (9, 1024, 7), (14, 160, 33)])
 def test_lowbit_linear_matches_reference(lib, fmt, n, k, o):
     g = torch.Generator().manual_seed(n + k + o)
     q, s = quantize_lowbit(torch.randn(o, k, generator=g), fmt)
@@ -135,13 +135,14 @@ def _experts(formats: tuple[str, str], n: int, dim: int, inter: int, seed: int) 
 
 
 @pytest.mark.parametrize("formats", [("int3", "fp4"), ("int2", "int3"), ("fp4", "int2"), ("int3", "int3")])
-def test_fused_moe_with_mixed_projection_formats(lib, formats):
+@pytest.mark.parametrize("tokens", [6, 40])  # 40: ~16 per expert, the panel GEMM (prefill)
+def test_fused_moe_with_mixed_projection_formats(lib, formats, tokens):
     table = ExpertTable.from_experts(_experts(formats, 5, 160, 96, seed=1))
     bits = {"fp4": 4, "int3": 3, "int2": 2}
     assert table.native and table.bits == (bits[formats[0]], bits[formats[0]], bits[formats[1]])
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 160, generator=g)
-    weights, indices = torch.rand(6, 2, generator=g), torch.randint(0, 5, (6, 2), generator=g)
+    x = torch.randn(tokens, 160, generator=g)
+    weights, indices = torch.rand(tokens, 2, generator=g), torch.randint(0, 5, (tokens, 2), generator=g)
     for act_quant in (False, True):
         want = ref.moe_experts(x, weights, indices, table, 10.0, act_quant)
         got = lib.quant_moe(x, weights, indices, table, 10.0, act_quant, False, 1)

@@ -106,8 +106,46 @@ inline float fp8_block_scale(float amax) {
     return std::ldexp(1.0f, c);
 }
 
+#if defined(__AVX512F__)
+// e4m3_round of 16 values (|v| <= 448), bit for bit.
+inline __m512 e4m3_round16(__m512 v) {
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    const __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(v)));
+    const __m512 magic = _mm512_set1_ps(16384.0f);
+    const __m512 sub = _mm512_sub_ps(_mm512_add_ps(a, magic), magic);  // multiples of 2^-9 (RNE)
+    __m512i u = _mm512_castps_si512(a);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7ffff),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1))));
+    u = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xfff00000u)));
+    const __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.015625f), _CMP_LT_OQ);
+    const __m512 r = _mm512_mask_blend_ps(small, _mm512_castsi512_ps(u), sub);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(v), sign)));
+}
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1); }
+#endif
+
 // formats.fake_quant_fp8 on one row of n values, blocks of `block`, in place allowed.
 inline void fake_quant_row(const float* x, int64_t n, int64_t block, float* out) {
+#if defined(__AVX512F__)
+    if (block % 16 == 0) {
+        for (int64_t b0 = 0; b0 < n; b0 += block) {
+            const int64_t len = std::min(n, b0 + block) - b0;
+            __m512 amax = _mm512_setzero_ps();
+            for (int64_t i = 0; i < len; i += 16)
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask16(len - i), x + b0 + i)));
+            const float s = fp8_block_scale(_mm512_reduce_max_ps(amax));
+            const __m512 vs = _mm512_set1_ps(s), lim = _mm512_set1_ps(448.0f);
+            for (int64_t i = 0; i < len; i += 16) {
+                const __mmask16 m = mask16(len - i);
+                __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + b0 + i), vs);
+                q = _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), q));
+                _mm512_mask_storeu_ps(out + b0 + i, m, _mm512_mul_ps(e4m3_round16(q), vs));
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t b0 = 0; b0 < n; b0 += block) {
         const int64_t b1 = std::min(n, b0 + block);
         float amax = 0.0f;

@@ -25,6 +25,7 @@
 // Work is split into items claimed through an atomic counter (see parallel_items).
 
 #include "common.h"  // the ISA ladder: DSV4_PATH_BF16 / _AVX512 / _AVX2 / _SCALAR
+#include "panel_gemm.h"  // the prefill GEMM of the bf16 path
 
 namespace {
 
@@ -148,6 +149,56 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
     }
     for (int t = 0; t < TB; ++t)
         for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+// Rows r..r+3 of FP4 weight W -> panel[4][Kp] bf16 words in the prepared order, each times its
+// block scale, folded into the exponent: exact while every scale byte is in [2, 252] (e2m1
+// exponents are -1..2, so the sum stays normal). Rows past `rows` are zero. Returns false, with
+// nothing decoded, when some scale byte of these rows is outside that range.
+inline bool fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, int rows, uint16_t* panel,
+                      int64_t Kp) {
+    const int64_t rb = K / 2, sb = K / 32, nfull = K / kChunk, nchunks = Kp / kChunk;
+    for (int64_t i = 0; i < rows * sb; ++i) {
+        const uint8_t b = S[r * sb + i];
+        if (b < 2 || b > 252) return false;
+    }
+    const __m512i tbl = _mm512_load_si512(kBf16Table);
+    const __m512i mag = _mm512_set1_epi16(0x7fff);
+    // word j of each decoded vector holds input 4j + v: block j / 8 of the chunk
+    const __m512i block_of_word = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                                   1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int i = 0; i < 4; ++i) {
+        uint16_t* dst = panel + i * Kp;
+        if (i >= rows) {
+            std::memset(dst, 0, static_cast<size_t>(Kp) * 2);
+            continue;
+        }
+        const uint8_t* w = W + (r + i) * rb;
+        const uint8_t* s = S + (r + i) * sb;
+        for (int64_t c = 0; c < nchunks; ++c) {
+            // the same chunk of the next panel's row: its GEMM gives the fetch time to land
+            _mm_prefetch(reinterpret_cast<const char*>(w + 4 * rb + 64 * c), PF_HINT);
+            if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + 4 * sb + 4 * c), PF_HINT);
+            __m512i wr;
+            __m128i s4;
+            if (c < nfull) {
+                wr = _mm512_loadu_si512(w + 64 * c);
+                s4 = _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(s + 4 * c));
+            } else {  // tail: K % 128 inputs left (a multiple of 32); masked-off bytes decode to +0
+                const int64_t left = K - c * kChunk;
+                wr = _mm512_maskz_loadu_epi8((1ull << (left / 2)) - 1, w + 64 * c);
+                s4 = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (left / 32)) - 1), s + 4 * c);
+            }
+            const __m128i e4 = _mm_slli_epi16(_mm_sub_epi16(_mm_cvtepu8_epi16(s4), _mm_set1_epi16(127)), 7);
+            const __m512i ev = _mm512_permutexvar_epi16(block_of_word, _mm512_castsi128_si512(e4));
+            for (int q = 0; q < 4; ++q) {
+                const __m512i v = _mm512_permutexvar_epi16(_mm512_srli_epi16(wr, 4 * q), tbl);
+                _mm512_storeu_si512(dst + kChunk * c + 32 * q,
+                                    _mm512_mask_add_epi16(v, _mm512_test_epi16_mask(v, mag), v, ev));
+            }
+        }
+    }
+    return true;
 }
 
 #elif DSV4_PATH_AVX512
@@ -359,10 +410,69 @@ inline int64_t scale_row_bytes(int fmt, int64_t K) { return fmt == kFmtFp4 ? K /
 // Bytes streamed per weight (codes and scales), for the thread count heuristics.
 inline double bytes_per_weight(int fmt) { return static_cast<double>(row_bytes(fmt, 32) + scale_row_bytes(fmt, 32)) / 32; }
 
-// gemv_rows for any format.
+// Scratch of the panel GEMM (one per thread): kPanelRows rows of Kp words and their lane scales.
+struct Panel {
+    std::unique_ptr<uint16_t[]> w;
+    std::unique_ptr<float[]> s;
+    Panel() = default;
+    explicit Panel(int64_t Kp) {  // Kp = 0: no panel (the on-the-fly tiles only)
+#if DSV4_PATH_BF16
+        if (Kp <= 0) return;
+        w.reset(new uint16_t[static_cast<size_t>(kPanelRows * Kp)]);
+        s.reset(new float[static_cast<size_t>(kPanelRows * (Kp / kChunk) * 16)]);
+#else
+        (void)Kp;
+#endif
+    }
+};
+
+#ifndef FP4_GEMM_MIN
+#define FP4_GEMM_MIN 6  // tokens per weight row from which the panel GEMM beats the on-the-fly tiles
+#endif
+
+#if DSV4_PATH_BF16
+// Rows [r0, r1) of W in format fmt against T tokens through the panel GEMM: y[t][r - r0].
+void gemm_rows_fmt(int fmt, const uint8_t* W, const void* S, int64_t K, int64_t r0, int64_t r1, int parts,
+                   const XT* const* xs, int T, float* const* y, Panel& panel) {
+    const int64_t Kp = padded(K), chunks = Kp / kChunk;
+    const uint16_t* wr[kPanelRows];
+    const float* sr[kPanelRows];
+    for (int i = 0; i < kPanelRows; ++i) {
+        wr[i] = panel.w.get() + i * Kp;
+        sr[i] = panel.s.get() + i * chunks * 16;
+    }
+    for (int64_t r = r0; r < r1; r += kPanelRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - r));
+        if (fmt == kFmtFp4) {
+            const auto* s8 = static_cast<const uint8_t*>(S);
+            if (fp4_panel(W, s8, K, r, rows, panel.w.get(), Kp)) {
+                gemm_tokens(wr, Kp / 32, Kp, parts, xs, T, y, r - r0, rows);
+            } else {  // scales the fold cannot take: the on-the-fly tiles (exact for any scale)
+                for (int i = 0; i < rows; ++i) gemv_rows_r<1>(W, s8, K, r + i, parts, xs, T, y, r - r0 + i);
+            }
+            continue;
+        }
+        const auto* s16 = static_cast<const uint16_t*>(S);
+        if (fmt == kFmtInt3) {
+            lowbit_panel<3>(W, s16, K, r, rows, panel.w.get(), panel.s.get(), Kp);
+        } else {
+            lowbit_panel<2>(W, s16, K, r, rows, panel.w.get(), panel.s.get(), Kp);
+        }
+        gemm_tokens_scaled(wr, sr, chunks, Kp, parts, xs, T, y, r - r0, rows);
+    }
+}
+#endif
+
+// Rows [r0, r1) of W (format fmt, K inputs) against T tokens: y[t][r - r0]. With a panel and at
+// least FP4_GEMM_MIN tokens, the bf16 path runs the panel GEMM; otherwise the on-the-fly tiles.
 inline void rows_fmt(int fmt, const void* W, const void* S, int64_t K, int64_t r0, int64_t r1, int parts,
-                     const XT* const* xs, int T, float* const* y) {
+                     const XT* const* xs, int T, float* const* y, Panel* panel = nullptr) {
     const auto* w = static_cast<const uint8_t*>(W);
+#if DSV4_PATH_BF16
+    if (panel != nullptr && panel->w && T >= FP4_GEMM_MIN) return gemm_rows_fmt(fmt, w, S, K, r0, r1, parts, xs, T, y, *panel);
+#else
+    (void)panel;
+#endif
     if (fmt == kFmtInt3) {
         lowbit_rows<3>(w, static_cast<const uint16_t*>(S), K, r0, r1, parts, xs, T, y);
     } else if (fmt == kFmtInt2) {
@@ -414,16 +524,19 @@ int quant_linear(int fmt, const float* x, int64_t N, int64_t K, const void* W, c
         const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, (O / (8 * nt)) / 16 * 16));
         const int64_t nchunks = (O + chunk - 1) / chunk;
         const int64_t TBLK = 64;
-        struct Scratch { std::vector<float> ybuf; std::vector<float*> yp; };
+        struct Scratch { std::vector<float> ybuf; std::vector<float*> yp; Panel panel; };
         parallel_items(
             nt, nchunks,
-            [&] { return Scratch{std::vector<float>(static_cast<size_t>(TBLK * chunk)), std::vector<float*>(TBLK)}; },
+            [&] {
+                return Scratch{std::vector<float>(static_cast<size_t>(TBLK * chunk)), std::vector<float*>(TBLK),
+                               Panel(N >= FP4_GEMM_MIN ? Kp : 0)};
+            },
             [&](int64_t ci, Scratch& sc) {
                 const int64_t r0 = ci * chunk, r1 = std::min(O, r0 + chunk);
                 for (int64_t t0 = 0; t0 < N; t0 += TBLK) {
                     const int T = static_cast<int>(std::min<int64_t>(TBLK, N - t0));
                     for (int t = 0; t < T; ++t) sc.yp[t] = sc.ybuf.data() + t * chunk;
-                    rows_fmt(fmt, W, S, K, r0, r1, parts, xs.data() + t0, T, sc.yp.data());
+                    rows_fmt(fmt, W, S, K, r0, r1, parts, xs.data() + t0, T, sc.yp.data(), &sc.panel);
                     for (int t = 0; t < T; ++t)
                         std::memcpy(y + (t0 + t) * O + r0, sc.yp[t], (r1 - r0) * sizeof(float));
                 }
@@ -562,6 +675,7 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
             std::vector<float> g, u, hv;
             std::vector<const XT*> xs;
             std::vector<float*> gp, up, yp;
+            Panel panel;
         };
         const size_t mp = static_cast<size_t>(max_pairs);
         parallel_items(
@@ -570,7 +684,7 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
                 return Scratch{std::vector<float>(mp * HC), std::vector<float>(mp * HC),
                                std::vector<float>(static_cast<size_t>(std::max<int64_t>(HC, kChunk))),
                                std::vector<const XT*>(mp), std::vector<float*>(mp), std::vector<float*>(mp),
-                               std::vector<float*>(mp)};
+                               std::vector<float*>(mp), Panel(max_pairs >= FP4_GEMM_MIN ? std::max(Dp, Ip) : 0)};
             },
             [&](int64_t it, Scratch& sc) {
                 const Item item = items[it];
@@ -584,9 +698,9 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
                         sc.up[j] = sc.u.data() + j * HC;
                     }
                     rows_fmt(f1, reinterpret_cast<const void*>(w1[e]), reinterpret_cast<const void*>(s1[e]), D,
-                             r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.gp.data());
+                             r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.gp.data(), &sc.panel);
                     rows_fmt(f3, reinterpret_cast<const void*>(w3[e]), reinterpret_cast<const void*>(s3[e]), D,
-                             r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.up.data());
+                             r0, r1, xparts, sc.xs.data(), static_cast<int>(T), sc.up.data(), &sc.panel);
                     float* hv = sc.hv.data();
                     for (int64_t j = 0; j < T; ++j) {
                         const float rwt = rw[pairs[q0 + j]];
@@ -615,7 +729,7 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
                         sc.xs[j] = hbuf + (q0 + j) * hp * Ip;
                     }
                     rows_fmt(f2, reinterpret_cast<const void*>(w2[e]), reinterpret_cast<const void*>(s2[e]), I,
-                             o0, o1, hp, sc.xs.data(), static_cast<int>(T), sc.yp.data());
+                             o0, o1, hp, sc.xs.data(), static_cast<int>(T), sc.yp.data(), &sc.panel);
                 }
             },
             [&](int64_t it) {

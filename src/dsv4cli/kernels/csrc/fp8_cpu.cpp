@@ -35,6 +35,7 @@
 // [g*R, (g+1)*R); the plain linear is G = 1.
 
 #include "common.h"
+#include "panel_gemm.h"
 
 
 #ifndef FP8_PF_TILES
@@ -231,18 +232,15 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
 }
 
 
-// ---- small-batch GEMM (prefill): many tokens against the same rows.
-// A tile that decodes on the fly spends a third of its work re-decoding for every 4 tokens and
-// a sixth on per-block scale FMAs. For T >= kGemmMinTokens, 4 rows at a time are decoded once
-// into a bf16 panel (L1/L2) with the block scale folded into each word's exponent (exact: the
-// scales are powers of two, checked per call), then a 4 rows x 6 tokens register tile runs
-// vdpbf16ps straight from the panel: per 32 inputs 4 + 6 loads feed 24 dot products.
+// ---- small-batch GEMM (prefill): many tokens against the same rows (panel_gemm.h). For
+// T >= kGemmMinTokens, 4 rows at a time are decoded once into a bf16 panel with the block scale
+// folded into each word's exponent (exact: the scales are powers of two, checked per call).
 #ifndef FP8_GEMM_MIN
 #define FP8_GEMM_MIN 20  // measured crossover on Zen 4: the on-the-fly tiles win below ~16-24 tokens
 #endif
 constexpr int kGemmMinTokens = FP8_GEMM_MIN;
 constexpr bool kHasGemm = true;
-constexpr int kGR = 4, kGT = 6;
+constexpr int kGR = kPanelRows;
 
 // Rows r..r+3 (absolute) of FP8 weight `w` -> panel[4][Kp] bf16 words in chunk_pos order, each
 // times its block scale 2^e (se: e << 7 per block, added to the exponent of non-zero words).
@@ -283,40 +281,6 @@ inline void decode_panel(const uint8_t* w, const int16_t* se, int64_t SK, int64_
     }
 }
 
-// Sums of four vectors: lane i of the result = sum of a_i.
-inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m128 lo = _mm_add_ps(_mm512_castps512_ps128(u), _mm512_extractf32x4_ps(u, 1));
-    const __m128 hi = _mm_add_ps(_mm512_extractf32x4_ps(u, 2), _mm512_extractf32x4_ps(u, 3));
-    return _mm_add_ps(lo, hi);
-}
-
-// 4 weight rows (bf16, `steps` x 32 words each, row pointers wr) x TB tokens.
-template <int TB>
-inline void gemm_tile(const uint16_t* const* wr, int64_t steps, int64_t Kp, int parts, const XT* const* xs,
-                      float* const* y, int64_t yoff, int rows) {
-    __m512 acc[kGR][TB];
-    for (int r = 0; r < kGR; ++r)
-        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < steps; ++s) {
-        __m512bh wv[kGR];
-        for (int r = 0; r < kGR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + 32 * s);
-        for (int q = 0; q < parts; ++q)
-            for (int t = 0; t < TB; ++t) {
-                const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[t] + q * Kp + 32 * s);
-                for (int r = 0; r < kGR; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
-            }
-    }
-    for (int t = 0; t < TB; ++t) {
-        alignas(16) float out[4];
-        _mm_store_ps(out, reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-        for (int r = 0; r < rows; ++r) y[t][yoff + r] = out[r];
-    }
-}
-
 // Rows [r0, r1) against T tokens through the panel GEMM. se == nullptr: bf16 weights, read in
 // place (K % 32 == 0) or through a zero-padded panel copy.
 void gemm_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
@@ -341,17 +305,7 @@ void gemm_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64
                 wr[i] = dst;
             }
         }
-        const int64_t yoff = r - r0;
-        int t = 0;
-        for (; t + kGT <= T; t += kGT) gemm_tile<kGT>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows);
-        switch (T - t) {
-            case 5: gemm_tile<5>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
-            case 4: gemm_tile<4>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
-            case 3: gemm_tile<3>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
-            case 2: gemm_tile<2>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
-            case 1: gemm_tile<1>(wr, steps, Kp, parts, xs + t, y + t, yoff, rows); break;
-            default: break;
-        }
+        gemm_tokens(wr, steps, Kp, parts, xs, T, y, r - r0, rows);
     }
 }
 
