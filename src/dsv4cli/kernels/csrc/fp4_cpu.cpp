@@ -23,6 +23,9 @@
 // the next tile's rows are software-prefetched into L2: the hardware prefetchers alone ramp up
 // too slowly on 1-2 KB rows (single-thread DRAM streaming went from ~9 to ~25 GB/s on Zen 4).
 // Work is split into items claimed through an atomic counter (see parallel_items).
+// Prefill (FP4_GEMM_MIN or more tokens against the same rows, bf16 path): the rows are decoded
+// once into bf16 panels with the scales folded in, and a register-blocked GEMM runs over all the
+// tokens (panel_gemm.h), instead of re-decoding them for every 4 tokens.
 
 #include "common.h"  // the ISA ladder: DSV4_PATH_BF16 / _AVX512 / _AVX2 / _SCALAR
 #include "panel_gemm.h"  // the prefill GEMM of the bf16 path
@@ -151,17 +154,23 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
         for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-// Rows r..r+3 of FP4 weight W -> panel[4][Kp] bf16 words in the prepared order, each times its
-// block scale, folded into the exponent: exact while every scale byte is in [2, 252] (e2m1
-// exponents are -1..2, so the sum stays normal). Rows past `rows` are zero. Returns false, with
-// nothing decoded, when some scale byte of these rows is outside that range.
-inline bool fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, int rows, uint16_t* panel,
-                      int64_t Kp) {
-    const int64_t rb = K / 2, sb = K / 32, nfull = K / kChunk, nchunks = Kp / kChunk;
+// Whether the block scales of rows [r, r + rows) of an FP4 weight fold into bf16 exponents
+// exactly: every byte in [2, 252] (e2m1 exponents are -1..2, so the sums stay normal).
+inline bool fp4_foldable(const uint8_t* S, int64_t K, int64_t r, int rows) {
+    const int64_t sb = K / 32;
     for (int64_t i = 0; i < rows * sb; ++i) {
         const uint8_t b = S[r * sb + i];
         if (b < 2 || b > 252) return false;
     }
+    return true;
+}
+
+// Chunks [c0, c1) of rows r..r+3 of FP4 weight W -> panel[4][Kp] bf16 words in the prepared order,
+// each times its block scale, folded into the exponent (the rows must be fp4_foldable). Rows past
+// `rows` are zero.
+inline void fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, int rows, uint16_t* panel,
+                      int64_t Kp, int64_t c0, int64_t c1) {
+    const int64_t rb = K / 2, sb = K / 32, nfull = K / kChunk;
     const __m512i tbl = _mm512_load_si512(kBf16Table);
     const __m512i mag = _mm512_set1_epi16(0x7fff);
     // word j of each decoded vector holds input 4j + v: block j / 8 of the chunk
@@ -170,12 +179,12 @@ inline bool fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, 
     for (int i = 0; i < 4; ++i) {
         uint16_t* dst = panel + i * Kp;
         if (i >= rows) {
-            std::memset(dst, 0, static_cast<size_t>(Kp) * 2);
+            std::memset(dst + kChunk * c0, 0, static_cast<size_t>(kChunk * (c1 - c0)) * 2);
             continue;
         }
         const uint8_t* w = W + (r + i) * rb;
         const uint8_t* s = S + (r + i) * sb;
-        for (int64_t c = 0; c < nchunks; ++c) {
+        for (int64_t c = c0; c < c1; ++c) {
             // the same chunk of the next panel's row: its GEMM gives the fetch time to land
             _mm_prefetch(reinterpret_cast<const char*>(w + 4 * rb + 64 * c), PF_HINT);
             if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + 4 * sb + 4 * c), PF_HINT);
@@ -198,7 +207,6 @@ inline bool fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, 
             }
         }
     }
-    return true;
 }
 
 #elif DSV4_PATH_AVX512
@@ -410,16 +418,13 @@ inline int64_t scale_row_bytes(int fmt, int64_t K) { return fmt == kFmtFp4 ? K /
 // Bytes streamed per weight (codes and scales), for the thread count heuristics.
 inline double bytes_per_weight(int fmt) { return static_cast<double>(row_bytes(fmt, 32) + scale_row_bytes(fmt, 32)) / 32; }
 
-// Scratch of the panel GEMM (one per thread): kPanelRows rows of Kp words and their lane scales.
+// Scratch of the panel GEMM (one per thread): kPanelRows rows of Kp words.
 struct Panel {
     std::unique_ptr<uint16_t[]> w;
-    std::unique_ptr<float[]> s;
     Panel() = default;
     explicit Panel(int64_t Kp) {  // Kp = 0: no panel (the on-the-fly tiles only)
 #if DSV4_PATH_BF16
-        if (Kp <= 0) return;
-        w.reset(new uint16_t[static_cast<size_t>(kPanelRows * Kp)]);
-        s.reset(new float[static_cast<size_t>(kPanelRows * (Kp / kChunk) * 16)]);
+        if (Kp > 0) w.reset(new uint16_t[static_cast<size_t>(kPanelRows * Kp)]);
 #else
         (void)Kp;
 #endif
@@ -431,45 +436,39 @@ struct Panel {
 #endif
 
 #if DSV4_PATH_BF16
-// Rows [r0, r1) of W in format fmt against T tokens through the panel GEMM: y[t][r - r0].
-void gemm_rows_fmt(int fmt, const uint8_t* W, const void* S, int64_t K, int64_t r0, int64_t r1, int parts,
+// Rows [r0, r1) of FP4 weight W against T tokens through the panel GEMM, K block by K block
+// (gemm_k_blocks): y[t][r - r0]. Rows whose scales do not fold take the on-the-fly tiles.
+void fp4_gemm_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, int64_t r1, int parts,
                    const XT* const* xs, int T, float* const* y, Panel& panel) {
-    const int64_t Kp = padded(K), chunks = Kp / kChunk;
-    const uint16_t* wr[kPanelRows];
-    const float* sr[kPanelRows];
-    for (int i = 0; i < kPanelRows; ++i) {
-        wr[i] = panel.w.get() + i * Kp;
-        sr[i] = panel.s.get() + i * chunks * 16;
-    }
+    const int64_t Kp = padded(K);
+    std::vector<char> folds;
     for (int64_t r = r0; r < r1; r += kPanelRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - r));
-        if (fmt == kFmtFp4) {
-            const auto* s8 = static_cast<const uint8_t*>(S);
-            if (fp4_panel(W, s8, K, r, rows, panel.w.get(), Kp)) {
-                gemm_tokens(wr, Kp / 32, Kp, parts, xs, T, y, r - r0, rows);
-            } else {  // scales the fold cannot take: the on-the-fly tiles (exact for any scale)
-                for (int i = 0; i < rows; ++i) gemv_rows_r<1>(W, s8, K, r + i, parts, xs, T, y, r - r0 + i);
-            }
-            continue;
-        }
-        const auto* s16 = static_cast<const uint16_t*>(S);
-        if (fmt == kFmtInt3) {
-            lowbit_panel<3>(W, s16, K, r, rows, panel.w.get(), panel.s.get(), Kp);
-        } else {
-            lowbit_panel<2>(W, s16, K, r, rows, panel.w.get(), panel.s.get(), Kp);
-        }
-        gemm_tokens_scaled(wr, sr, chunks, Kp, parts, xs, T, y, r - r0, rows);
+        folds.push_back(fp4_foldable(S, K, r, rows));
+        if (!folds.back())  // scales the fold cannot take: the on-the-fly tiles (exact for any scale)
+            for (int i = 0; i < rows; ++i) gemv_rows_r<1>(W, S, K, r + i, parts, xs, T, y, r - r0 + i);
     }
+    gemm_k_blocks(Kp / kChunk, [&](int64_t c0, int64_t c1) {
+        const uint16_t* wr[kPanelRows];
+        for (int i = 0; i < kPanelRows; ++i) wr[i] = panel.w.get() + i * Kp;
+        for (int64_t r = r0, p = 0; r < r1; r += kPanelRows, ++p) {
+            if (!folds[p]) continue;
+            const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - r));
+            fp4_panel(W, S, K, r, rows, panel.w.get(), Kp, c0, c1);
+            gemm_tokens(wr, 4 * c0, 4 * c1, Kp, parts, xs, T, y, r - r0, rows, c0 > 0);
+        }
+    });
 }
 #endif
 
-// Rows [r0, r1) of W (format fmt, K inputs) against T tokens: y[t][r - r0]. With a panel and at
-// least FP4_GEMM_MIN tokens, the bf16 path runs the panel GEMM; otherwise the on-the-fly tiles.
+// Rows [r0, r1) of W (format fmt, K inputs) against T tokens: y[t][r - r0]. FP4 with a panel and
+// at least FP4_GEMM_MIN tokens runs the panel GEMM on the bf16 path; otherwise the on-the-fly tiles.
 inline void rows_fmt(int fmt, const void* W, const void* S, int64_t K, int64_t r0, int64_t r1, int parts,
                      const XT* const* xs, int T, float* const* y, Panel* panel = nullptr) {
     const auto* w = static_cast<const uint8_t*>(W);
 #if DSV4_PATH_BF16
-    if (panel != nullptr && panel->w && T >= FP4_GEMM_MIN) return gemm_rows_fmt(fmt, w, S, K, r0, r1, parts, xs, T, y, *panel);
+    if (fmt == kFmtFp4 && panel != nullptr && panel->w && T >= FP4_GEMM_MIN)
+        return fp4_gemm_rows(w, static_cast<const uint8_t*>(S), K, r0, r1, parts, xs, T, y, *panel);
 #else
     (void)panel;
 #endif
@@ -529,7 +528,7 @@ int quant_linear(int fmt, const float* x, int64_t N, int64_t K, const void* W, c
             nt, nchunks,
             [&] {
                 return Scratch{std::vector<float>(static_cast<size_t>(TBLK * chunk)), std::vector<float*>(TBLK),
-                               Panel(N >= FP4_GEMM_MIN ? Kp : 0)};
+                               Panel(fmt == kFmtFp4 && N >= FP4_GEMM_MIN ? Kp : 0)};
             },
             [&](int64_t ci, Scratch& sc) {
                 const int64_t r0 = ci * chunk, r1 = std::min(O, r0 + chunk);
@@ -644,6 +643,7 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
         const int hp = 1;
 #endif
         const int64_t Dp = padded(D), Ip = padded(I);
+        const bool fp4_any = f1 == kFmtFp4 || f3 == kFmtFp4 || f2 == kFmtFp4;
         Buf xb, hb, yb;
         XT* xp = aligned_new<XT>(static_cast<size_t>(N * xparts * Dp));
         xb.p = xp;
@@ -684,7 +684,8 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
                 return Scratch{std::vector<float>(mp * HC), std::vector<float>(mp * HC),
                                std::vector<float>(static_cast<size_t>(std::max<int64_t>(HC, kChunk))),
                                std::vector<const XT*>(mp), std::vector<float*>(mp), std::vector<float*>(mp),
-                               std::vector<float*>(mp), Panel(max_pairs >= FP4_GEMM_MIN ? std::max(Dp, Ip) : 0)};
+                               std::vector<float*>(mp),
+                               Panel(fp4_any && max_pairs >= FP4_GEMM_MIN ? std::max(Dp, Ip) : 0)};
             },
             [&](int64_t it, Scratch& sc) {
                 const Item item = items[it];

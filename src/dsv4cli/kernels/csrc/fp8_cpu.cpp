@@ -242,22 +242,22 @@ constexpr int kGemmMinTokens = FP8_GEMM_MIN;
 constexpr bool kHasGemm = true;
 constexpr int kGR = kPanelRows;
 
-// Rows r..r+3 (absolute) of FP8 weight `w` -> panel[4][Kp] bf16 words in chunk_pos order, each
-// times its block scale 2^e (se: e << 7 per block, added to the exponent of non-zero words).
-// Rows past `rows` are zero.
+// Chunks [c0, c1) of rows r..r+3 (absolute) of FP8 weight `w` -> panel[4][Kp] bf16 words in
+// chunk_pos order, each times its block scale 2^e (se: e << 7 per block, added to the exponent of
+// non-zero words). Rows past `rows` are zero.
 inline void decode_panel(const uint8_t* w, const int16_t* se, int64_t SK, int64_t K, int64_t r, int rows,
-                         uint16_t* panel, int64_t Kp) {
+                         uint16_t* panel, int64_t Kp, int64_t c0, int64_t c1) {
     const Decoder dec;
-    const int64_t nfull = K / kBlk, nchunks = Kp / kBlk;
+    const int64_t nfull = K / kBlk;
     for (int i = 0; i < kGR; ++i) {
         uint16_t* dst = panel + i * Kp;
         if (i >= rows) {
-            std::memset(dst, 0, static_cast<size_t>(Kp) * 2);
+            std::memset(dst + kBlk * c0, 0, static_cast<size_t>(kBlk * (c1 - c0)) * 2);
             continue;
         }
         const uint8_t* row = w + (r + i) * K;
         const int16_t* e = se + ((r + i) / kBlk) * SK;
-        for (int64_t c = 0; c < nchunks; ++c) {
+        for (int64_t c = c0; c < c1; ++c) {
             __m512i b0, b1;
             if (c < nfull) {
                 b0 = _mm512_loadu_si512(row + kBlk * c);
@@ -281,32 +281,36 @@ inline void decode_panel(const uint8_t* w, const int16_t* se, int64_t SK, int64_
     }
 }
 
-// Rows [r0, r1) against T tokens through the panel GEMM. se == nullptr: bf16 weights, read in
-// place (K % 32 == 0) or through a zero-padded panel copy.
+// Rows [r0, r1) against T tokens through the panel GEMM, K block by K block (gemm_k_blocks).
+// se == nullptr: bf16 weights, read in place (K % 32 == 0) or through a zero-padded panel copy.
 void gemm_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
                const XT* const* xs, int T, float* const* y, uint16_t* panel) {
     const int64_t Kp = padded8(K);
     const bool direct = se == nullptr && K % 32 == 0;
     const int64_t steps = direct ? K / 32 : Kp / 32;
     const uint16_t* wb = reinterpret_cast<const uint16_t*>(W);
-    for (int64_t r = r0; r < r1; r += kGR) {
-        const int rows = static_cast<int>(std::min<int64_t>(kGR, r1 - r));
-        const uint16_t* wr[kGR];
-        if (se != nullptr) {
-            decode_panel(W, se, SK, K, r, rows, panel, Kp);
-            for (int i = 0; i < kGR; ++i) wr[i] = panel + i * Kp;
-        } else if (direct) {
-            for (int i = 0; i < kGR; ++i) wr[i] = wb + (r + std::min(i, rows - 1)) * K;
-        } else {
-            for (int i = 0; i < kGR; ++i) {
-                uint16_t* dst = panel + i * Kp;
-                std::memset(dst, 0, static_cast<size_t>(Kp) * 2);
-                if (i < rows) std::memcpy(dst, wb + (r + i) * K, static_cast<size_t>(K) * 2);
-                wr[i] = dst;
+    gemm_k_blocks(Kp / kBlk, [&](int64_t c0, int64_t c1) {
+        const int64_t s0 = 4 * c0, s1 = std::min(steps, 4 * c1);
+        for (int64_t r = r0; r < r1; r += kGR) {
+            const int rows = static_cast<int>(std::min<int64_t>(kGR, r1 - r));
+            const uint16_t* wr[kGR];
+            if (se != nullptr) {
+                decode_panel(W, se, SK, K, r, rows, panel, Kp, c0, c1);
+                for (int i = 0; i < kGR; ++i) wr[i] = panel + i * Kp;
+            } else if (direct) {
+                for (int i = 0; i < kGR; ++i) wr[i] = wb + (r + std::min(i, rows - 1)) * K;
+            } else {
+                const int64_t a = kBlk * c0, b = kBlk * c1, e = std::min(K, b);
+                for (int i = 0; i < kGR; ++i) {
+                    uint16_t* dst = panel + i * Kp;
+                    std::memset(dst + a, 0, static_cast<size_t>(b - a) * 2);
+                    if (i < rows && e > a) std::memcpy(dst + a, wb + (r + i) * K + a, static_cast<size_t>(e - a) * 2);
+                    wr[i] = dst;
+                }
             }
+            if (s1 > s0) gemm_tokens(wr, s0, s1, Kp, parts, xs, T, y, r - r0, rows, c0 > 0);
         }
-        gemm_tokens(wr, steps, Kp, parts, xs, T, y, r - r0, rows);
-    }
+    });
 }
 
 #elif DSV4_PATH_AVX512 || DSV4_PATH_AVX2

@@ -124,54 +124,6 @@ inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t 
         for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-// Rows r..r+3 of an int3 / int2 weight -> panel[4][Kp] bf16 codes (code - offset, unscaled) in the
-// prepared order, and scales[4][Kp / 128][16] lane scales (the panel GEMM of panel_gemm.h). Rows
-// past `rows` are zero.
-template <int B>
-inline void lowbit_panel(const uint8_t* W, const uint16_t* S, int64_t K, int64_t r, int rows, uint16_t* panel,
-                         float* scales, int64_t Kp) {
-    constexpr int64_t bb = lb_block_bytes<B>(), cb = 4 * bb;
-    const int64_t rb = K / 32 * bb, sb = K / 32, chunks = Kp / kChunk;
-    const __m512i tbl = _mm512_load_si512(B == 3 ? kLowbit.i3 : kLowbit.i2);
-    const __m512i sctrl = _mm512_load_si512(kBf16ScaleCtrl);
-    const __m512i wctrl = _mm512_load_si512(kInt3WordCtrl);
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11);
-    for (int i = 0; i < 4; ++i) {
-        uint16_t* dst = panel + i * Kp;
-        float* sdst = scales + i * chunks * 16;
-        if (i >= rows) {
-            std::memset(dst, 0, static_cast<size_t>(Kp) * 2);
-            std::memset(sdst, 0, static_cast<size_t>(chunks) * 16 * sizeof(float));
-            continue;
-        }
-        const uint8_t* w = W + (r + i) * rb;
-        const uint16_t* s = S + (r + i) * sb;
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int64_t blocks = std::min<int64_t>(4, sb - 4 * c);
-            const __m128i s4 = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << blocks) - 1), s + 4 * c);
-            _mm512_storeu_ps(sdst + 16 * c,
-                             _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_broadcastq_epi64(s4), sctrl)));
-            const uint8_t* p = w + cb * c;
-            _mm_prefetch(reinterpret_cast<const char*>(p + 4 * rb), PF_HINT);  // the next panel's row
-            if ((c & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + 4 * sb + 4 * c), PF_HINT);
-            if constexpr (B == 3) {
-                const __m512i raw = _mm512_maskz_loadu_epi8(lb_mask(blocks * bb), p);
-                const __m512i bytes2 = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, raw), wctrl);
-                const __m512i words = _mm512_mask_mov_epi16(bytes2, kOddWords, _mm512_srli_epi16(bytes2, 4));
-                for (int q = 0; q < 4; ++q)
-                    _mm512_storeu_si512(dst + kChunk * c + 32 * q,
-                                        _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 3 * q), tbl));
-            } else {
-                const __m256i raw = _mm256_maskz_loadu_epi8(static_cast<__mmask32>(lb_mask(blocks * bb)), p);
-                const __m512i words = _mm512_cvtepu8_epi16(raw);
-                for (int q = 0; q < 4; ++q)
-                    _mm512_storeu_si512(dst + kChunk * c + 32 * q,
-                                        _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 2 * q), tbl));
-            }
-        }
-    }
-}
-
 #elif DSV4_PATH_AVX512 || DSV4_PATH_AVX2
 
 // The 12 bytes of an int3 block (never reading past it).

@@ -1,18 +1,15 @@
-// The prefill GEMM of the AVX-512 BF16 path, shared by the FP8 (fp8_cpu.cpp) and FP4 / int3 / int2
-// (fp4_cpu.cpp) kernels: many tokens against the same weight rows.
+// The prefill GEMM of the AVX-512 BF16 path, shared by the FP8 (fp8_cpu.cpp) and FP4 (fp4_cpu.cpp)
+// kernels: many tokens against the same weight rows.
 //
 // A GEMV tile that decodes weights on the fly re-decodes them for every few tokens and spends a
 // sixth of its work on per-block scale FMAs. Here the caller decodes kPanelRows rows once into a
-// bf16 panel (a few tens of KB: L1/L2) in the order of its prepared activations, and the register
-// tiles below run vdpbf16ps straight from the panel:
-//  * gemm_tile: the block scales are folded into the panel's words (exact when every scale is a
-//    power of two whose sum with the value's exponent stays normal: FP8 and FP4). Per 32 inputs,
-//    4 weight + 6 token loads feed 24 dot products.
-//  * gemm_tile_scaled: the panel holds the unscaled values (int3 / int2 codes: small integers,
-//    exact in bf16) and one float vector of lane scales per row and 128-input chunk (lane i of a
-//    vdpbf16ps belongs to block i / 4 of the chunk), applied with one FMA per chunk.
-// Products of bf16 values are exact in fp32, so both equal the decode-on-the-fly tiles up to the
-// order of the fp32 sums. XT (the prepared activation word) is uint16_t on this path.
+// bf16 panel (L1) in the order of its prepared activations, with the block scales folded into the
+// words' exponents (exact when every scale is a power of two whose sum with the value's exponent
+// stays normal: FP8 and FP4, checked by the callers), and gemm_tile runs vdpbf16ps straight from
+// the panel: per 32 inputs, 4 weight + 6 token loads feed 24 dot products. Products of bf16 values
+// are exact in fp32, so the result equals the decode-on-the-fly tiles up to the order of the fp32
+// sums. (int3 / int2 scales are arbitrary bf16 values: they cannot be folded, and a tile that
+// applies them per block measured slower than their on-the-fly tiles, which they keep.)
 
 #pragma once
 
@@ -24,7 +21,6 @@ namespace {
 
 constexpr int kPanelRows = 4;   // weight rows per panel
 constexpr int kGemmTokens = 6;  // tokens per register tile of gemm_tile
-constexpr int kScaledTokens = 3;  // ... of gemm_tile_scaled (its partial sums need registers too)
 
 // Sums of four vectors: lane i of the result = sum of a_i.
 inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
@@ -49,8 +45,10 @@ inline void store_tile(__m512 (&acc)[kPanelRows][TB], float* const* y, int64_t y
 
 // kPanelRows weight rows (bf16, row pointers wr, scales folded in) x TB tokens over words
 // [32 * s0, 32 * s1) of the rows: y[t][yoff + r] for r < rows (add: += for a later K block).
+// Not inlined: inside a large caller GCC stops unrolling the register tile and spills the
+// accumulators (measured: 2.3x slower); one call per tile and K block costs nothing.
 template <int TB>
-inline void gemm_tile(const uint16_t* const* wr, int64_t s0, int64_t s1, int64_t Kp, int parts,
+__attribute__((noinline)) void gemm_tile(const uint16_t* const* wr, int64_t s0, int64_t s1, int64_t Kp, int parts,
                       const uint16_t* const* xs, float* const* y, int64_t yoff, int rows, bool add) {
     __m512 acc[kPanelRows][TB];
     for (int r = 0; r < kPanelRows; ++r)
@@ -63,36 +61,6 @@ inline void gemm_tile(const uint16_t* const* wr, int64_t s0, int64_t s1, int64_t
                 const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[t] + q * Kp + 32 * s);
                 for (int r = 0; r < kPanelRows; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
             }
-    }
-    store_tile<TB>(acc, y, yoff, rows, add);
-}
-
-// The same over unscaled panel rows, chunks [c0, c1) of 128 words; sr[r] the 16 lane scales of
-// row r per chunk ([chunks][16] floats).
-template <int TB>
-inline void gemm_tile_scaled(const uint16_t* const* wr, const float* const* sr, int64_t c0, int64_t c1, int64_t Kp,
-                             int parts, const uint16_t* const* xs, float* const* y, int64_t yoff, int rows, bool add) {
-    __m512 acc[kPanelRows][TB];
-    for (int r = 0; r < kPanelRows; ++r)
-        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-    for (int64_t c = c0; c < c1; ++c) {
-        __m512 p[kPanelRows][TB];
-        for (int r = 0; r < kPanelRows; ++r)
-            for (int t = 0; t < TB; ++t) p[r][t] = _mm512_setzero_ps();
-        for (int i = 0; i < 4; ++i) {
-            const int64_t s = 4 * c + i;
-            __m512bh wv[kPanelRows];
-            for (int r = 0; r < kPanelRows; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + 32 * s);
-            for (int q = 0; q < parts; ++q)
-                for (int t = 0; t < TB; ++t) {
-                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[t] + q * Kp + 32 * s);
-                    for (int r = 0; r < kPanelRows; ++r) p[r][t] = _mm512_dpbf16_ps(p[r][t], wv[r], xv);
-                }
-        }
-        for (int r = 0; r < kPanelRows; ++r) {
-            const __m512 sc = _mm512_loadu_ps(sr[r] + 16 * c);
-            for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(p[r][t], sc, acc[r][t]);
-        }
     }
     store_tile<TB>(acc, y, yoff, rows, add);
 }
@@ -113,32 +81,25 @@ inline void over_tokens(int T, Tile tile) {
 }
 
 #ifndef GEMM_KBLK
-#define GEMM_KBLK 1024  // panel words per K block: the block of all T tokens stays in L2, the panel's in L1
+#define GEMM_KBLK 1024  // words per K block (a multiple of 128); see gemm_k_blocks
 #endif
 constexpr int64_t kGemmKBlock = GEMM_KBLK;
 
-// Folded panel (wr, `steps` x 32 words per row) x T tokens, in K blocks of kGemmKBlock words.
-inline void gemm_tokens(const uint16_t* const* wr, int64_t steps, int64_t Kp, int parts, const uint16_t* const* xs,
-                        int T, float* const* y, int64_t yoff, int rows) {
-    const int64_t per = kGemmKBlock / 32;
-    for (int64_t s0 = 0; s0 < steps; s0 += per) {
-        const int64_t s1 = std::min(steps, s0 + per);
-        over_tokens<kGemmTokens>(T, [&](auto tb, int t) {
-            gemm_tile<decltype(tb)::value>(wr, s0, s1, Kp, parts, xs + t, y + t, yoff, rows, s0 > 0);
-        });
-    }
+// The K blocks of a panel GEMM over `chunks` 128-word chunks: calls block(c0, c1) in order. The
+// callers run every panel of their rows over one K block before the next, so the block of all T
+// tokens' activations (T x 2 KB) stays in L2 while each panel slice (4 x 2 KB) sits in L1.
+template <class Block>
+inline void gemm_k_blocks(int64_t chunks, Block block) {
+    const int64_t per = std::max<int64_t>(1, kGemmKBlock / 128);
+    for (int64_t c0 = 0; c0 < chunks; c0 += per) block(c0, std::min(chunks, c0 + per));
 }
 
-// Unscaled panel (wr, lane scales sr, `chunks` x 128 words per row) x T tokens, in K blocks.
-inline void gemm_tokens_scaled(const uint16_t* const* wr, const float* const* sr, int64_t chunks, int64_t Kp,
-                               int parts, const uint16_t* const* xs, int T, float* const* y, int64_t yoff, int rows) {
-    const int64_t per = std::max<int64_t>(1, kGemmKBlock / 128);
-    for (int64_t c0 = 0; c0 < chunks; c0 += per) {
-        const int64_t c1 = std::min(chunks, c0 + per);
-        over_tokens<kScaledTokens>(T, [&](auto tb, int t) {
-            gemm_tile_scaled<decltype(tb)::value>(wr, sr, c0, c1, Kp, parts, xs + t, y + t, yoff, rows, c0 > 0);
-        });
-    }
+// Folded panel (wr) x T tokens over words [32 * s0, 32 * s1); add: accumulate into y.
+inline void gemm_tokens(const uint16_t* const* wr, int64_t s0, int64_t s1, int64_t Kp, int parts,
+                        const uint16_t* const* xs, int T, float* const* y, int64_t yoff, int rows, bool add) {
+    over_tokens<kGemmTokens>(T, [&](auto tb, int t) {
+        gemm_tile<decltype(tb)::value>(wr, s0, s1, Kp, parts, xs + t, y + t, yoff, rows, add);
+    });
 }
 
 }  // namespace
