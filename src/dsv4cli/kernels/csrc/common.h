@@ -67,15 +67,28 @@ inline uint16_t bf16_bits(float f) {
 }
 inline float bf16_round(float f) { return u2f(static_cast<uint32_t>(bf16_bits(f)) << 16); }
 
-// Write `r` as `parts` bf16 words whose sum approximates it ever closer (each part rounds what the
-// earlier ones left), at dst[pos], dst[Kp + pos], ...: the prepared-activation layout of the bf16 paths.
-inline void write_bf16_parts(float r, int parts, int64_t Kp, uint16_t* dst, int64_t pos) {
-    for (int p = 0; p < parts; ++p) {
-        const uint16_t h = bf16_bits(r);
-        dst[p * Kp + pos] = h;
-        r -= u2f(static_cast<uint32_t>(h) << 16);
-    }
+#if DSV4_PATH_BF16
+// The prepared activations of the bf16 paths: 128 floats, each as `parts` bf16 words whose sum
+// approximates it ever closer (each part rounds what the earlier ones left; 3 parts are exact).
+// words[q][i] holds part q of inputs 32i..32i+31 in input order (vcvtne2ps2bf16 rounds to nearest
+// even like bf16_bits; the bf16 dot products that consume the words treat subnormals as zero).
+inline void bf16_parts128(const float* v, int parts, __m512i (&words)[3][4]) {
+    __m512 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_ps(v + 16 * i);
+    for (int q = 0; q < parts; ++q)
+        for (int i = 0; i < 4; ++i) {
+            const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(r[2 * i + 1], r[2 * i]);
+            words[q][i] = w;
+            if (q + 1 < parts) {  // what this part left, for the next one
+                const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+                const __m512 hi = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+                r[2 * i] = _mm512_sub_ps(r[2 * i], lo);
+                r[2 * i + 1] = _mm512_sub_ps(r[2 * i + 1], hi);
+            }
+        }
 }
+#endif
 
 // float -> float8_e4m3fn -> float, round to nearest even, for |v| <= 448 (the caller clamps).
 inline float e4m3_round(float v) {

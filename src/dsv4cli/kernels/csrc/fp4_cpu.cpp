@@ -72,8 +72,27 @@ void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
 using XT = uint16_t;
 constexpr int64_t kChunk = 128;
 // Word 32*v + j of a chunk holds input 4*j + v: the decode below yields exactly that order.
+// kDeinterleave[v]: vpermt2w indices that gather inputs 4j + v (j < 16) from two 32-word vectors.
+struct Deinterleave {
+    alignas(64) uint16_t idx[4][32];
+    Deinterleave() {
+        for (int v = 0; v < 4; ++v)
+            for (int j = 0; j < 32; ++j) idx[v][j] = static_cast<uint16_t>(j < 16 ? 4 * j + v : 0);
+    }
+};
+const Deinterleave kDeinterleave;
+
 void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c) {
-    for (int64_t i = 0; i < kChunk; ++i) write_bf16_parts(v[i], parts, Kp, dst, c * kChunk + 32 * (i & 3) + (i >> 2));
+    __m512i words[3][4];
+    bf16_parts128(v, parts, words);
+    for (int q = 0; q < parts; ++q)
+        for (int u = 0; u < 4; ++u) {
+            const __m512i idx = _mm512_load_si512(kDeinterleave.idx[u]);
+            const __m512i lo = _mm512_permutex2var_epi16(words[q][0], idx, words[q][1]);  // inputs 4j + u, j < 16
+            const __m512i hi = _mm512_permutex2var_epi16(words[q][2], idx, words[q][3]);  // j = 16..31
+            _mm512_storeu_si512(dst + q * Kp + c * kChunk + 32 * u,
+                                _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+        }
 }
 
 alignas(64) const uint16_t kBf16Table[32] = {

@@ -115,17 +115,33 @@ void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool 
 using XT = uint16_t;
 constexpr int kMaxParts = 3;
 
-// Input i of a chunk (line l = i / 64, lane L = i % 64 / 16, k = i % 16) sits where the decode
-// below puts its weight: vpunpcklbw yields inputs 16L + 0..7 as words 8L + 0..7, vpunpckhbw
-// inputs 16L + 8..15 as words 32 + 8L + 0..7.
-inline int64_t chunk_pos(int64_t i) {
-    const int64_t l = i >> 6, j = i & 63, L = j >> 4, k = j & 15;
-    return l * 64 + (k < 8 ? 8 * L + k : 32 + 8 * L + (k - 8));
-}
+// The chunk_pos order: input i of a chunk (line l = i / 64, lane L = i % 64 / 16, k = i % 16) sits
+// where the decode below puts its weight: vpunpcklbw yields inputs 16L + 0..7 as words
+// 64l + 8L + 0..7, vpunpckhbw inputs 16L + 8..15 as words 64l + 32 + 8L + 0..7.
 
-// natural: bf16 weights are read in input order, so their activations are not permuted.
+// natural: bf16 weights are read in input order, so their activations are not permuted. Each line of
+// 64 inputs = 4 x 16 words y0..y3 (inputs 16L..16L+15) is stored as y0.lo y1.lo y2.lo y3.lo y0.hi
+// y1.hi y2.hi y3.hi (8 words each): the chunk_pos order.
 void prep_chunk(const float* v, int parts, int64_t Kp, XT* dst, int64_t c, bool natural) {
-    for (int64_t i = 0; i < kBlk; ++i) write_bf16_parts(v[i], parts, Kp, dst, c * kBlk + (natural ? i : chunk_pos(i)));
+    __m512i words[3][4];
+    bf16_parts128(v, parts, words);
+    for (int q = 0; q < parts; ++q) {
+        uint16_t* out = dst + q * Kp + c * kBlk;
+        if (natural) {
+            for (int i = 0; i < 4; ++i) _mm512_storeu_si512(out + 32 * i, words[q][i]);
+            continue;
+        }
+        for (int l = 0; l < 2; ++l) {
+            const __m512i a = words[q][2 * l], b = words[q][2 * l + 1];  // inputs 64l..64l+31, +32..+63
+            const __m256i y0 = _mm512_castsi512_si256(a), y1 = _mm512_extracti64x4_epi64(a, 1);
+            const __m256i y2 = _mm512_castsi512_si256(b), y3 = _mm512_extracti64x4_epi64(b, 1);
+            auto* o = reinterpret_cast<__m256i*>(out + 64 * l);
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256(y0, y1, 0x20));
+            _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(y2, y3, 0x20));
+            _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(y0, y1, 0x31));
+            _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(y2, y3, 0x31));
+        }
+    }
 }
 
 struct Decoder {
