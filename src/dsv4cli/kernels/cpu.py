@@ -48,7 +48,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "fp4_cpu.cpp"
 #: translation units compiled into the one library (they share csrc/common.h)
 SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp", CSRC / "attn_cpu.cpp")
-HEADERS = (CSRC / "common.h", CSRC / "lowbit.h", CSRC / "panel_gemm.h")
+HEADERS = (CSRC / "common.h", CSRC / "lowbit.h", CSRC / "bf16_tiles.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNELS = "DSV4_KERNELS"
 ENV_CXX = "DSV4_CXX"

@@ -25,10 +25,10 @@
 // Work is split into items claimed through an atomic counter (see parallel_items).
 // Prefill (FP4_GEMM_MIN or more tokens against the same rows, bf16 path): the rows are decoded
 // once into bf16 panels with the scales folded in, and a register-blocked GEMM runs over all the
-// tokens (panel_gemm.h), instead of re-decoding them for every 4 tokens.
+// tokens (bf16_tiles.h), instead of re-decoding them for every 4 tokens.
 
 #include "common.h"  // the ISA ladder: DSV4_PATH_BF16 / _AVX512 / _AVX2 / _SCALAR
-#include "panel_gemm.h"  // the prefill GEMM of the bf16 path
+#include "bf16_tiles.h"  // the prefill GEMM of the bf16 path
 
 namespace {
 
@@ -156,21 +156,9 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
             v[r][3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wr, 12), tbl);
             sc[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_shuffle_epi8(sr, sctrl), 7));
         }
-        for (int t = 0; t < TB; ++t) {
-            __m512 p[R];
-            for (int r = 0; r < R; ++r) p[r] = _mm512_setzero_ps();
-            for (int q = 0; q < parts; ++q) {
-                const XT* xp = xs[t] + q * Kp + c * kChunk;
-                for (int i = 0; i < 4; ++i) {
-                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * i);
-                    for (int r = 0; r < R; ++r) p[r] = _mm512_dpbf16_ps(p[r], v[r][i], xv);
-                }
-            }
-            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(p[r], sc[r], acc[r][t]);
-        }
+        chunk_dot_scaled<R, TB>(v, sc, xs, c * kChunk, Kp, parts, acc);
     }
-    for (int t = 0; t < TB; ++t)
-        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+    store_sums<R, TB>(acc, y, yoff);
 }
 
 // Whether the block scales of rows [r, r + rows) of an FP4 weight fold into bf16 exponents

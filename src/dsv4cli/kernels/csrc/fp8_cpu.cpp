@@ -35,7 +35,7 @@
 // [g*R, (g+1)*R); the plain linear is G = 1.
 
 #include "common.h"
-#include "panel_gemm.h"
+#include "bf16_tiles.h"
 
 
 #ifndef FP8_PF_TILES
@@ -230,25 +230,13 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
             dec(b1, v[r][2], v[r][3]);
             sc[r] = _mm512_set1_ps(sr[r][c]);
         }
-        for (int t = 0; t < TB; ++t) {
-            __m512 p[R];
-            for (int r = 0; r < R; ++r) p[r] = _mm512_setzero_ps();
-            for (int q = 0; q < parts; ++q) {
-                const XT* xp = xs[t] + q * Kp + c * kBlk;
-                for (int i = 0; i < 4; ++i) {
-                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * i);
-                    for (int r = 0; r < R; ++r) p[r] = _mm512_dpbf16_ps(p[r], v[r][i], xv);
-                }
-            }
-            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(p[r], sc[r], acc[r][t]);
-        }
+        chunk_dot_scaled<R, TB>(v, sc, xs, c * kBlk, Kp, parts, acc);
     }
-    for (int t = 0; t < TB; ++t)
-        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+    store_sums<R, TB>(acc, y, yoff);
 }
 
 
-// ---- small-batch GEMM (prefill): many tokens against the same rows (panel_gemm.h). For
+// ---- small-batch GEMM (prefill): many tokens against the same rows (bf16_tiles.h). For
 // T >= kGemmMinTokens, 4 rows at a time are decoded once into a bf16 panel with the block scale
 // folded into each word's exponent (exact: the scales are powers of two, checked per call).
 #ifndef FP8_GEMM_MIN

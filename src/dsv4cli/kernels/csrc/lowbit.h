@@ -107,21 +107,9 @@ inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t 
                     v[r][q] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 2 * q), tbl);
             }
         }
-        for (int t = 0; t < TB; ++t) {
-            __m512 pr[R];
-            for (int r = 0; r < R; ++r) pr[r] = _mm512_setzero_ps();
-            for (int q = 0; q < parts; ++q) {
-                const XT* xp = xs[t] + q * Kp + c * kChunk;
-                for (int i = 0; i < 4; ++i) {
-                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * i);
-                    for (int r = 0; r < R; ++r) pr[r] = _mm512_dpbf16_ps(pr[r], v[r][i], xv);
-                }
-            }
-            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(pr[r], sc[r], acc[r][t]);
-        }
+        chunk_dot_scaled<R, TB>(v, sc, xs, c * kChunk, Kp, parts, acc);
     }
-    for (int t = 0; t < TB; ++t)
-        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+    store_sums<R, TB>(acc, y, yoff);
 }
 
 #elif DSV4_PATH_AVX512 || DSV4_PATH_AVX2

@@ -1,15 +1,21 @@
-// The prefill GEMM of the AVX-512 BF16 path, shared by the FP8 (fp8_cpu.cpp) and FP4 (fp4_cpu.cpp)
-// kernels: many tokens against the same weight rows.
+// Register tiles of the AVX-512 BF16 path, shared by the FP8 (fp8_cpu.cpp), FP4 (fp4_cpu.cpp) and
+// int3 / int2 (lowbit.h) kernels. XT (the prepared activation word) is uint16_t on this path.
 //
-// A GEMV tile that decodes weights on the fly re-decodes them for every few tokens and spends a
-// sixth of its work on per-block scale FMAs. Here the caller decodes kPanelRows rows once into a
-// bf16 panel (L1) in the order of its prepared activations, with the block scales folded into the
-// words' exponents (exact when every scale is a power of two whose sum with the value's exponent
-// stays normal: FP8 and FP4, checked by the callers), and gemm_tile runs vdpbf16ps straight from
-// the panel: per 32 inputs, 4 weight + 6 token loads feed 24 dot products. Products of bf16 values
-// are exact in fp32, so the result equals the decode-on-the-fly tiles up to the order of the fp32
-// sums. (int3 / int2 scales are arbitrary bf16 values: they cannot be folded, and a tile that
-// applies them per block measured slower than their on-the-fly tiles, which they keep.)
+// * chunk_dot_scaled / store_sums: the inner step of the decode-on-the-fly GEMV tiles. A tile
+//   decodes a 128-input chunk of R weight rows in registers, then every token's prepared words
+//   meet it in vdpbf16ps and one FMA applies the rows' block scales to the partial sums.
+//
+// * gemm_tile / gemm_tokens: the prefill GEMM, many tokens against the same weight rows. A GEMV
+//   tile re-decodes its weights for every few tokens and spends a sixth of its work on per-block
+//   scale FMAs. Here the caller decodes kPanelRows rows once into a bf16 panel (L1) in the order of
+//   its prepared activations, with the block scales folded into the words' exponents (exact when
+//   every scale is a power of two whose sum with the value's exponent stays normal: FP8 and FP4,
+//   checked by the callers), and gemm_tile runs vdpbf16ps straight from the panel: per 32 inputs,
+//   4 weight + 6 token loads feed 24 dot products. (int3 / int2 scales are arbitrary bf16 values:
+//   they cannot be folded, and a tile that applies them per block measured slower than their
+//   on-the-fly tiles, which they keep.)
+// Products of bf16 values are exact in fp32, so every tile equals the reference up to the order of
+// the fp32 sums.
 
 #pragma once
 
@@ -18,6 +24,32 @@
 #if DSV4_PATH_BF16
 
 namespace {
+
+// acc[r][t] += sc[r] * (v[r] . token t) over one 128-input chunk: v[r] holds row r's decoded
+// chunk (4 vectors of 32 words), xs[t] + off the token's prepared words (`parts` copies, Kp apart).
+template <int R, int TB>
+inline void chunk_dot_scaled(const __m512bh (&v)[R][4], const __m512 (&sc)[R], const uint16_t* const* xs,
+                             int64_t off, int64_t Kp, int parts, __m512 (&acc)[R][TB]) {
+    for (int t = 0; t < TB; ++t) {
+        __m512 p[R];
+        for (int r = 0; r < R; ++r) p[r] = _mm512_setzero_ps();
+        for (int q = 0; q < parts; ++q) {
+            const uint16_t* xp = xs[t] + q * Kp + off;
+            for (int i = 0; i < 4; ++i) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * i);
+                for (int r = 0; r < R; ++r) p[r] = _mm512_dpbf16_ps(p[r], v[r][i], xv);
+            }
+        }
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(p[r], sc[r], acc[r][t]);
+    }
+}
+
+// y[t][yoff + r] = the sum of acc[r][t]'s lanes.
+template <int R, int TB>
+inline void store_sums(const __m512 (&acc)[R][TB], float* const* y, int64_t yoff) {
+    for (int t = 0; t < TB; ++t)
+        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
 
 constexpr int kPanelRows = 4;   // weight rows per panel
 constexpr int kGemmTokens = 6;  // tokens per register tile of gemm_tile
