@@ -42,3 +42,27 @@ def load_variant(flags: tuple[str, ...], variants: list[tuple[tuple[str, ...], s
         pytest.skip("no C++ compiler")
     _prebuild(tuple(f for f, _ in variants))
     return cpu.load(extra_flags=flags)
+
+
+#: (extra flags, expected isa) of the native-kernel builds this CPU can execute, the native build
+#: first: every level of the one ISA ladder (csrc/common.h) at or below the CPU's.
+VARIANTS: list[tuple[tuple[str, ...], str | None]] = [((), None)]
+if HAS_CXX and {"avx512f", "avx512_bf16"} <= cpu_flags():
+    VARIANTS.append((("-mno-avx512bf16",), "avx512f"))
+if HAS_CXX and {"avx2", "fma", "f16c"} <= cpu_flags():
+    VARIANTS.append((("-mno-avx512f",), "avx2"))
+if HAS_CXX:
+    VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
+
+
+def variant_kernels(variant: tuple[tuple[str, ...], str | None]) -> cpu.NativeKernels:
+    """The build of one of VARIANTS, checked: it runs the level it names, and every kernel file of it
+    runs the same level (the native build: the best one the CPU has)."""
+    flags, isa = variant
+    built = load_variant(flags, VARIANTS)
+    if isa is not None:
+        assert built.isa == isa
+    elif {"avx512_bf16", "avx512vbmi", "avx512bw", "avx512vl"} <= cpu_flags():
+        assert built.isa == "avx512bf16"
+    assert built.fp8_isa == built.isa and built.attn_isa == built.isa
+    return built

@@ -21,29 +21,14 @@ from dsv4cli.formats.official import fake_quant_fp8, quantize_fp4_rows
 from dsv4cli.io.safetensors_file import SafetensorsFile
 from dsv4cli.io.writer import write_safetensors
 from dsv4cli.kernels import cpu, ref
-from tests.native_builds import HAS_CXX, cpu_flags, load_variant, native
-
-#: (extra flags, expected isa) of the variants this CPU can execute; the native build first.
-VARIANTS = [((), None)]
-if HAS_CXX and {"avx512f", "avx512_bf16"} <= cpu_flags():
-    VARIANTS.append((("-mno-avx512bf16",), "avx512f"))
-if HAS_CXX and {"avx2", "fma"} <= cpu_flags():
-    VARIANTS.append((("-mno-avx512f",), "avx2"))
-if HAS_CXX:
-    VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
-
+from tests.native_builds import VARIANTS, native, variant_kernels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
 def lib(request) -> cpu.NativeKernels:
-    flags, isa = request.param
-    built = load_variant(flags, VARIANTS)
-    if isa is not None:
-        assert built.isa == isa
-    assert built.fp8_isa == built.isa  # one ISA ladder: every kernel file runs the same level on one CPU
-    return built
+    return variant_kernels(request.param)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

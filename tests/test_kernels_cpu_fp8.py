@@ -17,31 +17,14 @@ import torch
 from dsv4cli import kernels
 from dsv4cli.formats.official import fake_quant_fp8, quantize_fp4_rows, quantize_fp8_blocks
 from dsv4cli.kernels import cpu, ref
-from tests.native_builds import HAS_CXX, cpu_flags, load_variant, native
-
-FLAGS = cpu_flags()
-#: (extra flags, expected FP8 isa) of the variants this CPU can execute; the native build first.
-VARIANTS = [((), None)]
-if HAS_CXX and {"avx512f", "avx512_bf16", "avx512vbmi"} <= FLAGS:
-    VARIANTS.append((("-mno-avx512bf16",), "avx512f"))
-if HAS_CXX and {"avx2", "fma", "f16c"} <= FLAGS:
-    VARIANTS.append((("-mno-avx512f",), "avx2"))
-if HAS_CXX:
-    VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
-
+from tests.native_builds import VARIANTS, native, variant_kernels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
 def lib(request) -> cpu.NativeKernels:
-    flags, isa = request.param
-    built = load_variant(flags, VARIANTS)
-    if isa is not None:
-        assert built.fp8_isa == isa
-    elif {"avx512_bf16", "avx512vbmi", "avx512bw"} <= FLAGS:
-        assert built.fp8_isa == "avx512bf16"
-    return built
+    return variant_kernels(request.param)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -23,26 +23,12 @@ from dsv4cli.model.cache import DENSE, FP4_INDEX, FP8_KV, CacheLayout, ModelCach
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
 from tests.conftest import tiny_model
-from tests.native_builds import HAS_CXX, cpu_flags, load_variant, native
-
-#: (extra flags, expected isa) of the native variants this CPU can execute, the native build first
-VARIANTS = [((), None)]
-if HAS_CXX and "avx512f" in cpu_flags():
-    VARIANTS.append((("-mno-avx512bf16",), "avx512f"))
-if HAS_CXX and {"avx2", "fma"} <= cpu_flags():
-    VARIANTS.append((("-mno-avx512f",), "avx2"))
-if HAS_CXX:
-    VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
+from tests.native_builds import VARIANTS, native, variant_kernels
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
 def lib(request) -> cpu.NativeKernels:
-    flags, isa = request.param
-    built = load_variant(flags, VARIANTS)
-    if isa is not None:
-        assert built.attn_isa == isa
-    assert built.attn_isa == built.isa  # one ISA ladder for every kernel file
-    return built
+    return variant_kernels(request.param)
 
 
 def test_compact_row_sizes_are_the_serving_engines():

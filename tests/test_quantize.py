@@ -34,8 +34,7 @@ from dsv4cli.quant.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoin
 from dsv4cli.quant.recipes import load_recipe
 from dsv4cli.runtime.loader import load_model
 from tests.conftest import run_cli
-from tests.native_builds import HAS_CXX, load_variant
-from tests.test_kernels_cpu import VARIANTS
+from tests.native_builds import HAS_CXX, VARIANTS, variant_kernels
 
 RECIPES = ("q4", "q4-dense4", "q3", "q3-dense4", "q2")
 EVAL_TOKENS = 192
@@ -103,7 +102,7 @@ def test_random_round_trip_and_quantizer_error(fmt):
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
 def lib(request) -> cpu.NativeKernels:
-    return load_variant(request.param[0], VARIANTS)
+    return variant_kernels(request.param)
 
 
 @pytest.mark.parametrize("fmt", ["int3", "int2"])
