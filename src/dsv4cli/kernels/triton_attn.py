@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from dsv4cli.kernels import ref
+from dsv4cli.kernels.triton_longctx import _attend
 from dsv4cli.kernels.triton_quant import INTERPRET, cast_rne, dot_dtype, dot_precision, jit, runs_here, tl, triton
 
 
@@ -31,26 +32,13 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, S, H, N, K, D
     h_ok, d_ok = h < H, d < D
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + s.to(tl.int64) * stride_qs + h[:, None] * stride_qh
     q = tl.load(q_rows + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32).to(DOT)
-    m = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
-    sink = m
+    sink = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
+    m = sink  # the running max starts at the sink logit, so an empty list gives exactly 0
     denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-    idx_row = idx_ptr + b.to(tl.int64) * stride_ib + s.to(tl.int64) * stride_is
-    kv_base = kv_ptr + b.to(tl.int64) * stride_kb
-    for n0 in range(0, K, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        idx = tl.load(idx_row + n, mask=n < K, other=-1)
-        valid = (idx >= 0) & (idx < N)
-        rows = tl.load(kv_base + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_kn + d[None, :],
-                       mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32).to(DOT)
-        logits = tl.dot(q, tl.trans(rows), input_precision=PRECISION) * softmax_scale
-        logits = tl.where(valid[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(logits - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(DOT), rows, acc * alpha[:, None], input_precision=PRECISION)
-        m = m_new
+    m, denom, acc = _attend(q, m, denom, acc, kv_ptr + b.to(tl.int64) * stride_kb,
+                            idx_ptr + b.to(tl.int64) * stride_ib + s.to(tl.int64) * stride_is, K, N, d,
+                            stride_kn, D, D, 0, softmax_scale, 0, DOT, PRECISION, BLOCK_N)  # kind 0: float rows
     denom += tl.exp(sink - m)
     out = acc / denom[:, None]
     o_rows = out_ptr + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h[:, None] * stride_oh
