@@ -95,6 +95,8 @@ def test_json_one_shot(xdg):
     assert 1 <= data["usage"]["completion_tokens"] <= 16
     assert data["finish_reason"] != "length" or data["usage"]["completion_tokens"] == 16
     assert data["usage"]["prompt_tokens"] == 5  # BOS, <｜User｜>, "hi", <｜Assistant｜>, </think>
+    assert data["mode"] == "non-think" and data["model"] == "demo"
+    assert data["sampling"]["seed"] == 3 and data["sampling"]["temperature"] == 0.5  # the demo's default
 
 
 def test_stdin_and_prompt_are_joined_and_empty_stdin_is_a_usage_error(xdg):

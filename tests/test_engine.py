@@ -122,6 +122,8 @@ def test_cancel_between_decode_steps(model):
     cancel_before.set()
     events, stats = run(engine, prompt_of(12), cancel=cancel_before)
     assert events == [] and stats.finish_reason == "cancelled"
+    assert stats.prefill_cancelled and stats.prefill_tokens_per_second == 0.0
+    assert not seen[-1].prefill_cancelled  # that one was cancelled after its prefill
 
 
 def test_context_limits(model):

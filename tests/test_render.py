@@ -538,6 +538,7 @@ def test_json_renderer_prints_one_object():
     assert text.count("\n") == 1 and text.endswith("\n") and "héllo ✓" in text
     data = json.loads(text)
     assert set(data) == {
+        "mode",
         "content",
         "reasoning",
         "tool_calls",
@@ -564,7 +565,23 @@ def test_json_renderer_prints_one_object():
         "decode_tokens_per_second": 5.0,
     }
     assert (data["content"], data["finish_reason"], data["interrupted"]) == ("héllo ✓", "length", False)
+    assert data["mode"] == "think-high"  # the mode the turn ran in (begin_turn)
     assert err.getvalue() == "note\n"
+
+
+def test_json_renderer_leads_with_the_request_and_reports_no_rate_for_a_cancelled_prefill():
+    out = io.StringIO()
+    request = {"model": "demo", "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": 3}}
+    renderer = JsonRenderer(out, io.StringIO(), request=request)
+    stats = GenerationStats(prompt_tokens=900, prefill_seconds=2.0, finish_reason="cancelled", prefill_cancelled=True)
+    stream(renderer, [], TurnResult(interrupted=True, stats=stats), reasoning=[])
+    data = json.loads(out.getvalue())
+    assert list(data)[:3] == ["model", "sampling", "mode"]
+    assert data["model"] == "demo" and data["sampling"]["seed"] == 3 and data["mode"] == "think-high"
+    # 900 tokens were not prefilled in 2 s: the prefill was cut short, so there is no rate to report
+    assert data["timings"]["prefill_tokens_per_second"] is None and data["timings"]["prefill_seconds"] == 2.0
+    assert stats.prefill_tokens_per_second == 0.0
+    assert "cancelled" in format_stats_block(stats) and "tok/s" not in format_stats(stats)
 
 
 # --------------------------------------------------------------------------- factory, protocol, wrapping

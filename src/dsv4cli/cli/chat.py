@@ -128,8 +128,9 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
         if placed:
             renderer.notice(placed)
         return run_repl(session, renderer, banner=opened.label, use_history=not no_history)
-    renderer = make_renderer("json") if as_json else make_renderer("plain", show_thinking=show_thinking,
-                                                                      verbose=verbose)
+    request = {"model": opened.ref.name, "sampling": dataclasses.asdict(sampling)}
+    renderer = make_renderer("json", request=request) if as_json else make_renderer(
+        "plain", show_thinking=show_thinking, verbose=verbose)
     think_max_warning = session.think_max_warning()
     for warning in [*notices, think_max_warning and f"{think_max_warning} (raise --ctx)"]:
         if warning:

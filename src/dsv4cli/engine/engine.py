@@ -200,6 +200,7 @@ class Engine:
         stats.prefill_seconds = time.perf_counter() - started
         if logits is None:
             stats.finish_reason = "cancelled"
+            stats.prefill_cancelled = True
             yield self._finish(stats, offload_before)
             return
         in_reasoning = reasoning

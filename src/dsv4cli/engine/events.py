@@ -32,14 +32,16 @@ class GenerationStats:
     finish_reason: FinishReason = "stop"
     reasoning_tokens: int = 0
     reasoning_seconds: float = 0.0
+    prefill_cancelled: bool = False  # cancelled before the prompt was all in: prefill_seconds is not a prefill
     # filled when the offload runtime is used, for this call only:
     expert_cache_hit_rate: float | None = None  # host experts found in a device slot / looked up
     expert_bytes_moved: int = 0  # host -> device expert bytes (staging and prefetch)
 
     @property
     def prefill_tokens_per_second(self) -> float:
+        """Prompt tokens prefilled per second; 0 when unknown (none, or the prefill was cancelled)."""
         prefilled = self.prompt_tokens - self.cached_tokens
-        return prefilled / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        return prefilled / self.prefill_seconds if self.prefill_seconds > 0 and not self.prefill_cancelled else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:

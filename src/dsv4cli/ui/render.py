@@ -120,7 +120,8 @@ def format_stats_block(stats: GenerationStats) -> str:
     """The multi-line `--verbose` block (ollama style), one `label: value` per line."""
     rows = [
         ("prompt tokens", f"{stats.prompt_tokens:,} ({stats.cached_tokens:,} cached)"),
-        ("prefill", f"{stats.prefill_seconds:.3f} s, {stats.prefill_tokens_per_second:.2f} tok/s"),
+        ("prefill", f"{stats.prefill_seconds:.3f} s, " + ("cancelled" if stats.prefill_cancelled else
+                                                          f"{stats.prefill_tokens_per_second:.2f} tok/s")),
         ("generated tokens", f"{stats.generated_tokens:,} ({stats.reasoning_tokens:,} reasoning)"),
         ("decode", f"{stats.decode_seconds:.3f} s, {stats.decode_tokens_per_second:.2f} tok/s"),
         ("time to first token", f"{stats.time_to_first_token:.3f} s"),
@@ -153,10 +154,13 @@ def _tool_call_parts(call: dict[str, Any]) -> tuple[str, str]:
     return name, json.dumps(arguments, ensure_ascii=False)
 
 
-def turn_to_json(result: TurnResult) -> dict[str, Any]:
-    """The `--json` object for one turn."""
+def turn_to_json(result: TurnResult, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `--json` object for one turn; `request` (model, mode, sampling: what produced it) comes first.
+    A prefill cut short by Ctrl-C reports null prefill rates: no prompt was prefilled."""
     s = result.stats
+    prefill_rate = None if s.prefill_cancelled else round(s.prefill_tokens_per_second, 3)
     return {
+        **(request or {}),
         "content": result.content,
         "reasoning": result.reasoning,
         "tool_calls": result.tool_calls,
@@ -174,7 +178,7 @@ def turn_to_json(result: TurnResult) -> dict[str, Any]:
             "prefill_seconds": round(s.prefill_seconds, 4),
             "decode_seconds": round(s.decode_seconds, 4),
             "time_to_first_token": round(s.time_to_first_token, 4),
-            "prefill_tokens_per_second": round(s.prefill_tokens_per_second, 3),
+            "prefill_tokens_per_second": prefill_rate,
             "decode_tokens_per_second": round(s.decode_tokens_per_second, 3),
         },
         "malformed": result.malformed,
@@ -769,17 +773,21 @@ class PlainRenderer:
 
 
 class JsonRenderer:
-    """Nothing while streaming; at `end_turn` one JSON object (`turn_to_json`) on one stdout line.
+    """Nothing while streaming; at `end_turn` one JSON object (`turn_to_json`) on one stdout line, led by
+    `request` (e.g. the model and the sampling used) and the turn's mode.
 
     Notices, warnings and errors go to stderr.
     """
 
-    def __init__(self, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+    def __init__(self, stdout: TextIO | None = None, stderr: TextIO | None = None,
+                 request: dict[str, Any] | None = None) -> None:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
+        self.request = dict(request or {})
+        self.mode: str | None = None
 
     def begin_turn(self, mode_label: str) -> None:
-        pass
+        self.mode = mode_label
 
     def reasoning(self, text: str) -> None:
         pass
@@ -788,7 +796,8 @@ class JsonRenderer:
         pass
 
     def end_turn(self, result: TurnResult) -> None:
-        self.stdout.write(json.dumps(turn_to_json(result), ensure_ascii=False) + "\n")
+        request = {**self.request, **({"mode": self.mode} if self.mode is not None else {})}
+        self.stdout.write(json.dumps(turn_to_json(result, request), ensure_ascii=False) + "\n")
         self.stdout.flush()
 
     def notice(self, message: str) -> None:
