@@ -30,6 +30,7 @@ import torch
 
 from dsv4cli.engine.events import GenerationStats, TokenEvent
 from dsv4cli.engine.sampling import SamplingParams, make_sampler
+from dsv4cli.engine.speculative import MAX_DRAFT, DraftSampler
 from dsv4cli.errors import CheckpointError, OutOfMemory, UsageError
 from dsv4cli.model.cache import CacheSnapshot, ModelCache
 from dsv4cli.model.transformer import Transformer
@@ -73,21 +74,42 @@ def gib(nbytes: int) -> str:
 
 
 @dataclass
+class _Burst:
+    """One speculative step's feed: the cache before it, and the tokens it fed."""
+
+    before: CacheSnapshot
+    last_stream: torch.Tensor | None
+    fed: list[int]
+
+
+@dataclass
 class _Snapshot:
     ids: tuple[int, ...]  # the tokens whose state it holds
     state: CacheSnapshot
+    last_stream: torch.Tensor | None = None  # the trunk's streams at its last position (drafting only)
 
 
 class Engine:
-    def __init__(self, model: Transformer, max_context: int = 4096, prefill_chunk: int = 256):
+    """`draft`: MTP draft tokens per decode step (0: plain decoding; 1..MAX_DRAFT need a model built
+    with its MTP layer; see `speculative`)."""
+
+    def __init__(self, model: Transformer, max_context: int = 4096, prefill_chunk: int = 256, draft: int = 0):
         if max_context < 2:
             raise UsageError(f"context size must be at least 2 tokens, got {max_context}")
         longest = model.args.max_position_embeddings
         if max_context > longest:
             raise UsageError(f"a context of {max_context:,} tokens exceeds the model's max_position_embeddings "
                              f"({longest:,})", f"lower {{opt:ctx}} to {longest:,} or less")
+        if not 0 <= draft <= MAX_DRAFT:
+            raise UsageError(f"the draft length must be 0 to {MAX_DRAFT}, got {draft}")
+        if draft and not model.mtp:
+            raise UsageError("drafting needs the checkpoint's MTP layer, and this model was loaded without one",
+                             "load the model with its MTP layer, or decode without drafts")
         check_cache_fits(model, max_context)
         self.model = model
+        self.draft = draft
+        #: the trunk's streams at the last position fed (drafting only): the MTP layer's input for the token after
+        self._last_stream: torch.Tensor | None = None
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.cache: ModelCache = model.new_cache(1, max_context)
@@ -100,6 +122,7 @@ class Engine:
         self.cache.reset()
         self.cached_ids = []
         self._snapshots = []
+        self._last_stream = None
 
     def _reuse(self, prompt: list[int]) -> int:
         """Bring the cache to the longest reusable prefix of `prompt`; return its length."""
@@ -116,6 +139,7 @@ class Engine:
             return 0
         self.cache.restore(best.state)
         self.cached_ids = list(best.ids)
+        self._last_stream = best.last_stream
         self._snapshots = [s for s in self._snapshots if len(s.ids) <= len(best.ids)]
         return len(best.ids)
 
@@ -123,7 +147,7 @@ class Engine:
         ids = tuple(self.cached_ids)
         if any(s.ids == ids for s in self._snapshots):
             return
-        self._snapshots.append(_Snapshot(ids, self.cache.snapshot()))
+        self._snapshots.append(_Snapshot(ids, self.cache.snapshot(), self._last_stream))
         if len(self._snapshots) > MAX_SNAPSHOTS:
             self._snapshots.pop(0)
 
@@ -136,9 +160,70 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 return None
             chunk = ids[start:start + self.prefill_chunk]
-            logits = self.model(torch.tensor([chunk], device=self.model.device), self.cache)[0]
+            token_ids = torch.tensor([chunk], device=self.model.device)
+            if self.draft:
+                streams = self.model.streams(token_ids, self.cache)
+                self._follow_with_mtp(streams, token_ids)
+                logits = self.model.logits(streams[:, -1:])[0, 0]
+            else:
+                logits = self.model(token_ids, self.cache)[0]
             self.cached_ids.extend(chunk)
         return logits
+
+    def _follow_with_mtp(self, streams: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Give the MTP layer the pairs (trunk streams at t, token t + 1) that the tokens just fed complete,
+        so its window holds the real context when it drafts; `streams` [1,S,n,D] of `token_ids` [1,S]."""
+        first = self.cache.pos - token_ids.shape[1]  # position of token_ids[0]
+        if self._last_stream is not None and self.cache.mtp_pos == first - 1:
+            pairs, nexts = torch.cat([self._last_stream, streams[:, :-1]], dim=1), token_ids
+        else:  # nothing before (or the MTP lost track): start at the first stream of this call
+            self.cache.mtp_pos = first
+            pairs, nexts = streams[:, :-1], token_ids[:, 1:]
+        if nexts.shape[1]:
+            self.model.mtp_step(pairs, nexts, self.cache, with_logits=False)
+        self._last_stream = streams[:, -1:].clone()
+
+    @torch.inference_mode()
+    def _speculate(self, token: int, k: int, drafter: DraftSampler, stats: GenerationStats, index: int
+                   ) -> tuple[list[int], _Burst]:
+        """Feed `token` (sampled, not yet fed) and k MTP drafts after it in one trunk forward; returns the
+        tokens that follow `token` (the drafts kept, then the trunk's own next token, which is not fed) and
+        what it takes to undo the feed if the caller stops inside them."""
+        cache, model = self.cache, self.model
+        drafts: list[int] = []
+        draft_probs: list[torch.Tensor | None] = []
+        hidden, last = self._last_stream, torch.tensor([[token]], device=model.device)
+        real = None  # the MTP state after its one real pair (trunk streams, `token`); chained rows are guesses
+        for i in range(k):
+            logits, hidden = model.mtp_step(hidden, last, cache)
+            if i == 0 and k > 1:
+                real = cache.snapshot_mtp()
+            draft, q = drafter.draft(logits[0])
+            drafts.append(draft)
+            draft_probs.append(q)
+            last = torch.tensor([[draft]], device=model.device)
+        if real is not None:
+            cache.restore_mtp(real)
+        burst = _Burst(cache.snapshot(), self._last_stream, [token, *drafts])
+        fed = torch.tensor([[token, *drafts]], device=model.device)
+        streams = model.streams(fed, cache)
+        target = check_finite(model.logits(streams)[0], index)
+        kept, after = drafter.verify(drafts, draft_probs, target)
+        stats.draft_tokens += k
+        stats.accepted_draft_tokens += kept
+        if kept == k:
+            self._follow_with_mtp(streams, fed)
+            self.cached_ids.extend(fed[0].tolist())
+        else:  # back to before the feed, then feed what was kept (causal: the same states as in the forward)
+            self._undo(burst)
+            self._feed([token, *drafts[:kept]], None)
+        return [*drafts[:kept], after], burst
+
+    def _undo(self, burst: _Burst) -> None:
+        """Back to the state before a burst's feed."""
+        self.cache.restore(burst.before)
+        self._last_stream = burst.last_stream
+        del self.cached_ids[burst.before.pos:]
 
     def _prefill(self, prompt: list[int], cancel: threading.Event | None) -> tuple[torch.Tensor | None, int]:
         reused = self._reuse(prompt)
@@ -206,9 +291,16 @@ class Engine:
         in_reasoning = reasoning
         decode_started = time.perf_counter()
         stats.finish_reason = "length"
+        drafter = DraftSampler(sampling) if self.draft else None
+        ahead: list[int] = []  # tokens a speculative step decided (fed, but for the last): yielded next
+        burst: _Burst | None = None
+        first_of_burst = 0  # index of the first token of `ahead`'s burst
         for index in range(max_tokens):
             forced = in_reasoning and reasoning_budget is not None and stats.reasoning_tokens >= reasoning_budget
-            token = think_end_id if forced else sample(check_finite(logits, index))
+            if ahead:  # the draft room below keeps a forced </think> out of a burst
+                token, forced = ahead.pop(0), False
+            else:
+                token = think_end_id if forced else sample(check_finite(logits, index))
             if index == 0:
                 stats.time_to_first_token = time.perf_counter() - started
             stats.generated_tokens += 1
@@ -219,16 +311,32 @@ class Engine:
                 else:
                     stats.reasoning_tokens += 1
             yield TokenEvent(token, index, forced)
-            if token in stop_ids:
-                stats.finish_reason = "stop"
+            if token in stop_ids or (cancel is not None and cancel.is_set()):
+                stats.finish_reason = "stop" if token in stop_ids else "cancelled"
+                if ahead:  # stopped inside a burst: keep the cache at what was yielded but the last token
+                    self._undo(burst)
+                    self._feed(burst.fed[:index - first_of_burst + 1], None)
                 break
-            if cancel is not None and cancel.is_set():
-                stats.finish_reason = "cancelled"
-                break
-            if index + 1 < max_tokens:
-                logits = self._feed([token], None)
+            if index + 1 < max_tokens and not ahead:
+                room = self._draft_room(index, max_tokens, in_reasoning, reasoning_budget, stats.reasoning_tokens)
+                if room:
+                    ahead, burst = self._speculate(token, room, drafter, stats, index)
+                    first_of_burst = index + 1
+                else:
+                    logits = self._feed([token], None)
         stats.decode_seconds = time.perf_counter() - decode_started
         yield self._finish(stats, offload_before)
+
+    def _draft_room(self, index: int, max_tokens: int, in_reasoning: bool, reasoning_budget: int | None,
+                    reasoning_tokens: int) -> int:
+        """Drafts the next step may take (0: a plain step): none past the token limit, the context or a
+        reasoning budget's forced </think>, so a burst never has to be cut by them."""
+        if not self.draft:
+            return 0
+        room = min(self.draft, max_tokens - index - 2, self.max_context - self.cache.pos - 2)
+        if in_reasoning and reasoning_budget is not None:
+            room = min(room, reasoning_budget - reasoning_tokens - 1)
+        return max(room, 0)
 
     def _offload_counts(self) -> tuple[int, int, int]:
         """(hits, misses, bytes moved) of the offload runtime so far; zeros without one."""

@@ -33,6 +33,8 @@ class GenerationStats:
     reasoning_tokens: int = 0
     reasoning_seconds: float = 0.0
     prefill_cancelled: bool = False  # cancelled before the prompt was all in: prefill_seconds is not a prefill
+    draft_tokens: int = 0  # MTP drafts verified (speculative decoding)
+    accepted_draft_tokens: int = 0  # ... of which the trunk kept
     # filled when the offload runtime is used, for this call only:
     expert_cache_hit_rate: float | None = None  # host experts found in a device slot / looked up
     expert_bytes_moved: int = 0  # host -> device expert bytes (staging and prefetch)
@@ -42,6 +44,11 @@ class GenerationStats:
         """Prompt tokens prefilled per second; 0 when unknown (none, or the prefill was cancelled)."""
         prefilled = self.prompt_tokens - self.cached_tokens
         return prefilled / self.prefill_seconds if self.prefill_seconds > 0 and not self.prefill_cancelled else 0.0
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """Share of the MTP drafts kept; None without drafts."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def decode_tokens_per_second(self) -> float:

@@ -222,6 +222,17 @@ class ModelCache:
             live.copy_(saved)
         self.pos, self.mtp_pos = snap.pos, snap.mtp_pos
 
+    def snapshot_mtp(self) -> CacheSnapshot:
+        """Copy the MTP layers' state alone (chained drafts write it speculatively); `pos` is not touched."""
+        return CacheSnapshot(self.pos, self.mtp_pos, [t.clone() for layer in self.mtp for t in layer.running_state()])
+
+    def restore_mtp(self, snap: CacheSnapshot) -> None:
+        """Undo the MTP layers' writes since `snapshot_mtp`."""
+        live = [t for layer in self.mtp for t in layer.running_state()]
+        for tensor, saved in zip(live, snap.tensors, strict=True):
+            tensor.copy_(saved)
+        self.mtp_pos = snap.mtp_pos
+
     def reset(self) -> None:
         """Back to an empty context (pool contents are rewritten before they are read again)."""
         for state in self._running_state():

@@ -84,9 +84,10 @@ class MTPBlock(Block):
 
     def streams(self, hidden: torch.Tensor, next_embed: torch.Tensor, start_pos: int,
                 next_ids: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """The layer's residual streams [B,S,n,D] (before its hc_head) from `hidden` [B,S,n,D] (the trunk's
+        streams, or this layer's own when drafts are chained) and the next tokens' embeddings."""
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(hidden))
-        x = super().forward(x, start_pos, next_ids, cache)
-        return collapse_streams(self, x, self.args)
+        return super().forward(x, start_pos, next_ids, cache)
 
 
 class Transformer(nn.Module):
@@ -157,13 +158,27 @@ class Transformer(nn.Module):
 
     def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """MTP draft logits [B,S,V] for the positions of `streams` given the following tokens."""
+        return self.mtp_step(streams, next_ids, cache, last_only=False)[0]
+
+    def mtp_step(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: ModelCache, last_only: bool = True,
+                 with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run the MTP layer on (streams [B,S,n,D] at positions cache.mtp_pos.., the tokens after them
+        [B,S]) and advance cache.mtp_pos: (draft logits for the tokens after those, [B,V] for the last
+        position when `last_only`, else [B,S,V], None without `with_logits`; the layer's own streams
+        [B,S,n,D], which chain a further draft in place of the trunk's)."""
         if not self.mtp:
             raise ValueError("this model was built without its MTP layer")
         start = cache.mtp_pos
+        if start + next_ids.shape[1] > cache.max_len:
+            raise ValueError(f"MTP position {start + next_ids.shape[1]} exceeds the cache size {cache.max_len}")
         next_embed = self.embed(next_ids, self.numerics.act_dtype)
-        y = self.mtp[0].streams(streams, next_embed, start, next_ids, cache.mtp[0])
+        x = self.mtp[0].streams(streams, next_embed, start, next_ids, cache.mtp[0])
         cache.mtp_pos = start + next_ids.shape[1]
-        return self.head(y)
+        if not with_logits:
+            return None, x
+        y = x[:, -1:] if last_only else x
+        logits = self.head(collapse_streams(self.mtp[0], y, self.args))
+        return (logits[:, 0] if last_only else logits), x
 
     @torch.no_grad()
     def full_logits(self, token_ids: torch.Tensor) -> torch.Tensor:
