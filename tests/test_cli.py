@@ -196,3 +196,17 @@ def test_bad_prompt_files_and_threads_are_one_line_usage_errors(tmp_path, args, 
     proc = dsv4("chat", *(a.format(**named) for a in args))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert message.format(**named) in proc.stderr
+
+
+def test_chat_draft_gives_the_plain_greedy_reply_and_reports_its_drafts(xdg):
+    args = ("chat", "-p", "What is 12 + 30?", "--mode", "non-think", "--temperature", "0", "-n", "16", "--json")
+    plain = dsv4(*args, env=xdg)
+    drafted = dsv4(*args, "--draft", "1", env=xdg)
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    a, b = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert b["content"] == a["content"] and "draft_tokens" not in a["usage"]
+    assert b["usage"]["draft_tokens"] > 0 and 0 <= b["usage"]["accepted_draft_tokens"] <= b["usage"]["draft_tokens"]
+    for bad, message in ((("--draft", "4"), "--draft must be 0 to 3"),
+                         (("--draft", "2", "--no-draft"), "contradict each other")):
+        proc = dsv4("chat", "-p", "hi", *bad)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -37,10 +37,11 @@ def sampling_defaults(opened: OpenModel) -> tuple[float, float]:
     return (float(temperature), float(top_p)) if valid and temperature >= 0 and 0 < top_p <= 1 else (1.0, 1.0)
 
 
-def new_session(opened: OpenModel, settings: ChatSettings, context: int) -> ChatSession:
-    """A session on `opened` with a `context`-token cache (ContextTooLarge, before allocating, when it cannot fit)."""
+def new_session(opened: OpenModel, settings: ChatSettings, context: int, draft: int = 0) -> ChatSession:
+    """A session on `opened` with a `context`-token cache (ContextTooLarge, before allocating, when it cannot fit);
+    `draft`: MTP draft tokens per decode step (0: plain decoding)."""
     torch.set_grad_enabled(False)
-    return ChatSession(Engine(opened.model, max_context=context), opened.tokenizer, settings)
+    return ChatSession(Engine(opened.model, max_context=context, draft=draft), opened.tokenizer, settings)
 
 
 @contextmanager

@@ -54,6 +54,10 @@ def chat(
     no_markdown: bool = typer.Option(False, "--no-markdown", help="REPL: print the answer as plain text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print the stats line to stderr."),
     no_history: bool = typer.Option(False, "--no-history", help="REPL: do not read or write the history file."),
+    draft: int = typer.Option(0, "--draft", help="Speculative decoding: draft N tokens (1-3) per step with the "
+                              "checkpoint's MTP layer; same greedy output, same sampling distribution. Default 0 "
+                              "(off: on the demo it measured slower, docs/performance.md)."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding (the default; overrides nothing else)."),
     device: Device = None,
     gpu_memory: GpuMemory = None,
     cpu_memory: CpuMemory = None,
@@ -73,6 +77,10 @@ def chat(
     _check_limits(ctx, max_tokens, reasoning_budget)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
+    if not 0 <= draft <= 3:
+        raise UsageError(f"--draft must be 0 to 3, got {draft}")
+    if draft and no_draft:
+        raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
     prompt = _one_of(_flag_text(prompt, "-p", "give the prompt's text, or pipe it on stdin"), "-p",
                      _file_text(prompt_file, "-f"), "-f")
     system = _one_of(_flag_text(system, "--system", "give the system prompt's text, or leave --system out"),
@@ -89,16 +97,18 @@ def chat(
                                  counts=counts)
     from dsv4cli.runtime.threads import thread_count
 
-    with thread_count(threads), open_model(model, placement=placement, context=ctx) as opened:
+    with thread_count(threads), open_model(model, placement=placement, context=ctx, with_mtp=draft > 0) as opened:
+        if draft and not opened.model.mtp:
+            raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop --draft")
         raise typer.Exit(_converse(opened, text, think, system, sampling, temperature, top_p, max_tokens, ctx,
                                    reasoning_budget, thinking_view, no_markdown, no_history, as_json, show_thinking,
-                                   verbose))
+                                   verbose, draft))
 
 
 def _converse(opened, text: str | None, think, system: str | None, sampling, temperature: float | None,
               top_p: float | None, max_tokens: int | None, ctx: int, reasoning_budget: int | None,
               thinking_view: str, no_markdown: bool, no_history: bool, as_json: bool, show_thinking: bool,
-              verbose: bool) -> int:
+              verbose: bool, draft: int = 0) -> int:
     """The REPL (text None) or one prompt on an opened model; returns the exit status."""
     from dsv4cli.chat.service import new_session, sampling_defaults
     from dsv4cli.chat.session import ChatSettings
@@ -116,7 +126,7 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
                             reasoning_budget=reasoning_budget if reasoning_budget is not None else
                             (64 if opened.is_demo else None))
     try:
-        session = new_session(opened, settings, ctx)
+        session = new_session(opened, settings, ctx, draft)
     except ContextTooLarge as err:
         raise OutOfMemory(err.message, "lower --ctx") from None
     if text is None:

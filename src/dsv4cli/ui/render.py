@@ -173,6 +173,8 @@ def turn_to_json(result: TurnResult, request: dict[str, Any] | None = None) -> d
             "cached_tokens": s.cached_tokens,
             "reasoning_tokens": s.reasoning_tokens,
             "total_tokens": s.prompt_tokens + s.generated_tokens,
+            **({"draft_tokens": s.draft_tokens, "accepted_draft_tokens": s.accepted_draft_tokens}
+               if s.draft_tokens else {}),
         },
         "timings": {
             "prefill_seconds": round(s.prefill_seconds, 4),
