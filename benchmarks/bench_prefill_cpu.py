@@ -33,12 +33,13 @@ from functools import partial
 import torch
 
 from dsv4cli.kernels import cpu
+from dsv4cli.kernels.experts import LOWBIT_BITS
 
 #: library flags of the on-the-fly arm: thresholds no batch reaches
 ON_THE_FLY_FLAGS = ("-DFP4_GEMM_MIN=1073741824", "-DFP8_GEMM_MIN=1073741824")
 DENSE = {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "wq_a": (1024, 4096)}  # (out, in)
 FORMATS = ("fp4", "int3", "int2")
-LOWBIT_BYTES = {"int3": 12, "int2": 8}  # bytes per 32 inputs
+LOWBIT_BYTES = {f"int{bits}": nbytes for nbytes, bits in LOWBIT_BITS.items()}  # bytes per 32 inputs
 
 
 def timed(fn: Callable[[], object], calls: int) -> float:

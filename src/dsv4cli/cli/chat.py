@@ -57,7 +57,7 @@ def chat(
     draft: int = typer.Option(0, "--draft", help="Speculative decoding: draft N tokens (1-3) per step with the "
                               "checkpoint's MTP layer; same greedy output, same sampling distribution. Default 0 "
                               "(off: on the demo it measured slower, docs/performance.md)."),
-    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding (the default; overrides nothing else)."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, without drafts (the default)."),
     device: Device = None,
     gpu_memory: GpuMemory = None,
     cpu_memory: CpuMemory = None,

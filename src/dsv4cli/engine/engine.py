@@ -213,17 +213,17 @@ class Engine:
         stats.accepted_draft_tokens += kept
         if kept == k:
             self._follow_with_mtp(streams, fed)
-            self.cached_ids.extend(fed[0].tolist())
-        else:  # back to before the feed, then feed what was kept (causal: the same states as in the forward)
-            self._undo(burst)
-            self._feed([token, *drafts[:kept]], None)
+            self.cached_ids.extend(burst.fed)
+        else:  # causal: feeding only what was kept gives the states the forward computed for it
+            self._rewind(burst, kept + 1)
         return [*drafts[:kept], after], burst
 
-    def _undo(self, burst: _Burst) -> None:
-        """Back to the state before a burst's feed."""
+    def _rewind(self, burst: _Burst, keep: int) -> None:
+        """Back to the state before a burst's feed, then feed its first `keep` tokens again."""
         self.cache.restore(burst.before)
         self._last_stream = burst.last_stream
         del self.cached_ids[burst.before.pos:]
+        self._feed(burst.fed[:keep], None)
 
     def _prefill(self, prompt: list[int], cancel: threading.Event | None) -> tuple[torch.Tensor | None, int]:
         reused = self._reuse(prompt)
@@ -314,8 +314,7 @@ class Engine:
             if token in stop_ids or (cancel is not None and cancel.is_set()):
                 stats.finish_reason = "stop" if token in stop_ids else "cancelled"
                 if ahead:  # stopped inside a burst: keep the cache at what was yielded but the last token
-                    self._undo(burst)
-                    self._feed(burst.fed[:index - first_of_burst + 1], None)
+                    self._rewind(burst, index - first_of_burst + 1)
                 break
             if index + 1 < max_tokens and not ahead:
                 room = self._draft_room(index, max_tokens, in_reasoning, reasoning_budget, stats.reasoning_tokens)
