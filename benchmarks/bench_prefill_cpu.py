@@ -5,7 +5,10 @@ relative to what torch's bf16 matmul (oneDNN: AMX or AVX-512 BF16 where the CPU 
 on the same machine, in the same run, at the same shapes. Three arms per case, alternating in
 every round, medians over rounds:
 
-* `panel`: dsv4's native kernels as shipped (the panel GEMM from FP4_GEMM_MIN / FP8_GEMM_MIN tokens);
+* `panel`: dsv4's native kernels as shipped (the panel GEMM from FP4_GEMM_MIN / FP8_GEMM_MIN tokens,
+  on AMX from FP4_AMX_MIN / FP8_AMX_MIN);
+* `no-AMX panel` (only on CPUs with AMX): the library built without the tile unit, so the panel
+  GEMM runs on vdpbf16ps;
 * `on-the-fly`: the same library built with the panel GEMM switched off (the decode-in-registers
   tiles for every batch: the path before the panel GEMM);
 * `torch bf16`: `x @ w` on dense bf16 weights of the same shape (the roofline of this machine).
@@ -36,7 +39,7 @@ from dsv4cli.kernels import cpu
 from dsv4cli.kernels.experts import LOWBIT_BITS
 
 #: library flags of the on-the-fly arm: thresholds no batch reaches
-ON_THE_FLY_FLAGS = ("-DFP4_GEMM_MIN=1073741824", "-DFP8_GEMM_MIN=1073741824")
+ON_THE_FLY_FLAGS = tuple(f"-D{kind}_{engine}_MIN=1073741824" for kind in ("FP4", "FP8") for engine in ("GEMM", "AMX"))
 DENSE = {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "wq_a": (1024, 4096)}  # (out, in)
 FORMATS = ("fp4", "int3", "int2")
 LOWBIT_BYTES = {f"int{bits}": nbytes for nbytes, bits in LOWBIT_BITS.items()}  # bytes per 32 inputs
@@ -106,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     dim, inter = 4096, 2048
     panel, on_the_fly = cpu.load(), cpu.load(extra_flags=ON_THE_FLY_FLAGS)
+    libs = {"panel": panel, **({"no-AMX panel": cpu.load(extra_flags=cpu.NO_AMX_FLAGS)} if panel.amx == "amx" else {}),
+            "on-the-fly": on_the_fly}
     load = os.getloadavg()[0]
-    print(f"{platform.processor() or platform.machine()}, kernels {panel.isa}, torch {torch.__version__}, "
+    print(f"{platform.processor() or platform.machine()}, kernels {panel.isa} (AMX: {panel.amx}), "
+          f"torch {torch.__version__}, "
           f"load average at start {load:.2f}, {args.rounds} rounds x {args.calls} calls, medians", flush=True)
     g = torch.Generator().manual_seed(0)
     dense_fp8 = {}
@@ -131,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 xk = x[:, :k].contiguous()
                 x3 = xk.reshape(n, 1, k)
                 cases.append((f"FP8 {name} {w.shape[0]}x{k}", 2.0 * n * k * w.shape[0], {
-                    "panel": partial(panel.fp8_linear, x3, w, s, True, threads),
-                    "on-the-fly": partial(on_the_fly.fp8_linear, x3, w, s, True, threads),
+                    **{arm: partial(lib.fp8_linear, x3, w, s, True, threads) for arm, lib in libs.items()},
                     "torch bf16": partial(torch.matmul, xk.to(torch.bfloat16), wb)}))
             weights, idx = routing(n, args.experts, args.topk, seed=n)
             xm = x[:, :dim].contiguous()
@@ -140,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             for fmt, table in tables.items():
                 call = (xm, weights, idx, table, 10.0, True, False, threads)
                 cases.append((f"MoE {fmt} {args.experts}e top-{args.topk}", flops, {
-                    "panel": partial(panel.fp4_moe, *call),
-                    "on-the-fly": partial(on_the_fly.fp4_moe, *call),
+                    **{arm: partial(lib.fp4_moe, *call) for arm, lib in libs.items()},
                     "torch bf16": partial(torch_moe, xm.to(torch.bfloat16), idx, bf16_experts)}))
             for label, flop, arms in cases:
                 samples: dict[str, list[float]] = {a: [] for a in arms}
@@ -155,17 +159,17 @@ def main(argv: list[str] | None = None) -> int:
                 row["panel / torch"] = med["torch bf16"] / med["panel"]
                 row["panel / on-the-fly"] = med["on-the-fly"] / med["panel"]
                 rows.append(row)
-                print(f"  {label:28s} t={threads} n={n:4d}  panel {row['panel GFLOP/s']:6.1f}  "
-                      f"on-the-fly {row['on-the-fly GFLOP/s']:6.1f}  torch {row['torch bf16 GFLOP/s']:6.1f} GFLOP/s",
-                      flush=True)
+                print(f"  {label:28s} t={threads} n={n:4d}  "
+                      + "  ".join(f"{a} {row[f'{a} GFLOP/s']:6.1f}" for a in arms) + " GFLOP/s", flush=True)
 
-    print("\n| case | threads | tokens | panel ms | GFLOP/s | on-the-fly GFLOP/s | torch bf16 GFLOP/s "
-          "| panel / torch | panel / on-the-fly |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    arm_names = [*libs, "torch bf16"]
+    print("\n| case | threads | tokens | panel ms | " + " | ".join(f"{a} GFLOP/s" for a in arm_names)
+          + " | panel / torch | panel / on-the-fly |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(arm_names) + 2))
     for r in rows:
-        print(f"| {r['case']} | {r['threads']} | {r['tokens']} | {r['panel ms']:.1f} | {r['panel GFLOP/s']:.1f} "
-              f"| {r['on-the-fly GFLOP/s']:.1f} | {r['torch bf16 GFLOP/s']:.1f} | {r['panel / torch']:.2f} "
-              f"| {r['panel / on-the-fly']:.2f}x |")
+        print(f"| {r['case']} | {r['threads']} | {r['tokens']} | {r['panel ms']:.1f} | "
+              + " | ".join(f"{r[f'{a} GFLOP/s']:.1f}" for a in arm_names)
+              + f" | {r['panel / torch']:.2f} | {r['panel / on-the-fly']:.2f}x |")
     scaling = [(r["case"], r["tokens"], r["panel ms"]) for r in rows]
     by_key = {(c, n): {} for c, n, _ in scaling}
     for r in rows:
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"load_start": load, "isa": panel.isa, "rows": rows}, f, indent=1)
+            json.dump({"load_start": load, "isa": panel.isa, "amx": panel.amx, "rows": rows}, f, indent=1)
     return 0
 
 

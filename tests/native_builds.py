@@ -47,12 +47,22 @@ def load_variant(flags: tuple[str, ...], variants: list[tuple[tuple[str, ...], s
 #: (extra flags, expected isa) of the native-kernel builds this CPU can execute, the native build
 #: first: every level of the one ISA ladder (csrc/common.h) at or below the CPU's.
 VARIANTS: list[tuple[tuple[str, ...], str | None]] = [((), None)]
+#: the build without the AMX tile unit, on CPUs that have one (the vdpbf16ps panel GEMM)
+NO_AMX = cpu.NO_AMX_FLAGS
+if HAS_CXX and {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags():
+    VARIANTS.append((NO_AMX, "avx512bf16"))
 if HAS_CXX and {"avx512f", "avx512_bf16"} <= cpu_flags():
     VARIANTS.append((("-mno-avx512bf16",), "avx512f"))
 if HAS_CXX and {"avx2", "fma", "f16c"} <= cpu_flags():
     VARIANTS.append((("-mno-avx512f",), "avx2"))
 if HAS_CXX:
     VARIANTS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "scalar"))
+
+
+def variant_id(variant: tuple[tuple[str, ...], str | None]) -> str:
+    """The test id of one of VARIANTS."""
+    flags, isa = variant
+    return "native" if isa is None else f"{isa}-no-amx" if flags == NO_AMX else isa
 
 
 def variant_kernels(variant: tuple[tuple[str, ...], str | None]) -> cpu.NativeKernels:
@@ -65,4 +75,8 @@ def variant_kernels(variant: tuple[tuple[str, ...], str | None]) -> cpu.NativeKe
     elif {"avx512_bf16", "avx512vbmi", "avx512bw", "avx512vl"} <= cpu_flags():
         assert built.isa == "avx512bf16"
     assert built.fp8_isa == built.isa and built.attn_isa == built.isa
+    if flags == NO_AMX or built.isa != "avx512bf16":
+        assert built.amx == "off"
+    elif {"amx_tile", "amx_bf16"} <= cpu_flags():
+        assert built.amx in ("amx", "denied")  # "denied": a Linux older than 5.16 keeps the tiles
     return built

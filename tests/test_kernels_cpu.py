@@ -21,12 +21,12 @@ from dsv4cli.formats.official import fake_quant_fp8, quantize_fp4_rows
 from dsv4cli.io.safetensors_file import SafetensorsFile
 from dsv4cli.io.writer import write_safetensors
 from dsv4cli.kernels import cpu, ref
-from tests.native_builds import VARIANTS, native, variant_kernels
+from tests.native_builds import VARIANTS, native, variant_id, variant_kernels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
+@pytest.fixture(scope="module", params=VARIANTS, ids=variant_id)
 def lib(request) -> cpu.NativeKernels:
     return variant_kernels(request.param)
 
@@ -62,8 +62,11 @@ def routing(n: int, k: int, n_experts: int, seed: int) -> tuple[torch.Tensor, to
 
 # ------------------------------------------------------------------------------ linear
 
-#: (N, in, out); the last one is big enough (> 1 MB of weights) to run on several threads
-LINEAR_SHAPES = [(1, 256, 64), (7, 4096, 96), (3, 160, 33), (33, 96, 7), (2, 2048, 1), (5, 4096, 1024)]
+#: (N, in, out); (5, 4096, 1024) is big enough (> 1 MB of weights) to run on several threads;
+#: (40, 160, 37) and (17, 256, 300) run the panel GEMM (on AMX: panels of 32 rows and a partial
+#: one, token blocks of 16 and a partial one)
+LINEAR_SHAPES = [(1, 256, 64), (7, 4096, 96), (3, 160, 33), (33, 96, 7), (2, 2048, 1), (5, 4096, 1024),
+                 (40, 160, 37), (17, 256, 300)]
 
 
 @native
@@ -81,15 +84,18 @@ def test_linear_matches_reference(lib, n, k, o, act_quant):
 
 
 @native
-@pytest.mark.parametrize("n", [5, 6, 13])  # below, at and past the panel GEMM's token threshold
+@pytest.mark.parametrize("n", [2, 3, 5, 6, 13, 40])  # around the panel GEMM thresholds (AMX 3, else 6)
 def test_linear_scales_outside_the_fold_range(lib, n):
     """Rows whose UE8M0 scales the panel GEMM cannot fold into bf16 exponents (bytes 1 and 253) take
-    the on-the-fly tiles; each row must still match the reference exactly up to summation order."""
+    the on-the-fly tiles; each row must still match the reference exactly up to summation order.
+    (On AMX they sit in the first and second 4-row group of a 32-row panel, and in the last group
+    of the partial panel after it.)"""
     g = torch.Generator().manual_seed(n)
-    k, o = 256, 12
+    k, o = 256, 42
     w, s = fp4(o, k, g)
     s = s.view(torch.uint8).clone()
     s[1] = 1    # 2^-126: folded, every word would leave the normal range
+    s[40] = 1
     s[6, 3] = 253  # 2^126 in one block only
     w[6, 48:64] &= 0x55  # |e2m1| <= 3 in that block (first bit of each nibble's magnitude cleared)
     x = torch.randn(n, k, generator=g)

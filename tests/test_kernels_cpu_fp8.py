@@ -17,12 +17,12 @@ import torch
 from dsv4cli import kernels
 from dsv4cli.formats.official import fake_quant_fp8, quantize_fp4_rows, quantize_fp8_blocks
 from dsv4cli.kernels import cpu, ref
-from tests.native_builds import VARIANTS, native, variant_kernels
+from tests.native_builds import VARIANTS, native, variant_id, variant_kernels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
+@pytest.fixture(scope="module", params=VARIANTS, ids=variant_id)
 def lib(request) -> cpu.NativeKernels:
     return variant_kernels(request.param)
 
@@ -50,10 +50,12 @@ def kernel_linear(lib: cpu.NativeKernels, x: torch.Tensor, w: torch.Tensor, s: t
 
 # ------------------------------------------------------------------------------ linear
 
-#: (N, in, out): non-multiples of 128 in both dims, N = 1..33 (tiles of 4, 2 and 1 tokens and
-#: rows); the last one is big enough (> 1 MB of weights) to run on several threads
+#: (N, in, out): non-multiples of 128 in both dims, N = 1..40 (tiles of 4, 2 and 1 tokens and
+#: rows; from FP8_GEMM_MIN tokens the panel GEMM: on AMX, panels of 32 rows and one of 12 against token
+#: blocks of 16 + 16 + 8, and one of 16 rows against 16 + 5); (1, 4096, 1031) is big enough
+#: (> 1 MB of weights) to run on several threads
 LINEAR_SHAPES = [(1, 256, 64), (2, 200, 130), (3, 77, 5), (5, 1000, 257), (7, 129, 300), (33, 384, 33),
-                 (1, 4096, 1031), (17, 64, 1)]
+                 (1, 4096, 1031), (17, 64, 1), (40, 200, 300), (21, 129, 16)]
 
 
 @native

@@ -23,10 +23,10 @@ from dsv4cli.model.cache import DENSE, FP4_INDEX, FP8_KV, CacheLayout, ModelCach
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.presets import PRESETS
 from tests.conftest import tiny_model
-from tests.native_builds import VARIANTS, native, variant_kernels
+from tests.native_builds import VARIANTS, native, variant_id, variant_kernels
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
+@pytest.fixture(scope="module", params=VARIANTS, ids=variant_id)
 def lib(request) -> cpu.NativeKernels:
     return variant_kernels(request.param)
 

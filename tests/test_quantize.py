@@ -34,7 +34,7 @@ from dsv4cli.quant.quantize import IMATRIX_FILE, RECIPE_FILE, quantize_checkpoin
 from dsv4cli.quant.recipes import load_recipe
 from dsv4cli.runtime.loader import load_model
 from tests.conftest import run_cli
-from tests.native_builds import HAS_CXX, VARIANTS, variant_kernels
+from tests.native_builds import HAS_CXX, VARIANTS, variant_id, variant_kernels
 
 RECIPES = ("q4", "q4-dense4", "q3", "q3-dense4", "q2")
 EVAL_TOKENS = 192
@@ -100,7 +100,7 @@ def test_random_round_trip_and_quantizer_error(fmt):
 # ----------------------------------------------------------------------- native kernels
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[1] or "native")
+@pytest.fixture(scope="module", params=VARIANTS, ids=variant_id)
 def lib(request) -> cpu.NativeKernels:
     return variant_kernels(request.param)
 

@@ -48,8 +48,10 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "fp4_cpu.cpp"
 #: translation units compiled into the one library (they share csrc/common.h)
 SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp", CSRC / "attn_cpu.cpp")
-HEADERS = (CSRC / "common.h", CSRC / "lowbit.h", CSRC / "bf16_tiles.h")
+HEADERS = (CSRC / "common.h", CSRC / "lowbit.h", CSRC / "bf16_tiles.h", CSRC / "amx_tiles.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+#: extra flags of a build without the AMX tile unit (its prefill GEMM runs on vdpbf16ps)
+NO_AMX_FLAGS = ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
 ENV_KERNELS = "DSV4_KERNELS"
 ENV_CXX = "DSV4_CXX"
 DEFAULT_CXX = "g++"
@@ -285,6 +287,8 @@ class NativeKernels:
         self.lib = lib
         lib.dsv4_fp4_isa.restype = ctypes.c_char_p
         lib.dsv4_fp4_isa.argtypes = []
+        lib.dsv4_amx_state.restype = ctypes.c_char_p
+        lib.dsv4_amx_state.argtypes = []
         lib.dsv4_max_threads.restype = _int
         lib.dsv4_fake_quant_fp8.restype = None
         lib.dsv4_fake_quant_fp8.argtypes = [_ptr, _i64, _i64, _i64, _ptr]
@@ -316,6 +320,9 @@ class NativeKernels:
         #: code path of the FP8 kernels (the bf16 one also needs AVX-512 VBMI)
         self.fp8_isa: str = lib.dsv4_fp8_isa().decode()
         self.attn_isa: str = lib.dsv4_attn_isa().decode()
+        #: the prefill GEMMs' matrix engine: "amx" (the AMX tile unit), "denied" (built for it, the
+        #: OS refused the tile state) or "off" (not built for it)
+        self.amx: str = lib.dsv4_amx_state().decode()
 
     def fake_quant_fp8(self, x: torch.Tensor, block: int = 128) -> torch.Tensor:
         """`formats.fake_quant_fp8` on float32 rows, natively (bit-exact; for tests)."""

@@ -25,10 +25,12 @@
 // Work is split into items claimed through an atomic counter (see parallel_items).
 // Prefill (FP4_GEMM_MIN or more tokens against the same rows, bf16 path): the rows are decoded
 // once into bf16 panels with the scales folded in, and a register-blocked GEMM runs over all the
-// tokens (bf16_tiles.h), instead of re-decoding them for every 4 tokens.
+// tokens (bf16_tiles.h), instead of re-decoding them for every 4 tokens. With the AMX tile unit
+// (Sapphire Rapids and later) this starts at FP4_AMX_MIN tokens and runs on TDPBF16PS (amx_tiles.h).
 
 #include "common.h"  // the ISA ladder: DSV4_PATH_BF16 / _AVX512 / _AVX2 / _SCALAR
 #include "bf16_tiles.h"  // the prefill GEMM of the bf16 path
+#include "amx_tiles.h"   // ... and on the AMX tile unit
 
 namespace {
 
@@ -164,19 +166,23 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
 // Whether the block scales of rows [r, r + rows) of an FP4 weight fold into bf16 exponents
 // exactly: every byte in [2, 252] (e2m1 exponents are -1..2, so the sums stay normal).
 inline bool fp4_foldable(const uint8_t* S, int64_t K, int64_t r, int rows) {
-    const int64_t sb = K / 32;
-    for (int64_t i = 0; i < rows * sb; ++i) {
-        const uint8_t b = S[r * sb + i];
-        if (b < 2 || b > 252) return false;
+    const int64_t n = rows * (K / 32);
+    const uint8_t* s = S + r * (K / 32);
+    const __m512i two = _mm512_set1_epi8(2), span = _mm512_set1_epi8(static_cast<char>(250));
+    for (int64_t i = 0; i < n; i += 64) {  // b - 2 <= 250 (unsigned): b in [2, 252]
+        const __mmask64 m = n - i >= 64 ? ~0ull : (1ull << (n - i)) - 1;
+        const __m512i b = _mm512_sub_epi8(_mm512_maskz_loadu_epi8(m, s + i), two);
+        if (_mm512_mask_cmpgt_epu8_mask(m, b, span) != 0) return false;
     }
     return true;
 }
 
-// Chunks [c0, c1) of rows r..r+3 of FP4 weight W -> panel[4][Kp] bf16 words in the prepared order,
+// Chunks [c0, c1) of rows r..r+3 of FP4 weight W -> panel[4][stride] bf16 words in the prepared order,
 // each times its block scale, folded into the exponent (the rows must be fp4_foldable). Rows past
-// `rows` are zero.
+// `rows` are zero. Each chunk's load prefetches the bytes `ahead` bytes further on (the same chunk
+// of a later row, or a later chunk of the same row), so they have landed when their turn comes.
 inline void fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, int rows, uint16_t* panel,
-                      int64_t Kp, int64_t c0, int64_t c1) {
+                      int64_t stride, int64_t c0, int64_t c1, int64_t ahead) {
     const int64_t rb = K / 2, sb = K / 32, nfull = K / kChunk;
     const __m512i tbl = _mm512_load_si512(kBf16Table);
     const __m512i mag = _mm512_set1_epi16(0x7fff);
@@ -184,7 +190,7 @@ inline void fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, 
     const __m512i block_of_word = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
                                                    1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int i = 0; i < 4; ++i) {
-        uint16_t* dst = panel + i * Kp;
+        uint16_t* dst = panel + i * stride;
         if (i >= rows) {
             std::memset(dst + kChunk * c0, 0, static_cast<size_t>(kChunk * (c1 - c0)) * 2);
             continue;
@@ -192,8 +198,7 @@ inline void fp4_panel(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r, 
         const uint8_t* w = W + (r + i) * rb;
         const uint8_t* s = S + (r + i) * sb;
         for (int64_t c = c0; c < c1; ++c) {
-            // the same chunk of the next panel's row: its GEMM gives the fetch time to land
-            _mm_prefetch(reinterpret_cast<const char*>(w + 4 * rb + 64 * c), PF_HINT);
+            _mm_prefetch(reinterpret_cast<const char*>(w + ahead + 64 * c), PF_HINT);
             if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + 4 * sb + 4 * c), PF_HINT);
             __m512i wr;
             __m128i s4;
@@ -425,28 +430,72 @@ inline int64_t scale_row_bytes(int fmt, int64_t K) { return fmt == kFmtFp4 ? K /
 // Bytes streamed per weight (codes and scales), for the thread count heuristics.
 inline double bytes_per_weight(int fmt) { return static_cast<double>(row_bytes(fmt, 32) + scale_row_bytes(fmt, 32)) / 32; }
 
-// Scratch of the panel GEMM (one per thread): kPanelRows rows of Kp words.
-struct Panel {
-    std::unique_ptr<uint16_t[]> w;
-    Panel() = default;
-    explicit Panel(int64_t Kp) {  // Kp = 0: no panel (the on-the-fly tiles only)
-#if DSV4_PATH_BF16
-        if (Kp > 0) w.reset(new uint16_t[static_cast<size_t>(kPanelRows * Kp)]);
-#else
-        (void)Kp;
-#endif
-    }
-};
-
 #ifndef FP4_GEMM_MIN
 #define FP4_GEMM_MIN 6  // tokens per weight row from which the panel GEMM beats the on-the-fly tiles
 #endif
+#ifndef FP4_AMX_MIN
+#define FP4_AMX_MIN 3  // the same on the AMX tile unit (Sapphire Rapids: on-the-fly wins at 2, AMX at 3)
+#endif
+
+// Tokens per weight row from which FP4 rows take the panel GEMM on this CPU.
+inline int fp4_gemm_min() {
+#if DSV4_AMX
+    if (amx_ready()) return FP4_AMX_MIN;
+#endif
+    return FP4_GEMM_MIN;
+}
 
 #if DSV4_PATH_BF16
+#if DSV4_AMX
+// fp4_gemm_rows on the tile unit: panels of kAmxRows rows over the whole K (amx_tiles.h). The
+// 4-row groups whose scales do not fold are zero in the panel and run the on-the-fly tiles after.
+void fp4_amx_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, int64_t r1, int parts,
+                  const XT* const* xs, int T, float* const* y, Panel& panel) {
+    const int64_t Kp = padded(K);
+    const uint16_t* packed = panel.tokens.pack(xs, T, Kp, parts);
+    uint16_t* pw = panel.w.get();
+    const int64_t stride = amx_stride(Kp);
+    amx_configure();
+    for (int64_t r = r0; r < r1; r += kAmxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - r));
+        unsigned folded = 0, unfolded = 0;  // bit g: group g (rows 4g .. 4g + 3) is / is not folded
+        for (int g = 0; g < kAmxRows / kPanelRows; ++g) {
+            const int first = g * kPanelRows, n = std::max(0, std::min(kPanelRows, rows - first));
+            if (n > 0 && fp4_foldable(S, K, r + first, n)) {
+                folded |= 1u << g;
+            } else {
+                std::memset(pw + first * stride, 0, static_cast<size_t>(kPanelRows * stride) * 2);
+                if (n > 0) unfolded |= 1u << g;
+            }
+        }
+        amx_gemm_panel(pw, Kp, rows, packed, parts, T, y, r - r0, [&](int64_t c0, int64_t c1) {
+#ifdef AMX_PF
+            const int64_t ahead = T <= 2 * kAmxTokens ? 64 * kAmxChunks * AMX_PF : kAmxRows * (K / 2);
+#else
+            const int64_t ahead = kAmxRows * (K / 2);
+#endif
+            for (int g = 0; g < kAmxRows / kPanelRows; ++g)
+                if (folded & (1u << g))
+                    fp4_panel(W, S, K, r + g * kPanelRows, std::min(kPanelRows, rows - g * kPanelRows),
+                              pw + g * kPanelRows * stride, stride, c0, c1, ahead);
+        });
+        for (int g = 0; unfolded != 0; ++g, unfolded >>= 1) {
+            if (!(unfolded & 1u)) continue;
+            const int first = g * kPanelRows, n = std::min(kPanelRows, rows - first);
+            for (int i = 0; i < n; ++i) gemv_rows_r<1>(W, S, K, r + first + i, parts, xs, T, y, r - r0 + first + i);
+        }
+    }
+    _tile_release();
+}
+#endif
+
 // Rows [r0, r1) of FP4 weight W against T tokens through the panel GEMM, K block by K block
 // (gemm_k_blocks): y[t][r - r0]. Rows whose scales do not fold take the on-the-fly tiles.
 void fp4_gemm_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, int64_t r1, int parts,
                    const XT* const* xs, int T, float* const* y, Panel& panel) {
+#if DSV4_AMX
+    if (amx_ready()) return fp4_amx_rows(W, S, K, r0, r1, parts, xs, T, y, panel);
+#endif
     const int64_t Kp = padded(K);
     std::vector<char> folds;
     for (int64_t r = r0; r < r1; r += kPanelRows) {
@@ -461,7 +510,8 @@ void fp4_gemm_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, in
         for (int64_t r = r0, p = 0; r < r1; r += kPanelRows, ++p) {
             if (!folds[p]) continue;
             const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, r1 - r));
-            fp4_panel(W, S, K, r, rows, panel.w.get(), Kp, c0, c1);
+            // the same chunk of the next panel's row: its GEMM gives the fetch time to land
+            fp4_panel(W, S, K, r, rows, panel.w.get(), Kp, c0, c1, 4 * (K / 2));
             gemm_tokens(wr, 4 * c0, 4 * c1, Kp, parts, xs, T, y, r - r0, rows, c0 > 0);
         }
     });
@@ -469,12 +519,12 @@ void fp4_gemm_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, in
 #endif
 
 // Rows [r0, r1) of W (format fmt, K inputs) against T tokens: y[t][r - r0]. FP4 with a panel and
-// at least FP4_GEMM_MIN tokens runs the panel GEMM on the bf16 path; otherwise the on-the-fly tiles.
+// at least fp4_gemm_min() tokens runs the panel GEMM on the bf16 path; otherwise the on-the-fly tiles.
 inline void rows_fmt(int fmt, const void* W, const void* S, int64_t K, int64_t r0, int64_t r1, int parts,
                      const XT* const* xs, int T, float* const* y, Panel* panel = nullptr) {
     const auto* w = static_cast<const uint8_t*>(W);
 #if DSV4_PATH_BF16
-    if (fmt == kFmtFp4 && panel != nullptr && panel->w && T >= FP4_GEMM_MIN)
+    if (fmt == kFmtFp4 && panel != nullptr && panel->w && T >= fp4_gemm_min())
         return fp4_gemm_rows(w, static_cast<const uint8_t*>(S), K, r0, r1, parts, xs, T, y, *panel);
 #else
     (void)panel;
@@ -535,7 +585,7 @@ int quant_linear(int fmt, const float* x, int64_t N, int64_t K, const void* W, c
             nt, nchunks,
             [&] {
                 return Scratch{std::vector<float>(static_cast<size_t>(TBLK * chunk)), std::vector<float*>(TBLK),
-                               Panel(fmt == kFmtFp4 && N >= FP4_GEMM_MIN ? Kp : 0)};
+                               Panel(fmt == kFmtFp4 && N >= fp4_gemm_min() ? Kp : 0)};
             },
             [&](int64_t ci, Scratch& sc) {
                 const int64_t r0 = ci * chunk, r1 = std::min(O, r0 + chunk);
@@ -561,6 +611,9 @@ int quant_linear(int fmt, const float* x, int64_t N, int64_t K, const void* W, c
 extern "C" {
 
 const char* dsv4_fp4_isa(void) { return kIsa; }
+
+// Whether the prefill GEMMs run on the AMX tile unit (amx_state in amx_tiles.h).
+const char* dsv4_amx_state(void) { return amx_state(); }
 
 int dsv4_max_threads(void) { return pick_threads(0); }
 
@@ -692,7 +745,7 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
                                std::vector<float>(static_cast<size_t>(std::max<int64_t>(HC, kChunk))),
                                std::vector<const XT*>(mp), std::vector<float*>(mp), std::vector<float*>(mp),
                                std::vector<float*>(mp),
-                               Panel(fp4_any && max_pairs >= FP4_GEMM_MIN ? std::max(Dp, Ip) : 0)};
+                               Panel(fp4_any && max_pairs >= fp4_gemm_min() ? std::max(Dp, Ip) : 0)};
             },
             [&](int64_t it, Scratch& sc) {
                 const Item item = items[it];

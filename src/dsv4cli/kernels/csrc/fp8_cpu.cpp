@@ -28,7 +28,8 @@
 // Rows are processed a few at a time (a tile) and the rows `kPfTiles` tiles ahead are
 // software-prefetched into L2 at the same column, as in the FP4 kernel. Batches of >= 20 tokens
 // (prefill) on the bf16 path decode 4 rows once into a panel with the block scales folded in and
-// run a 4 x 6 register-blocked GEMM over it (see gemm_rows; NaN codes are not kept there).
+// run a 4 x 6 register-blocked GEMM over it (see gemm_rows; NaN codes are not kept there); with the
+// AMX tile unit, from 4 tokens, 32-row panels go through TDPBF16PS instead (amx_tiles.h).
 // bf16 weights take the same tiles without the decode and the block scales (fp32 paths widen the
 // words with a shift); reading 2 bytes per weight instead of converting the matrix to fp32 per call.
 // Grouped form (attention's wo_a): G groups, group g multiplies x[:, g, :] by weight rows
@@ -36,6 +37,7 @@
 
 #include "common.h"
 #include "bf16_tiles.h"
+#include "amx_tiles.h"
 
 
 #ifndef FP8_PF_TILES
@@ -237,24 +239,33 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
 
 
 // ---- small-batch GEMM (prefill): many tokens against the same rows (bf16_tiles.h). For
-// T >= kGemmMinTokens, 4 rows at a time are decoded once into a bf16 panel with the block scale
+// T >= gemm_min_tokens(), 4 rows at a time are decoded once into a bf16 panel with the block scale
 // folded into each word's exponent (exact: the scales are powers of two, checked per call).
 #ifndef FP8_GEMM_MIN
 #define FP8_GEMM_MIN 20  // measured crossover on Zen 4: the on-the-fly tiles win below ~16-24 tokens
 #endif
-constexpr int kGemmMinTokens = FP8_GEMM_MIN;
+#ifndef FP8_AMX_MIN
+#define FP8_AMX_MIN 4  // the same on the AMX tile unit (Sapphire Rapids: the two tie at 4 tokens)
+#endif
+// Tokens from which the rows take the panel GEMM on this CPU.
+inline int gemm_min_tokens() {
+#if DSV4_AMX
+    if (amx_ready()) return FP8_AMX_MIN;
+#endif
+    return FP8_GEMM_MIN;
+}
 constexpr bool kHasGemm = true;
 constexpr int kGR = kPanelRows;
 
-// Chunks [c0, c1) of rows r..r+3 (absolute) of FP8 weight `w` -> panel[4][Kp] bf16 words in
+// Chunks [c0, c1) of rows r..r+3 (absolute) of FP8 weight `w` -> panel[4][stride] bf16 words in
 // chunk_pos order, each times its block scale 2^e (se: e << 7 per block, added to the exponent of
 // non-zero words). Rows past `rows` are zero.
 inline void decode_panel(const uint8_t* w, const int16_t* se, int64_t SK, int64_t K, int64_t r, int rows,
-                         uint16_t* panel, int64_t Kp, int64_t c0, int64_t c1) {
+                         uint16_t* panel, int64_t stride, int64_t c0, int64_t c1) {
     const Decoder dec;
     const int64_t nfull = K / kBlk;
     for (int i = 0; i < kGR; ++i) {
-        uint16_t* dst = panel + i * Kp;
+        uint16_t* dst = panel + i * stride;
         if (i >= rows) {
             std::memset(dst + kBlk * c0, 0, static_cast<size_t>(kBlk * (c1 - c0)) * 2);
             continue;
@@ -287,8 +298,45 @@ inline void decode_panel(const uint8_t* w, const int16_t* se, int64_t SK, int64_
 
 // Rows [r0, r1) against T tokens through the panel GEMM, K block by K block (gemm_k_blocks).
 // se == nullptr: bf16 weights, read in place (K % 32 == 0) or through a zero-padded panel copy.
+#if DSV4_AMX
+// gemm_rows on the tile unit: panels of kAmxRows rows over the whole K (amx_tiles.h).
+void amx_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
+              const XT* const* xs, int T, float* const* y, Panel& scratch) {
+    const int64_t Kp = padded8(K);
+    const uint16_t* packed = scratch.tokens.pack(xs, T, Kp, parts);
+    const uint16_t* wb = reinterpret_cast<const uint16_t*>(W);
+    uint16_t* panel = scratch.w.get();
+    const int64_t stride = amx_stride(Kp);
+    amx_configure();
+    for (int64_t r = r0; r < r1; r += kAmxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - r));
+        amx_gemm_panel(panel, Kp, rows, packed, parts, T, y, r - r0, [&](int64_t c0, int64_t c1) {
+            for (int g = 0; g < kAmxRows; g += kGR) {
+                const int n = std::max(0, std::min(kGR, rows - g));
+                uint16_t* dst = panel + g * stride;
+                if (se != nullptr) {
+                    decode_panel(W, se, SK, K, r + g, n, dst, stride, c0, c1);
+                    continue;
+                }
+                const int64_t a = kBlk * c0, b = kBlk * c1, e = std::min(K, b);
+                for (int i = 0; i < kGR; ++i) {
+                    std::memset(dst + i * stride + a, 0, static_cast<size_t>(b - a) * 2);
+                    if (i < n && e > a)
+                        std::memcpy(dst + i * stride + a, wb + (r + g + i) * K + a, static_cast<size_t>(e - a) * 2);
+                }
+            }
+        });
+    }
+    _tile_release();
+}
+#endif
+
 void gemm_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
-               const XT* const* xs, int T, float* const* y, uint16_t* panel) {
+               const XT* const* xs, int T, float* const* y, Panel& scratch) {
+#if DSV4_AMX
+    if (amx_ready()) return amx_rows(W, se, SK, K, r0, r1, parts, xs, T, y, scratch);
+#endif
+    uint16_t* panel = scratch.w.get();
     const int64_t Kp = padded8(K);
     const bool direct = se == nullptr && K % 32 == 0;
     const int64_t steps = direct ? K / 32 : Kp / 32;
@@ -455,11 +503,11 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
 #endif
 
 #if !DSV4_PATH_BF16
-constexpr int kGemmMinTokens = 1 << 30;  // the fp32 paths decode on the fly for any batch
+inline int gemm_min_tokens() { return 1 << 30; }  // the fp32 paths decode on the fly for any batch
 constexpr bool kHasGemm = false;
 constexpr int kGR = 4;
 inline void gemm_rows(const uint8_t*, const int16_t*, int64_t, int64_t, int64_t, int64_t, int, const XT* const*, int,
-                      float* const*, uint16_t*) {}
+                      float* const*, Panel&) {}
 #endif
 
 // Prepare one activation row (K floats) into dst (parts x Kp elements, zero-padded).
@@ -545,7 +593,7 @@ int dense_linear(const float* x, int64_t N, int64_t G, int64_t K, const void* W,
         }
         // GEMM path (many tokens): block scales folded into the decoded weights' exponents, which
         // is exact when every scale is a power of two 2^e with |e| <= 100 (e4m3 values stay normal).
-        const bool gemm = kHasGemm && N >= kGemmMinTokens;
+        const bool gemm = kHasGemm && N >= gemm_min_tokens();
         std::vector<int16_t> se;
         bool foldable = gemm && !bf16w;
         if (foldable) {
@@ -581,13 +629,13 @@ int dense_linear(const float* x, int64_t N, int64_t G, int64_t K, const void* W,
 #define FP8_TBLK 128  // tokens per block: each panel is decoded once per block
 #endif
         const int64_t TBLK = FP8_TBLK;
-        struct Scratch { std::vector<const XT*> xs; std::vector<float*> yp; std::unique_ptr<uint16_t[]> panel; };
+        struct Scratch { std::vector<const XT*> xs; std::vector<float*> yp; Panel panel; };
         const bool use_gemm = gemm && (bf16w || foldable);
         parallel_items(
             nt, G * per_group,
             [&] {
                 return Scratch{std::vector<const XT*>(TBLK), std::vector<float*>(TBLK),
-                               std::unique_ptr<uint16_t[]>(use_gemm ? new uint16_t[kGR * Kp] : nullptr)};
+                               Panel(use_gemm ? Kp : 0)};
             },
             [&](int64_t item, Scratch& sc) {
                 const int64_t g = item / per_group, a = (item % per_group) * chunk, b = std::min(R, a + chunk);
@@ -597,9 +645,9 @@ int dense_linear(const float* x, int64_t N, int64_t G, int64_t K, const void* W,
                         sc.xs[t] = xp + ((t0 + t) * G + g) * parts * Kp;
                         sc.yp[t] = y + ((t0 + t) * G + g) * R + a;
                     }
-                    if (use_gemm && T >= kGemmMinTokens) {
+                    if (use_gemm && T >= gemm_min_tokens()) {
                         gemm_rows(w, bf16w ? nullptr : se.data(), SK, K, g * R + a, g * R + b, parts, sc.xs.data(), T,
-                                  sc.yp.data(), sc.panel.get());
+                                  sc.yp.data(), sc.panel);
                     } else {
                         fp8_rows(w, bf16w ? nullptr : sf, SK, K, g * R + a, g * R + b, parts, sc.xs.data(), T,
                                  sc.yp.data());
