@@ -39,7 +39,8 @@ from dsv4cli.kernels import cpu
 from dsv4cli.kernels.experts import LOWBIT_BITS
 
 #: library flags of the on-the-fly arm: thresholds no batch reaches
-ON_THE_FLY_FLAGS = tuple(f"-D{kind}_{engine}_MIN=1073741824" for kind in ("FP4", "FP8") for engine in ("GEMM", "AMX"))
+ON_THE_FLY_FLAGS = tuple(f"-D{name}_MIN=1073741824"
+                         for name in ("FP4_GEMM", "FP8_GEMM", "FP4_AMX", "FP8_AMX", "LOWBIT_AMX"))
 DENSE = {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "wq_a": (1024, 4096)}  # (out, in)
 FORMATS = ("fp4", "int3", "int2")
 LOWBIT_BYTES = {f"int{bits}": nbytes for nbytes, bits in LOWBIT_BITS.items()}  # bytes per 32 inputs

@@ -193,3 +193,22 @@ def test_a_rebuild_removes_temporaries_of_killed_builds(tmp_path, real_library):
     os.utime(old, (an_hour_ago, an_hour_ago))
     cpu.build(cxx=str(cxx), out_dir=out_dir)
     assert not old.exists() and fresh.exists()  # a recent one may belong to a build still running
+
+
+def test_cxxflags_from_the_environment_reach_the_build(monkeypatch):
+    """$DSV4_CXXFLAGS is added to every build: without AVX-512 the kernels run their AVX2 level."""
+    from tests.native_builds import cpu_flags
+
+    if not {"avx512f", "avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("needs a CPU with AVX-512 and AVX2")
+    monkeypatch.setenv(cpu.ENV_CXXFLAGS, "-mno-avx512f")
+    built = cpu.load()
+    assert built.isa == "avx2" and built is cpu.load(extra_flags=())
+    monkeypatch.delenv(cpu.ENV_CXXFLAGS)
+    assert cpu.load().isa != "avx2"
+
+
+def test_badly_quoted_cxxflags_are_a_clear_error(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_CXXFLAGS, '-DX="unterminated')
+    with pytest.raises(cpu.KernelBuildError, match="DSV4_CXXFLAGS is not a valid flag list"):
+        cpu.load()

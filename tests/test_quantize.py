@@ -106,7 +106,8 @@ def lib(request) -> cpu.NativeKernels:
 
 
 @pytest.mark.parametrize("fmt", ["int3", "int2"])
-@pytest.mark.parametrize(("n", "k", "o"), [(1, 256, 64), (5, 160, 33), (9, 1024, 7), (14, 160, 33)])
+@pytest.mark.parametrize(("n", "k", "o"), [(1, 256, 64), (5, 160, 33), (9, 1024, 7), (14, 160, 33),
+                                           (40, 160, 300), (17, 96, 45)])  # the last two: AMX panels
 def test_lowbit_linear_matches_reference(lib, fmt, n, k, o):
     g = torch.Generator().manual_seed(n + k + o)
     q, s = quantize_lowbit(torch.randn(o, k, generator=g), fmt)
@@ -115,6 +116,25 @@ def test_lowbit_linear_matches_reference(lib, fmt, n, k, o):
         want = ref.linear(x, q, s, act_quant)
         got = lib.lowbit_linear(x, q, s, 3 if fmt == "int3" else 2, act_quant, 1)
         assert (got - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["int3", "int2"])
+@pytest.mark.parametrize("n", [3, 40])
+def test_lowbit_scales_outside_the_split_range(lib, fmt, n):
+    """The AMX panel splits value x scale into two bf16 words, exact while both stay normal; rows with
+    scales below 2^-100 or from 2^100 on take the on-the-fly tiles, and every row still matches."""
+    g = torch.Generator().manual_seed(n)
+    q, s = quantize_lowbit(torch.randn(42, 160, generator=g), fmt)
+    s = s.clone()
+    s[3] *= 2.0**-122  # its lo words would be denormal
+    s[35, 1] *= 2.0**105
+    x = torch.randn(n, 160, generator=g)
+    x[:, 32:64] *= 2.0**-100  # keeps the huge block's products finite
+    want = ref.linear(x, q, s, False)
+    got = lib.lowbit_linear(x, q, s, 3 if fmt == "int3" else 2, False, 1)
+    assert torch.isfinite(want).all()
+    per_row = (got - want).abs().amax(0) / want.abs().amax(0)  # row 3 is ~2^-122 of the others
+    assert (per_row < 1e-5).all(), per_row
 
 
 def _experts(formats: tuple[str, str], n: int, dim: int, inter: int, seed: int) -> list[tuple[torch.Tensor, ...]]:

@@ -12,7 +12,8 @@ ctypes: no build step at install time and no dependency on torch's C++ ABI. A st
 library (size, sha256) is checked before every load, so a truncated or corrupted cache file is
 rebuilt, never loaded. Each function keeps the signature of its reference twin and falls back to
 it for whatever it does not cover (other weight formats, non-CPU tensors, other dtypes).
-`DSV4_KERNELS=ref` disables the native code; `DSV4_CXX` picks the compiler.
+`DSV4_KERNELS=ref` disables the native code; `DSV4_CXX` picks the compiler; `DSV4_CXXFLAGS` adds
+compiler flags to every build (e.g. `-mno-amx-tile -mno-amx-bf16 -mno-amx-int8`: no AMX tile unit).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,6 +56,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 NO_AMX_FLAGS = ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
 ENV_KERNELS = "DSV4_KERNELS"
 ENV_CXX = "DSV4_CXX"
+ENV_CXXFLAGS = "DSV4_CXXFLAGS"
 DEFAULT_CXX = "g++"
 #: tokens per native MoE call: bounds its scratch (per (token, slot): dim * 4 + moe_inter_dim * 6 bytes)
 MOE_TOKEN_CHUNK = 256
@@ -456,10 +459,16 @@ _loaded: dict[tuple[str, tuple[str, ...]], NativeKernels | KernelBuildError] = {
 
 
 def load(cxx: str | None = None, extra_flags: Sequence[str] = ()) -> NativeKernels:
-    """Build (once per compiler/flags) and load the kernels; raises KernelBuildError.
+    """Build (once per compiler/flags; $DSV4_CXXFLAGS first) and load the kernels; raises KernelBuildError.
 
     A failed build is remembered for the process, so it is reported, not retried, on every call.
     """
+    try:
+        user_flags = tuple(shlex.split(os.environ.get(ENV_CXXFLAGS, "")))
+    except ValueError as exc:
+        raise KernelBuildError(f"{ENV_CXXFLAGS} is not a valid flag list: {exc}",
+                               f"fix the quoting in {ENV_CXXFLAGS} or unset it") from exc
+    extra_flags = (*user_flags, *extra_flags)
     key = (cxx or os.environ.get(ENV_CXX) or DEFAULT_CXX, tuple(extra_flags))
     with _lock:
         got = _loaded.get(key)

@@ -157,10 +157,12 @@ inline void amx_store(const float* c, float* const* y, int64_t yoff, int rows, i
 #endif
 constexpr int64_t kAmxChunks = AMX_KBLK / 128;
 
-// NA A tiles (16 rows each) x NB B tiles (16 tokens each) over all steps and parts. Before the
-// steps of each K block [c0, c1) (in 128-word chunks) it calls decode(c0, c1), which fills those
-// words of the panel: they are read back from L1.
-template <int NA, int NB, class Decode>
+// NA A tiles (16 rows each) x NB B tiles (16 tokens each) over all steps and parts. WP weight
+// parts: the panel holds WP stacked panels of kAmxRows rows whose sum is the weight (hi + lo words
+// of the int3 / int2 weights, whose scaled values need 10 significant bits), each multiplied by
+// the same B tiles. Before the steps of each K block [c0, c1) (in 128-word chunks) it calls
+// decode(c0, c1), which fills those words of the panel: they are read back from L1.
+template <int NA, int NB, int WP, class Decode>
 inline void amx_block(const uint16_t* panel, int64_t Kp, int parts, const uint16_t* b0, const uint16_t* b1,
                       float* const* y, int64_t yoff, int rows, int T, Decode&& decode) {
     const int64_t stride = amx_stride(Kp), steps = Kp / 32;
@@ -171,21 +173,23 @@ inline void amx_block(const uint16_t* panel, int64_t Kp, int parts, const uint16
     for (int64_t c0 = 0; c0 < Kp / 128; c0 += kAmxChunks) {
         const int64_t c1 = std::min(Kp / 128, c0 + kAmxChunks);
         decode(c0, c1);
-        for (int64_t s = 4 * c0; s < 4 * c1; ++s) {
-            _tile_loadd(4, panel + 32 * s, 2 * stride);
-            if constexpr (NA == 2) _tile_loadd(5, panel + 16 * stride + 32 * s, 2 * stride);
+        for (int64_t s = 4 * c0; s < 4 * c1; ++s)
             for (int q = 0; q < parts; ++q) {
                 const int64_t off = (q * steps + s) * 512;
                 _tile_loadd(6, b0 + off, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                if constexpr (NA == 2) _tile_dpbf16ps(2, 5, 6);
-                if constexpr (NB == 2) {
-                    _tile_loadd(7, b1 + off, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    if constexpr (NA == 2) _tile_dpbf16ps(3, 5, 7);
+                if constexpr (NB == 2) _tile_loadd(7, b1 + off, 64);
+                for (int wp = 0; wp < WP; ++wp) {
+                    const uint16_t* a = panel + wp * kAmxRows * stride + 32 * s;
+                    _tile_loadd(4, a, 2 * stride);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+                    if constexpr (NA == 2) {
+                        _tile_loadd(5, a + 16 * stride, 2 * stride);
+                        _tile_dpbf16ps(2, 5, 6);
+                        if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+                    }
                 }
             }
-        }
     }
     alignas(64) float c[256];
     const int r0 = std::min(rows, 16), t0 = std::min(T, 16);
@@ -205,14 +209,13 @@ inline void amx_block(const uint16_t* panel, int64_t Kp, int parts, const uint16
     }
 }
 
-// Panel (rows <= 32 weight rows, bf16, scales folded, row stride amx_stride(Kp); rows past `rows`
-// zero) x the
-// packed tokens (T of them, `parts` parts) over the whole K: y[t][yoff + r] = the dot products.
-// decode(c0, c1) fills chunks [c0, c1) of the panel: for up to 32 tokens (one 2 x 2 block of C
-// tiles: an MoE expert's share of a prompt) block by block, each read back from L1 at once;
-// for more, all of it first, then every block of 32 tokens reads it from L2.
+// Panel (WP stacked panels of rows <= 32 weight rows, bf16, row stride amx_stride(Kp); rows past
+// `rows` zero) x the packed tokens (T of them, `parts` parts) over the whole K: y[t][yoff + r] =
+// the dot products. decode(c0, c1) fills chunks [c0, c1) of the panel: for up to 32 tokens (one
+// 2 x 2 block of C tiles: an MoE expert's share of a prompt) block by block, each read back from
+// L1 at once; for more, all of it first, then every block of 32 tokens reads it from L2.
 // The caller has configured the tiles (amx_configure).
-template <class Decode>
+template <int WP = 1, class Decode>
 inline void amx_gemm_panel(const uint16_t* panel, int64_t Kp, int rows, const uint16_t* packed, int parts, int T,
                            float* const* y, int64_t yoff, Decode&& decode) {
     const int64_t block = parts * (Kp / 32) * 512;  // words of one token block's B tiles
@@ -224,11 +227,11 @@ inline void amx_gemm_panel(const uint16_t* panel, int64_t Kp, int rows, const ui
         float* const* yt = y + t;
         const auto run = [&](auto&& fill) {
             if (rows > 16) {
-                if (n > 16) amx_block<2, 2>(panel, Kp, parts, b0, b0 + block, yt, yoff, rows, n, fill);
-                else amx_block<2, 1>(panel, Kp, parts, b0, nullptr, yt, yoff, rows, n, fill);
+                if (n > 16) amx_block<2, 2, WP>(panel, Kp, parts, b0, b0 + block, yt, yoff, rows, n, fill);
+                else amx_block<2, 1, WP>(panel, Kp, parts, b0, nullptr, yt, yoff, rows, n, fill);
             } else {
-                if (n > 16) amx_block<1, 2>(panel, Kp, parts, b0, b0 + block, yt, yoff, rows, n, fill);
-                else amx_block<1, 1>(panel, Kp, parts, b0, nullptr, yt, yoff, rows, n, fill);
+                if (n > 16) amx_block<1, 2, WP>(panel, Kp, parts, b0, b0 + block, yt, yoff, rows, n, fill);
+                else amx_block<1, 1, WP>(panel, Kp, parts, b0, nullptr, yt, yoff, rows, n, fill);
             }
         };
         if (T > 2 * kAmxTokens) run(none);
@@ -261,7 +264,8 @@ struct Panel {
     Panel() = default;
     explicit Panel(int64_t Kp) {  // Kp = 0: no panel (the on-the-fly tiles only)
 #if DSV4_AMX
-        const int64_t words = amx_ready() ? kAmxRows * amx_stride(Kp) : kPanelRows * Kp;
+        // two stacked panels on the tile unit (the hi and lo words of int3 / int2 weights)
+        const int64_t words = amx_ready() ? 2 * kAmxRows * amx_stride(Kp) : kPanelRows * Kp;
 #elif DSV4_PATH_BF16
         const int64_t words = kPanelRows * Kp;
 #endif

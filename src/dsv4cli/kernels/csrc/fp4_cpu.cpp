@@ -518,14 +518,35 @@ void fp4_gemm_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, in
 }
 #endif
 
-// Rows [r0, r1) of W (format fmt, K inputs) against T tokens: y[t][r - r0]. FP4 with a panel and
-// at least fp4_gemm_min() tokens runs the panel GEMM on the bf16 path; otherwise the on-the-fly tiles.
+#ifndef LOWBIT_AMX_MIN
+#define LOWBIT_AMX_MIN 8  // tokens from which int3 / int2 rows take the AMX panel GEMM (measured crossover)
+#endif
+
+// Tokens per weight row from which rows of format fmt take a panel GEMM on this CPU (a huge
+// number: never; int3 / int2 only on the AMX tile unit).
+inline int panel_min(int fmt) {
+    if (fmt == kFmtFp4) return fp4_gemm_min();
+#if DSV4_AMX
+    if (amx_ready()) return LOWBIT_AMX_MIN;
+#endif
+    return 1 << 30;
+}
+
+// Rows [r0, r1) of W (format fmt, K inputs) against T tokens: y[t][r - r0]. With a panel and at
+// least panel_min(fmt) tokens, the panel GEMM; otherwise the on-the-fly tiles.
 inline void rows_fmt(int fmt, const void* W, const void* S, int64_t K, int64_t r0, int64_t r1, int parts,
                      const XT* const* xs, int T, float* const* y, Panel* panel = nullptr) {
     const auto* w = static_cast<const uint8_t*>(W);
 #if DSV4_PATH_BF16
-    if (fmt == kFmtFp4 && panel != nullptr && panel->w && T >= fp4_gemm_min())
+    if (panel != nullptr && panel->w && T >= panel_min(fmt)) {
+#if DSV4_AMX
+        if (fmt == kFmtInt3)
+            return lowbit_amx_rows<3>(w, static_cast<const uint16_t*>(S), K, r0, r1, parts, xs, T, y, *panel);
+        if (fmt == kFmtInt2)
+            return lowbit_amx_rows<2>(w, static_cast<const uint16_t*>(S), K, r0, r1, parts, xs, T, y, *panel);
+#endif
         return fp4_gemm_rows(w, static_cast<const uint8_t*>(S), K, r0, r1, parts, xs, T, y, *panel);
+    }
 #else
     (void)panel;
 #endif
@@ -585,7 +606,7 @@ int quant_linear(int fmt, const float* x, int64_t N, int64_t K, const void* W, c
             nt, nchunks,
             [&] {
                 return Scratch{std::vector<float>(static_cast<size_t>(TBLK * chunk)), std::vector<float*>(TBLK),
-                               Panel(fmt == kFmtFp4 && N >= fp4_gemm_min() ? Kp : 0)};
+                               Panel(N >= panel_min(fmt) ? Kp : 0)};
             },
             [&](int64_t ci, Scratch& sc) {
                 const int64_t r0 = ci * chunk, r1 = std::min(O, r0 + chunk);
@@ -703,7 +724,6 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
         const int hp = 1;
 #endif
         const int64_t Dp = padded(D), Ip = padded(I);
-        const bool fp4_any = f1 == kFmtFp4 || f3 == kFmtFp4 || f2 == kFmtFp4;
         Buf xb, hb, yb;
         XT* xp = aligned_new<XT>(static_cast<size_t>(N * xparts * Dp));
         xb.p = xp;
@@ -745,7 +765,7 @@ int dsv4_quant_moe(const float* x, int64_t N, int64_t D, int64_t I, const int64_
                                std::vector<float>(static_cast<size_t>(std::max<int64_t>(HC, kChunk))),
                                std::vector<const XT*>(mp), std::vector<float*>(mp), std::vector<float*>(mp),
                                std::vector<float*>(mp),
-                               Panel(fp4_any && max_pairs >= fp4_gemm_min() ? std::max(Dp, Ip) : 0)};
+                               Panel(max_pairs >= std::min({panel_min(f1), panel_min(f3), panel_min(f2)}) ? std::max(Dp, Ip) : 0)};
             },
             [&](int64_t it, Scratch& sc) {
                 const Item item = items[it];

@@ -21,6 +21,9 @@
 //    bytes gathered with pshufb and per-lane variable shifts, int2 codes from shifts (AVX-512F) or
 //    byte blends (AVX2), then vpermps / pshufb lookups.
 //  * scalar: a plain decode.
+// Prefill on the AMX tile unit (LOWBIT_AMX_MIN tokens or more): the scales cannot be folded into the
+// exponents as FP4's can, so each scaled value is written as two bf16 words hi + lo that sum to it
+// exactly (lowbit_panel) and both panels go through TDPBF16PS against the same tokens.
 
 #pragma once
 
@@ -62,6 +65,22 @@ alignas(64) const uint8_t kBf16ScaleCtrl[64] = {
 
 inline __mmask64 lb_mask(int64_t n) { return n >= 64 ? ~0ull : ((1ull << n) - 1); }
 
+// The codes of one 128-input chunk (`blocks` <= 4 blocks at p) as words: word j holds the codes of
+// inputs 4j .. 4j + 3 at B-bit steps (the FP4 order: shift by B * v, then vpermw, gives input 4j + v).
+template <int B>
+inline __m512i lowbit_words(const uint8_t* p, int64_t blocks) {
+    constexpr int64_t bb = lb_block_bytes<B>();
+    if constexpr (B == 3) {
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11);
+        const __m512i raw = _mm512_maskz_loadu_epi8(lb_mask(blocks * bb), p);
+        const __m512i bytes2 = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, raw),
+                                                   _mm512_load_si512(kInt3WordCtrl));
+        return _mm512_mask_mov_epi16(bytes2, kOddWords, _mm512_srli_epi16(bytes2, 4));
+    } else {
+        return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>(lb_mask(blocks * bb)), p));
+    }
+}
+
 // R rows x TB tokens over the whole K; w: first row's packed bytes, s: its bf16 scales.
 template <int B, int R, int TB>
 inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t Kp, int parts,
@@ -70,8 +89,6 @@ inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t 
     const int64_t rb = K / 32 * bb, sb = K / 32;
     const __m512i tbl = _mm512_load_si512(B == 3 ? kLowbit.i3 : kLowbit.i2);
     const __m512i sctrl = _mm512_load_si512(kBf16ScaleCtrl);
-    const __m512i wctrl = _mm512_load_si512(kInt3WordCtrl);
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11);
     __m512 acc[R][TB];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -94,23 +111,90 @@ inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t 
                 sr = _mm512_broadcastq_epi64(s4);
             }
             sc[r] = _mm512_castsi512_ps(_mm512_shuffle_epi8(sr, sctrl));
-            if constexpr (B == 3) {
-                const __m512i raw = _mm512_maskz_loadu_epi8(lb_mask(blocks * bb), p);
-                const __m512i bytes2 = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, raw), wctrl);
-                const __m512i words = _mm512_mask_mov_epi16(bytes2, kOddWords, _mm512_srli_epi16(bytes2, 4));
-                for (int q = 0; q < 4; ++q)
-                    v[r][q] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 3 * q), tbl);
-            } else {
-                const __m256i raw = _mm256_maskz_loadu_epi8(static_cast<__mmask32>(lb_mask(blocks * bb)), p);
-                const __m512i words = _mm512_cvtepu8_epi16(raw);
-                for (int q = 0; q < 4; ++q)
-                    v[r][q] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 2 * q), tbl);
-            }
+            const __m512i words = lowbit_words<B>(p, blocks);
+            for (int q = 0; q < 4; ++q)
+                v[r][q] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, B * q), tbl);
         }
         chunk_dot_scaled<R, TB>(v, sc, xs, c * kChunk, Kp, parts, acc);
     }
     store_sums<R, TB>(acc, y, yoff);
 }
+
+#if DSV4_AMX
+// Whether rows [r, r + rows) of a low-bit weight split exactly into hi + lo bf16 panels: every
+// scale is zero or of magnitude in [2^-100, 2^100) (bf16 exponent field 27..226), so both parts
+// stay normal (the tile unit reads denormals as zero).
+inline bool lowbit_splittable(const uint16_t* S, int64_t K, int64_t r, int rows) {
+    const int64_t n = rows * (K / 32);
+    const uint16_t* s = S + r * (K / 32);
+    const __m512i mag = _mm512_set1_epi16(0x7fff), lo = _mm512_set1_epi16(27 << 7),
+                  hi = _mm512_set1_epi16(227 << 7);
+    for (int64_t i = 0; i < n; i += 32) {
+        const __mmask32 m = n - i >= 32 ? ~0u : (1u << (n - i)) - 1;
+        const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi16(m, s + i), mag);
+        const __mmask32 zero = _mm512_cmpeq_epi16_mask(a, _mm512_setzero_si512());
+        const __mmask32 in_range = _mm512_cmpge_epu16_mask(a, lo) & _mm512_cmplt_epu16_mask(a, hi);
+        if ((m & ~(zero | in_range)) != 0) return false;
+    }
+    return true;
+}
+
+// fp32 lanes -> bf16 (nearest, ties to even) in the high half of each dword, low half zero
+// (finite values only).
+inline __m512i bf16_high(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)),
+                            _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+
+// Chunks [c0, c1) of rows r..r+3 of a low-bit weight -> the hi and lo panels ([4][stride] words each,
+// the FP4 order): value * scale = hi + lo exactly (a 3-bit integer times a bf16 scale needs at most
+// 10 significant bits: hi takes the nearest 8, lo the rest). The rows must be lowbit_splittable.
+// Rows past `rows` are zero; so are the inputs past K (their scales load as zero).
+template <int B>
+inline void lowbit_panel(const uint8_t* W, const uint16_t* S, int64_t K, int64_t r, int rows, uint16_t* hi,
+                         uint16_t* lo, int64_t stride, int64_t c0, int64_t c1, int64_t ahead) {
+    constexpr int64_t bb = lb_block_bytes<B>(), cb = 4 * bb;
+    const int64_t rb = K / 32 * bb, sb = K / 32;
+    const __m512i tbl = _mm512_load_si512(B == 3 ? kLowbit.i3 : kLowbit.i2);
+    const __m512i top = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    // word j of each decoded vector holds input 4j + v: block j / 8 of the chunk
+    const __m512i block_of_word = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                                   1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int i = 0; i < 4; ++i) {
+        uint16_t* dh = hi + i * stride;
+        uint16_t* dl = lo + i * stride;
+        if (i >= rows) {
+            std::memset(dh + kChunk * c0, 0, static_cast<size_t>(kChunk * (c1 - c0)) * 2);
+            std::memset(dl + kChunk * c0, 0, static_cast<size_t>(kChunk * (c1 - c0)) * 2);
+            continue;
+        }
+        const uint8_t* w = W + (r + i) * rb;
+        const uint16_t* s = S + (r + i) * sb;
+        for (int64_t c = c0; c < c1; ++c) {
+            _mm_prefetch(reinterpret_cast<const char*>(w + ahead + cb * c), PF_HINT);
+            const int64_t blocks = std::min<int64_t>(4, K / 32 - 4 * c);
+            const __m128i s4 = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << blocks) - 1), s + 4 * c);
+            const __m512i sw = _mm512_permutexvar_epi16(block_of_word, _mm512_castsi128_si512(s4));
+            const __m512 se = _mm512_castsi512_ps(_mm512_slli_epi32(sw, 16));
+            const __m512 so = _mm512_castsi512_ps(_mm512_and_si512(sw, top));
+            const __m512i words = lowbit_words<B>(w + cb * c, blocks);
+            for (int q = 0; q < 4; ++q) {
+                const __m512i v = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, B * q), tbl);
+                const __m512 pe = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), se);  // even words
+                const __m512 po = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, top)), so);  // odd words
+                const __m512i he = bf16_high(pe), ho = bf16_high(po);
+                const __m512i le = _mm512_castps_si512(_mm512_sub_ps(pe, _mm512_castsi512_ps(he)));
+                const __m512i lo_o = _mm512_castps_si512(_mm512_sub_ps(po, _mm512_castsi512_ps(ho)));
+                _mm512_storeu_si512(dh + kChunk * c + 32 * q, _mm512_or_si512(_mm512_srli_epi32(he, 16), ho));
+                _mm512_storeu_si512(dl + kChunk * c + 32 * q,
+                                    _mm512_or_si512(_mm512_srli_epi32(le, 16), _mm512_and_si512(lo_o, top)));
+            }
+        }
+    }
+}
+#endif
 
 #elif DSV4_PATH_AVX512 || DSV4_PATH_AVX2
 
@@ -295,5 +379,47 @@ void lowbit_rows(const uint8_t* W, const uint16_t* S, int64_t K, int64_t r0, int
     for (; r + 2 <= r1; r += 2) lowbit_rows_r<B, 2>(W, S, K, r, parts, xs, T, y, r - r0);
     for (; r < r1; ++r) lowbit_rows_r<B, 1>(W, S, K, r, parts, xs, T, y, r - r0);
 }
+
+#if DSV4_AMX
+// Rows [r0, r1) against T tokens on the AMX tile unit: y[t][r - r0]. Each 32-row panel is decoded
+// into hi and lo words (lowbit_panel) and both meet the same packed tokens (amx_gemm_panel<2>);
+// 4-row groups with scales that do not split are zero there and take the on-the-fly tiles after.
+template <int B>
+void lowbit_amx_rows(const uint8_t* W, const uint16_t* S, int64_t K, int64_t r0, int64_t r1, int parts,
+                     const XT* const* xs, int T, float* const* y, Panel& panel) {
+    const int64_t Kp = padded(K), stride = amx_stride(Kp), rb = K / 32 * lb_block_bytes<B>();
+    const uint16_t* packed = panel.tokens.pack(xs, T, Kp, parts);
+    uint16_t* hi = panel.w.get();
+    uint16_t* lo = hi + kAmxRows * stride;
+    amx_configure();
+    for (int64_t r = r0; r < r1; r += kAmxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - r));
+        unsigned split = 0, unsplit = 0;  // bit g: group g (rows 4g .. 4g + 3) is / is not split
+        for (int g = 0; g < kAmxRows / kPanelRows; ++g) {
+            const int first = g * kPanelRows, n = std::max(0, std::min(kPanelRows, rows - first));
+            if (n > 0 && lowbit_splittable(S, K, r + first, n)) {
+                split |= 1u << g;
+            } else {
+                std::memset(hi + first * stride, 0, static_cast<size_t>(kPanelRows * stride) * 2);
+                std::memset(lo + first * stride, 0, static_cast<size_t>(kPanelRows * stride) * 2);
+                if (n > 0) unsplit |= 1u << g;
+            }
+        }
+        amx_gemm_panel<2>(hi, Kp, rows, packed, parts, T, y, r - r0, [&](int64_t c0, int64_t c1) {
+            for (int g = 0; g < kAmxRows / kPanelRows; ++g)
+                if (split & (1u << g))
+                    lowbit_panel<B>(W, S, K, r + g * kPanelRows, std::min(kPanelRows, rows - g * kPanelRows),
+                                    hi + g * kPanelRows * stride, lo + g * kPanelRows * stride, stride, c0, c1,
+                                    kAmxRows * rb);
+        });
+        for (int g = 0; unsplit != 0; ++g, unsplit >>= 1) {
+            if (!(unsplit & 1u)) continue;
+            const int first = g * kPanelRows, n = std::min(kPanelRows, rows - first);
+            for (int i = 0; i < n; ++i) lowbit_rows_r<B, 1>(W, S, K, r + first + i, parts, xs, T, y, r - r0 + first + i);
+        }
+    }
+    _tile_release();
+}
+#endif
 
 }  // namespace
