@@ -314,3 +314,20 @@ def test_progress_status_only_on_a_terminal():
         assert update is None
     with progress_status(True) as update:
         update("pp512 @ d0: run 1/3")
+
+
+def test_draft_reports_the_acceptance_and_the_effective_rate():
+    """--draft: tg decodes with MTP speculative decoding (the tiny preset carries an MTP layer); every
+    tg row counts the drafts it proposed and kept, the tok/s are the tokens delivered per second."""
+    report = run_bench(BenchSettings(**{**SMALL, "prompt_tokens": (0,), "gen_tokens": (6,), "depths": (0,),
+                                        "repetitions": 2, "draft": 2}))
+    (tg,) = report.results
+    assert tg.draft_tokens > 0 and 0 <= tg.accepted_draft_tokens <= tg.draft_tokens
+    assert tg.to_dict()["draft_acceptance"] == tg.accepted_draft_tokens / tg.draft_tokens
+    assert report.settings["draft"] == 2 and "MTP drafts: 2 per step" in bench.render_markdown(report)
+    assert "MTP drafts kept" in bench.render_markdown(report)
+    plain = run_bench(BenchSettings(**{**SMALL, "prompt_tokens": (0,), "gen_tokens": (6,), "depths": (0,),
+                                       "repetitions": 1}))
+    assert plain.results[0].draft_tokens == 0 and plain.results[0].draft_acceptance is None
+    with pytest.raises(UsageError, match="must be 0 to 3"):
+        BenchSettings(**{**SMALL, "draft": 4})

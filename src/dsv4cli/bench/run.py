@@ -40,6 +40,7 @@ import torch
 
 from dsv4cli import __version__, kernels
 from dsv4cli.engine.engine import Engine
+from dsv4cli.engine.speculative import MAX_DRAFT
 from dsv4cli.engine.events import GenerationStats
 from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.errors import DsvError, UsageError
@@ -58,7 +59,7 @@ GREEDY = SamplingParams(temperature=0)
 OUTPUTS = ("md", "json", "jsonl", "csv")
 #: the per-result columns of `-o csv` (and the keys each `-o jsonl` line starts with)
 CSV_COLUMNS = ("model", "test", "tokens", "depth", "fill", "tokens_per_second", "tokens_per_second_std",
-               "bandwidth_gb_s", "bandwidth_ratio", "expert_cache_hit_rate", "peak_memory_bytes")
+               "bandwidth_gb_s", "bandwidth_ratio", "expert_cache_hit_rate", "peak_memory_bytes", "draft_acceptance")
 #: tensors looked up by token id: a decoded token reads one row of them, not the whole table
 LOOKUP_TABLES = ("embed.weight", ".tid2eid")
 DEFAULT_STREAM_BYTES = 128 << 20
@@ -89,6 +90,7 @@ class BenchSettings:
     fill: str = "prefill"  # how tg tests reach their depth: "prefill" (real) or "synthetic" (random entries)
     stream_bytes: int = DEFAULT_STREAM_BYTES  # size of each array of the memory-bandwidth test
     placement: PlacementOptions = field(default_factory=PlacementOptions)  # the placement flags of `dsv4 chat`
+    draft: int = 0  # MTP draft tokens per decode step (speculative decoding; 0: plain decoding)
 
     def __post_init__(self) -> None:
         if self.model is not None and self.synth is not None:
@@ -106,6 +108,9 @@ class BenchSettings:
             raise UsageError(f"unknown {{opt:fill}} {self.fill!r}", f"choose one of: {', '.join(FILLS)}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"{{opt:threads}} must be at least 1, got {self.threads}")
+        if not 0 <= self.draft <= MAX_DRAFT:
+            raise UsageError(f"{{opt:draft}} must be 0 to {MAX_DRAFT}, got {self.draft}",
+                             f"draft 1 to {MAX_DRAFT} tokens per step, or 0 to turn drafting off")
         if self.stream_bytes < 4096:
             raise UsageError("the memory-bandwidth arrays must be at least 4 KiB")
         if self.ctx is not None:
@@ -210,6 +215,8 @@ class TestResult:
     bytes_per_token: int | None = None  # tg only
     reference_bandwidth: float | None = None  # measured triad bytes/s
     synthetic_fill: bool = False  # the depth came from random cache entries, not a prefill
+    draft_tokens: int = 0  # MTP drafts proposed over the timed runs (tg with drafting only)
+    accepted_draft_tokens: int = 0  # ... and kept by the verifying forward
 
     @property
     def label(self) -> str:
@@ -231,6 +238,11 @@ class TestResult:
     def expert_bytes_moved_per_token(self) -> float | None:
         """Mean host -> device expert bytes per processed token (None without the offload runtime)."""
         return statistics.fmean(self.expert_bytes_moved) / self.tokens if self.expert_bytes_moved else None
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """Share of the MTP drafts kept (None without drafting); tok/s already counts what they saved."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def bandwidth(self) -> float | None:
@@ -258,6 +270,8 @@ class TestResult:
             "expert_cache_hit_rate": self.expert_cache_hit_rate,
             "expert_bytes_moved_per_token": self.expert_bytes_moved_per_token,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "draft_tokens": self.draft_tokens, "accepted_draft_tokens": self.accepted_draft_tokens,
+            "draft_acceptance": self.draft_acceptance,
         }
 
 
@@ -433,6 +447,8 @@ def measure(engine: Engine, fill: _Fill, traces: Traces, test: str, tokens: int,
         result.seconds.append(seconds)
         result.end_position, result.reused_tokens = engine.cache.pos, stats.cached_tokens
         result.peak_memory_bytes = max(result.peak_memory_bytes, stats.peak_memory_bytes)
+        result.draft_tokens += stats.draft_tokens
+        result.accepted_draft_tokens += stats.accepted_draft_tokens
         if stats.expert_cache_hit_rate is not None:
             hit_rates.append(stats.expert_cache_hit_rate)
         if engine.model.routed_experts is not None:
@@ -527,12 +543,15 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
     ref, name, kind = model_source(settings)
     path = ref.path
     _say(progress, f"loading {name}")
-    with open_model(ref, placement=settings.placement, context=settings.context, tokenizer=False) as opened:
+    with open_model(ref, placement=settings.placement, context=settings.context, tokenizer=False,
+                    with_mtp=settings.draft > 0) as opened:
         model, placement = opened.model, opened.placement
+        if settings.draft and not model.mtp:
+            raise UsageError(f"{name} has no MTP layer (mtp.* tensors) to draft with", "drop {opt:draft}")
         for notice in opened.notices:
             _say(progress, notice)
         with thread_count(settings.threads) as threads, torch.inference_mode():
-            engine = Engine(model, max_context=settings.context)
+            engine = Engine(model, max_context=settings.context, draft=settings.draft)
             if model.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(model.device)
             results = run_tests(engine, settings, progress)
@@ -581,7 +600,7 @@ def _settings_dict(settings: BenchSettings, engine: Engine) -> dict[str, Any]:
     return {"prompt_tokens": list(settings.prompt_tokens), "gen_tokens": list(settings.gen_tokens),
             "depths": sorted(set(settings.depths)), "repetitions": settings.repetitions, "ctx": engine.max_context,
             "seed": settings.seed, "warmup": settings.warmup, "prefill_chunk": engine.prefill_chunk,
-            "fill": settings.fill,
+            "fill": settings.fill, "draft": settings.draft,
             "sampling": "greedy"}
 
 
@@ -641,7 +660,8 @@ def render_markdown(report: BenchReport) -> str:
         f"versions: dsv4 {v['dsv4']} · torch {v['torch']} · python {v['python']}",
         f"kernels: {short_kernels(report.kernels)}",
         f"date: {report.date} · {_plural(m['threads'], 'thread')} · ctx {s['ctx']} · "
-        f"{_plural(s['repetitions'], 'run')} (+{1 if s['warmup'] else 0} warm-up) · seed {s['seed']} · greedy",
+        f"{_plural(s['repetitions'], 'run')} (+{1 if s['warmup'] else 0} warm-up) · seed {s['seed']} · greedy"
+        + (f" · MTP drafts: {s['draft']} per step" if s.get("draft") else ""),
     ]
     footer = [
         f"bytes per decoded token: {human_bytes(tb.total)} = dense {human_bytes(tb.dense)} + "
@@ -651,6 +671,8 @@ def render_markdown(report: BenchReport) -> str:
         f"triad {bw.triad / 1e9:.2f} GB/s, copy {bw.copy / 1e9:.2f} GB/s; \"of mem BW\" = tg GB/s / triad",
         f"peak memory: {human_bytes(report.peak_memory_bytes)} ({report.peak_memory_kind.upper()})",
     ]
+    footer += [f"{r.label} @ d{r.depth}: {_fmt_ratio(r.draft_acceptance)} of {r.draft_tokens} MTP drafts kept "
+               "(t/s is the effective rate: drafts included)" for r in report.results if r.draft_tokens]
     if any(r.synthetic_fill for r in report.results):
         footer.append("depth*: the cache was filled with synthetic entries, not by a prefill: "
                       "the work per decoded token of a real context that deep, with text that stands for nothing")

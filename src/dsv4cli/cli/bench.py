@@ -64,6 +64,8 @@ def register(app: typer.Typer) -> None:
         layers: int | None = typer.Option(None, "--layers", help="--synth: override the number of layers."),
         experts: int | None = typer.Option(None, "--experts", help="--synth: override the routed experts."),
         seed: int = typer.Option(0, "--seed", help="Seed of the token traces (and of --synth weights)."),
+        draft: int = typer.Option(0, "--draft", help="tg with speculative decoding: draft N tokens (1-3) per step "
+                                                     "with the checkpoint's MTP layer; reports the acceptance."),
         device: Device = None,
         gpu_memory: GpuMemory = None,
         cpu_memory: CpuMemory = None,
@@ -86,7 +88,7 @@ def register(app: typer.Typer) -> None:
         settings = BenchSettings(
             model=model, synth=synth, layers=layers, experts=experts, prompt_tokens=parse_counts("-p", n_prompt),
             gen_tokens=parse_counts("-n", n_gen), depths=parse_counts("-d", n_depth), repetitions=repetitions,
-            ctx=ctx, threads=threads, seed=seed, fill=fill,
+            ctx=ctx, threads=threads, seed=seed, fill=fill, draft=draft,
             placement=PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
                                        counts=counts))
         if plot is not None:

@@ -77,9 +77,11 @@ def chat(
     _check_limits(ctx, max_tokens, reasoning_budget)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    if not 0 <= draft <= 3:
-        raise UsageError(f"--draft must be 0 to 3, got {draft}",
-                         "draft 1 to 3 tokens per step, or 0 to turn drafting off")
+    from dsv4cli.engine.speculative import MAX_DRAFT
+
+    if not 0 <= draft <= MAX_DRAFT:
+        raise UsageError(f"--draft must be 0 to {MAX_DRAFT}, got {draft}",
+                         f"draft 1 to {MAX_DRAFT} tokens per step, or 0 to turn drafting off")
     if draft and no_draft:
         raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
     prompt = _one_of(_flag_text(prompt, "-p", "give the prompt's text, or pipe it on stdin"), "-p",
