@@ -40,9 +40,9 @@ import torch
 
 from dsv4cli import __version__, kernels
 from dsv4cli.engine.engine import Engine
-from dsv4cli.engine.speculative import MAX_DRAFT
 from dsv4cli.engine.events import GenerationStats
 from dsv4cli.engine.sampling import SamplingParams
+from dsv4cli.engine.speculative import MAX_DRAFT
 from dsv4cli.errors import DsvError, UsageError
 from dsv4cli.fsutil import atomic_write_bytes
 from dsv4cli.io.checkpoint import INDEX_NAME
