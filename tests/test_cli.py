@@ -210,3 +210,22 @@ def test_chat_draft_gives_the_plain_greedy_reply_and_reports_its_drafts(xdg):
                          (("--draft", "2", "--no-draft"), "contradict each other")):
         proc = dsv4("chat", "-p", "hi", *bad)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["chat", "bench", "info", "plan", "convert", "quantize", "download", "synth",
+                                     "list"])
+def test_help_uses_click_conventions(capsys, monkeypatch, command):
+    """No typer type placeholders beside flags or repeatable options, MODEL / [MODEL] in the usage
+    line (not {model}), and the chat reply limit's default in its help."""
+    monkeypatch.setenv("COLUMNS", "200")
+    from tests.conftest import run_cli
+
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and "Usage: dsv4 " + command in out
+    assert "<bool>" not in out and "<list[" not in out
+    usage = next(line for line in out.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "}" not in usage
+    if command == "chat":
+        assert "[MODEL]" in usage and "default: 8192; the demo: 256" in out
+    if command == "download":
+        assert usage.rstrip().endswith("MODEL") and "--include              <str>..." in out

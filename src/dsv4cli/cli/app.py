@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     `errors`), 130 interrupted. An unexpected exception is a dsv4 bug: one line says so, and
     DSV4_DEBUG=1 shows its traceback."""
     try:
-        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code instead of raising
+        from dsv4cli.cli.help import tidy
+
+        # as app() does, with the help tidied; click returns typer.Exit's code instead of raising
+        code = tidy(typer.main.get_command(app))(args=argv, prog_name="dsv4", standalone_mode=False)
     except DsvError as err:
         from dsv4cli.cli.options import FLAG_NAMES
 

@@ -13,6 +13,9 @@ from dsv4cli.cli.options import FLAG_NAMES, CpuMemory, Device, GpuMemory, Routin
 from dsv4cli.errors import DsvError, UsageError, render
 from dsv4cli.runtime.resolve import WITH_WEIGHTS
 
+DEFAULT_MAX_TOKENS = 8192  # tokens per reply without --max-tokens
+DEMO_MAX_TOKENS = 256  # ... on the built-in demo, which rambles past that
+
 
 def register(app: typer.Typer) -> None:
     """Add the `chat` command to `app`."""
@@ -44,7 +47,8 @@ def chat(
     top_k: int = typer.Option(0, "--top-k", help="Keep only the k most likely tokens (0 = off)."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
     seed: int | None = typer.Option(None, help="Random seed for reproducible sampling."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Most tokens to generate per reply."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Most tokens to generate per reply "
+                                     f"(default: {DEFAULT_MAX_TOKENS}; the demo: {DEMO_MAX_TOKENS})."),
     ctx: int = typer.Option(16384, "--ctx", help="Context size in tokens."),
     reasoning_budget: int | None = typer.Option(None, "--reasoning-budget",
                                                 help="Force </think> after this many thinking tokens."),
@@ -125,7 +129,8 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
                                    top_p=default_top_p if top_p is None else top_p)
     placed = opened.placement.summary()
     settings = ChatSettings(mode=think, system=system, sampling=sampling,
-                            max_tokens=max_tokens if max_tokens is not None else (256 if opened.is_demo else 8192),
+                            max_tokens=max_tokens if max_tokens is not None
+                            else DEMO_MAX_TOKENS if opened.is_demo else DEFAULT_MAX_TOKENS,
                             reasoning_budget=reasoning_budget if reasoning_budget is not None else
                             (64 if opened.is_demo else None))
     try:
