@@ -198,6 +198,19 @@ def test_bad_prompt_files_and_threads_are_one_line_usage_errors(tmp_path, args, 
     assert message.format(**named) in proc.stderr
 
 
+def test_chat_stop_cuts_the_reply_before_the_stop_sequence(xdg):
+    args = ("chat", "-p", "What is 12 + 30?", "--mode", "non-think", "--temperature", "0", "-n", "24", "--json")
+    plain = json.loads(dsv4(*args, env=xdg).stdout)
+    text = plain["content"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    proc = dsv4(*args, "--stop", stop, "--stop", "never seen", env=xdg)
+    assert proc.returncode == 0, proc.stderr
+    cut = json.loads(proc.stdout)
+    assert cut["content"] == text[:text.find(stop)] and cut["finish_reason"] == "stop"
+    bad = dsv4("chat", "-p", "hi", "--stop", "")
+    assert bad.returncode == 2 and "--stop: a stop sequence must be a non-empty string" in bad.stderr
+
+
 def test_chat_draft_gives_the_plain_greedy_reply_and_reports_its_drafts(xdg):
     args = ("chat", "-p", "What is 12 + 30?", "--mode", "non-think", "--temperature", "0", "-n", "16", "--json")
     plain = dsv4(*args, env=xdg)

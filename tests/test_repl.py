@@ -261,6 +261,18 @@ def test_set_changes_sampling_and_limits():
     assert renderer.of("notice")[-2:] == ["reasoning_budget = off", "seed = off"] and not renderer.of("error")
 
 
+def test_set_stop_adds_sequences_and_off_clears_them():
+    repl, session, renderer = make_repl()
+    run(repl, "/set stop END", r"/set stop \n\n", "/show")
+    assert session.settings.stop == ("END", "\n\n")
+    assert renderer.of("notice")[1] == 'stop = "END" "\\n\\n"' and 'stop "END" "\\n\\n"' in renderer.of("notice")[-1]
+    run(repl, "/set stop a", "/set stop b", "/set stop c")
+    assert renderer.of("error") == ["at most 4 stop sequences, got 5 (/set stop off clears them)"]
+    assert len(session.settings.stop) == 4
+    run(repl, "/set stop off")
+    assert session.settings.stop == () and renderer.of("notice")[-1] == "stop = off"
+
+
 def test_system_prompt_set_show_clear():
     repl, session, renderer = make_repl()
     run(repl, "/system")

@@ -273,3 +273,21 @@ def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(TranscriptError):
         chat.save(tmp_path / "sub")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub", "t.json"]
+
+
+def test_stop_sequence_ends_the_answer_before_it(parts):
+    """The answer stops at the first stop sequence, which is neither shown nor kept; generation ends there
+    ("stop"), and the conversation goes on from that answer."""
+    plain = session(parts, mode=ThinkMode.NON_THINK, max_tokens=40).send("tell me a story", Recorder())
+    text = plain.content
+    assert len(text) > 12
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    want = text[:text.find(stop)]
+    chat = session(parts, mode=ThinkMode.NON_THINK, max_tokens=40, stop=(stop, "\x00never"))
+    r = Recorder()
+    result = chat.send("tell me a story", r)
+    assert result.content == r.content_text == want and stop not in r.content_text
+    assert result.stats.finish_reason == "stop" and not result.interrupted
+    assert result.stats.generated_tokens < plain.stats.generated_tokens
+    assert chat.messages[-1] == {"role": "assistant", "content": want}
+    assert chat.send("and then?", Recorder()).stats.cached_tokens > 0

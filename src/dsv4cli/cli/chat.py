@@ -39,6 +39,8 @@ def chat(
     think_max: bool = typer.Option(False, "--think-max", help="Shortcut for --mode think-max."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     system_file: Path | None = typer.Option(None, "--system-file", help="System prompt read from a UTF-8 file."),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop sequence: the answer ends before it (repeatable, "
+                                                               "up to 4; the thinking trace is not searched)."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for torch and the native kernels "
                                        "(default: torch's)."),
     temperature: float | None = typer.Option(None, help="Sampling temperature (0 = greedy). Default: the model's "
@@ -88,6 +90,12 @@ def chat(
                          f"draft 1 to {MAX_DRAFT} tokens per step, or 0 to turn drafting off")
     if draft and no_draft:
         raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
+    from dsv4cli.chat.stops import check_stops
+
+    try:
+        stops = check_stops(stop or ())
+    except ValueError as err:
+        raise UsageError(f"--stop: {err}") from None
     prompt = _one_of(_flag_text(prompt, "-p", "give the prompt's text, or pipe it on stdin"), "-p",
                      _file_text(prompt_file, "-f"), "-f")
     system = _one_of(_flag_text(system, "--system", "give the system prompt's text, or leave --system out"),
@@ -109,13 +117,13 @@ def chat(
             raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop --draft")
         raise typer.Exit(_converse(opened, text, think, system, sampling, temperature, top_p, max_tokens, ctx,
                                    reasoning_budget, thinking_view, no_markdown, no_history, as_json, show_thinking,
-                                   verbose, draft))
+                                   verbose, draft, stops))
 
 
 def _converse(opened, text: str | None, think, system: str | None, sampling, temperature: float | None,
               top_p: float | None, max_tokens: int | None, ctx: int, reasoning_budget: int | None,
               thinking_view: str, no_markdown: bool, no_history: bool, as_json: bool, show_thinking: bool,
-              verbose: bool, draft: int = 0) -> int:
+              verbose: bool, draft: int = 0, stops: tuple[str, ...] = ()) -> int:
     """The REPL (text None) or one prompt on an opened model; returns the exit status."""
     from dsv4cli.chat.service import new_session, sampling_defaults
     from dsv4cli.chat.session import ChatSettings
@@ -132,7 +140,7 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
                             max_tokens=max_tokens if max_tokens is not None
                             else DEMO_MAX_TOKENS if opened.is_demo else DEFAULT_MAX_TOKENS,
                             reasoning_budget=reasoning_budget if reasoning_budget is not None else
-                            (64 if opened.is_demo else None))
+                            (64 if opened.is_demo else None), stop=stops)
     try:
         session = new_session(opened, settings, ctx, draft)
     except ContextTooLarge as err:

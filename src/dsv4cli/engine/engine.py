@@ -241,19 +241,21 @@ class Engine:
     def generate(self, prompt_ids: list[int], sampling: SamplingParams | None = None, max_tokens: int = 512,
                  stop: Iterable[int] = (), cancel: threading.Event | None = None, *,
                  reasoning: bool = False, think_end_id: int | None = None, reasoning_budget: int | None = None,
-                 ) -> Iterator[TokenEvent | GenerationStats]:
+                 halt: threading.Event | None = None) -> Iterator[TokenEvent | GenerationStats]:
         """Yield one `TokenEvent` per generated token, then a final `GenerationStats`.
 
         `reasoning`: the prompt opened a thinking trace, so tokens up to `think_end_id` are
         reasoning; after `reasoning_budget` reasoning tokens the engine emits `think_end_id`
         itself (marked `forced`). Stop tokens are yielded, not fed back to the model.
+        `halt`: set by the consumer while it handles a token (a stop sequence ended in it), that token
+        ends the generation as a stop token would (finish_reason "stop"); `cancel` ends it as "cancelled".
         An error on the way resets the prompt cache (its state may be half written).
         """
         prompt = [int(t) for t in prompt_ids]
         self._check_request(prompt, max_tokens, think_end_id, reasoning_budget)
         try:
             yield from self._generate(prompt, sampling or SamplingParams(), max_tokens, set(stop), cancel,
-                                      reasoning, think_end_id, reasoning_budget)
+                                      reasoning, think_end_id, reasoning_budget, halt)
         except GeneratorExit:
             raise  # the caller stopped reading at a yield, where the cache is consistent
         except BaseException:
@@ -275,7 +277,8 @@ class Engine:
 
     def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int, stop_ids: set[int],
                   cancel: threading.Event | None, reasoning: bool, think_end_id: int | None,
-                  reasoning_budget: int | None) -> Iterator[TokenEvent | GenerationStats]:
+                  reasoning_budget: int | None, halt: threading.Event | None = None,
+                  ) -> Iterator[TokenEvent | GenerationStats]:
         max_tokens = min(max_tokens, self.max_context - len(prompt))
         sample = make_sampler(sampling)
         stats = GenerationStats(prompt_tokens=len(prompt))
@@ -311,8 +314,9 @@ class Engine:
                 else:
                     stats.reasoning_tokens += 1
             yield TokenEvent(token, index, forced)
-            if token in stop_ids or (cancel is not None and cancel.is_set()):
-                stats.finish_reason = "stop" if token in stop_ids else "cancelled"
+            halted = token in stop_ids or (halt is not None and halt.is_set())
+            if halted or (cancel is not None and cancel.is_set()):
+                stats.finish_reason = "stop" if halted else "cancelled"
                 if ahead:  # stopped inside a burst: keep the cache at what was yielded but the last token
                     self._rewind(burst, index - first_of_burst + 1)
                 break

@@ -10,7 +10,9 @@ Any error in a command or a turn is one error line; the REPL and the conversatio
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from dsv4cli import paths
 from dsv4cli.chat.encoding import ThinkMode
 from dsv4cli.chat.service import sigint_cancels
 from dsv4cli.chat.session import ChatSession, TranscriptNotFound, mode_label
+from dsv4cli.chat.stops import check_stops
 from dsv4cli.chat.tokenizer import replace_lone_surrogates
 from dsv4cli.cli.options import FLAG_NAMES
 from dsv4cli.engine.engine import ContextFull
@@ -201,11 +204,32 @@ def parse_limit(name: str, value: str) -> int | None:
     return number
 
 
+def unescape_stop(text: str) -> str:
+    """A stop sequence typed at the prompt: \\n, \\t and \\\\ stand for a newline, a tab and a backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
+
+
+def _set_stop(repl: Repl, value: str) -> None:
+    """/set stop TEXT adds a stop sequence (up to MAX_STOPS), /set stop off removes them all."""
+    settings = repl.session.settings
+    if value.lower() == "off":
+        settings.stop = ()
+    else:
+        try:
+            settings.stop = check_stops((*settings.stop, unescape_stop(value)))
+        except ValueError as err:
+            raise UsageError(str(err), "/set stop off clears them") from None
+    repl.renderer.notice(f"stop = {_current_value(repl.session, 'stop')}")
+
+
 def _set(repl: Repl, arg: str) -> None:
     name, _, value = arg.partition(" ")
     name, value = name.lower().replace("-", "_"), value.strip()
-    if name not in SAMPLING_PARAMS + LIMIT_PARAMS or not value:
-        raise UsageError("usage: /set PARAM VALUE", f"PARAM is one of {', '.join(SAMPLING_PARAMS + LIMIT_PARAMS)}")
+    if name not in SAMPLING_PARAMS + LIMIT_PARAMS + ["stop"] or not value:
+        raise UsageError("usage: /set PARAM VALUE",
+                         f"PARAM is one of {', '.join(SAMPLING_PARAMS + LIMIT_PARAMS + ['stop'])}")
+    if name == "stop":
+        return _set_stop(repl, value)
     if name in LIMIT_PARAMS:
         setattr(repl.session.settings, name, parse_limit(name, value))
     else:
@@ -214,6 +238,8 @@ def _set(repl: Repl, arg: str) -> None:
 
 
 def _current_value(session: ChatSession, name: str) -> object:
+    if name == "stop":
+        return " ".join(json.dumps(s, ensure_ascii=False) for s in session.settings.stop) or "off"
     value = getattr(session.settings, name) if name in LIMIT_PARAMS else getattr(session.settings.sampling, name)
     return "off" if value is None else value
 
@@ -225,7 +251,7 @@ def _show(repl: Repl, arg: str) -> None:
         f"mode {mode_label(settings.mode)} · context {session.engine.max_context:,} tokens · "
         f"{len(session.messages)} messages",
         f"system: {settings.system or '(none)'}",
-        " · ".join(f"{name} {_current_value(session, name)}" for name in SAMPLING_PARAMS + LIMIT_PARAMS),
+        " · ".join(f"{name} {_current_value(session, name)}" for name in SAMPLING_PARAMS + LIMIT_PARAMS + ["stop"]),
     ]
     for line in lines:
         repl.renderer.notice(line)
@@ -310,7 +336,8 @@ COMMANDS: dict[str, Command] = {
     "mode": Command(_mode, "/mode [MODE]", f"show or set the mode: {', '.join(MODES)}", lambda: MODES),
     "system": Command(_system, "/system [TEXT|clear]", "show, set or remove the system prompt", lambda: ["clear"]),
     "set": Command(_set, "/set PARAM VALUE", "set temperature, top_p, top_k, min_p, seed, max_tokens, "
-                   "reasoning_budget (off)", lambda: SAMPLING_PARAMS + LIMIT_PARAMS),
+                   "reasoning_budget (off), stop (add a stop sequence; off)", lambda: SAMPLING_PARAMS + LIMIT_PARAMS
+                   + ["stop"]),
     "show": Command(_show, "/show", "show the current settings", takes_args=False),
     "clear": Command(_clear, "/clear", "start a new conversation", takes_args=False),
     "regen": Command(lambda repl, _: repl.regenerate(), "/regen", "answer the last message again", takes_args=False),
