@@ -242,3 +242,12 @@ def test_help_uses_click_conventions(capsys, monkeypatch, command):
         assert "[MODEL]" in usage and "default: 8192; the demo: 256" in out
     if command == "download":
         assert usage.rstrip().endswith("MODEL") and "--include              <str>..." in out
+
+
+def test_chat_quiet_prints_nothing_but_the_reply(xdg):
+    args = ("chat", "-p", "hi", "--mode", "non-think", "--temperature", "0", "-n", "8")
+    loud, quiet = dsv4(*args, env=xdg), dsv4(*args, "-q", env=xdg)
+    assert loud.returncode == quiet.returncode == 0, quiet.stderr
+    assert "using the" in loud.stderr and quiet.stderr == "" and quiet.stdout == loud.stdout
+    both = dsv4(*args, "--quiet", "--verbose", env=xdg)
+    assert both.returncode == 2 and "--quiet and --verbose contradict each other" in both.stderr

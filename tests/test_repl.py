@@ -405,15 +405,22 @@ def test_tab_completion_of_commands_and_arguments(xdg):
 
 
 # ----------------------------------------------------------- the prompt loop
-def drive(keys: str, session: ChatSession | None = None, use_history: bool = True):
+def drive(keys: str, session: ChatSession | None = None, use_history: bool = True,
+          banner: str | None = "test model"):
     """Run the real prompt loop on piped keystrokes; returns (exit code, session, renderer)."""
     session = session or CannedSession()
     renderer = RecordingRenderer()
     with create_pipe_input() as pipe:
         pipe.send_text(keys)
-        code = run_repl(session, renderer, banner="test model", use_history=use_history, input=pipe,
+        code = run_repl(session, renderer, banner=banner, use_history=use_history, input=pipe,
                         output=DummyOutput())
     return code, session, renderer
+
+
+def test_loop_without_a_banner_when_quiet(xdg):
+    code, session, renderer = drive("hello\r/exit\r", banner=None)
+    assert code == 0 and session.answered == ["hello"]
+    assert not any(message.startswith(("dsv4 ·", "mode ", "/help")) for message in renderer.of("notice"))
 
 
 def test_loop_banner_messages_multiline_and_exit(xdg):

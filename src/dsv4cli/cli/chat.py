@@ -59,6 +59,8 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (content, reasoning, usage)."),
     no_markdown: bool = typer.Option(False, "--no-markdown", help="REPL: print the answer as plain text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print the stats line to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No banner or notices on stderr (warnings and errors "
+                                                            "still show)."),
     no_history: bool = typer.Option(False, "--no-history", help="REPL: do not read or write the history file."),
     draft: int = typer.Option(0, "--draft", help="Speculative decoding: draft N tokens (1-3) per step with the "
                               "checkpoint's MTP layer; same greedy output, same sampling distribution. Default 0 "
@@ -90,6 +92,8 @@ def chat(
                          f"draft 1 to {MAX_DRAFT} tokens per step, or 0 to turn drafting off")
     if draft and no_draft:
         raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose contradict each other", "give one of them")
     from dsv4cli.chat.stops import check_stops
 
     try:
@@ -117,13 +121,13 @@ def chat(
             raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop --draft")
         raise typer.Exit(_converse(opened, text, think, system, sampling, temperature, top_p, max_tokens, ctx,
                                    reasoning_budget, thinking_view, no_markdown, no_history, as_json, show_thinking,
-                                   verbose, draft, stops))
+                                   verbose, draft, stops, quiet))
 
 
 def _converse(opened, text: str | None, think, system: str | None, sampling, temperature: float | None,
               top_p: float | None, max_tokens: int | None, ctx: int, reasoning_budget: int | None,
               thinking_view: str, no_markdown: bool, no_history: bool, as_json: bool, show_thinking: bool,
-              verbose: bool, draft: int = 0, stops: tuple[str, ...] = ()) -> int:
+              verbose: bool, draft: int = 0, stops: tuple[str, ...] = (), quiet: bool = False) -> int:
     """The REPL (text None) or one prompt on an opened model; returns the exit status."""
     from dsv4cli.chat.service import new_session, sampling_defaults
     from dsv4cli.chat.session import ChatSettings
@@ -151,9 +155,9 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
         renderer = make_renderer("tty", thinking=thinking_view, markdown=not no_markdown)
         for notice in notices:
             renderer.warning(notice)
-        if placed:
+        if placed and not quiet:
             renderer.notice(placed)
-        return run_repl(session, renderer, banner=opened.label, use_history=not no_history)
+        return run_repl(session, renderer, banner=None if quiet else opened.label, use_history=not no_history)
     request = {"model": opened.ref.name, "sampling": dataclasses.asdict(sampling)}
     renderer = make_renderer("json", request=request) if as_json else make_renderer(
         "plain", show_thinking=show_thinking, verbose=verbose)
@@ -161,9 +165,9 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
     for warning in [*notices, think_max_warning and f"{think_max_warning} (raise --ctx)"]:
         if warning:
             renderer.warning(warning)
-    if opened.is_demo and not as_json:
+    if opened.is_demo and not (as_json or quiet):
         renderer.notice(f"using the {opened.label}")
-    if placed and not as_json:
+    if placed and not (as_json or quiet):
         renderer.notice(placed)
     return _one_shot(session, text, renderer, as_json)
 

@@ -407,15 +407,17 @@ def _prompt_session(history: History, input=None, output=None) -> PromptSession:
                          input=input, output=output)
 
 
-def _show_banner(session: ChatSession, renderer, banner: str) -> None:
-    renderer.notice(f"dsv4 · {banner}")
-    renderer.notice(f"mode {mode_label(session.settings.mode)} · context {session.engine.max_context:,} tokens")
-    renderer.notice("/help for commands, Ctrl-D to quit")
+def _show_banner(session: ChatSession, renderer, banner: str | None) -> None:
+    if banner is not None:
+        renderer.notice(f"dsv4 · {banner}")
+        renderer.notice(f"mode {mode_label(session.settings.mode)} · context {session.engine.max_context:,} tokens")
+        renderer.notice("/help for commands, Ctrl-D to quit")
     _warn(renderer, think_max_warning(session))
 
 
-def run_repl(session: ChatSession, renderer, banner: str, use_history: bool = True, input=None, output=None) -> int:
-    """Read-eval-print until /exit or Ctrl-D; returns the exit status (0)."""
+def run_repl(session: ChatSession, renderer, banner: str | None, use_history: bool = True, input=None,
+             output=None) -> int:
+    """Read-eval-print until /exit or Ctrl-D; returns the exit status (0). `banner` None: no banner (--quiet)."""
     repl = Repl(session, renderer)
     prompt = _prompt_session(open_history(use_history, renderer), input, output)
     _show_banner(session, renderer, banner)
