@@ -251,3 +251,15 @@ def test_chat_quiet_prints_nothing_but_the_reply(xdg):
     assert "using the" in loud.stderr and quiet.stderr == "" and quiet.stdout == loud.stdout
     both = dsv4(*args, "--quiet", "--verbose", env=xdg)
     assert both.returncode == 2 and "--quiet and --verbose contradict each other" in both.stderr
+
+
+def test_chat_on_a_directory_without_weights_names_the_weights_first(tmp_path):
+    """Neither weights nor tokenizer: the error is about the weights, which matter first."""
+    from dsv4cli.demo.model import demo_model_dir
+
+    (tmp_path / "config.json").write_bytes((demo_model_dir() / "config.json").read_bytes())
+    proc = dsv4("chat", str(tmp_path), "-p", "hi")
+    assert proc.returncode != 0 and "model.safetensors" in proc.stderr and "tokenizer" not in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = dsv4("chat", str(tmp_path / "empty"), "-p", "hi")
+    assert proc.returncode != 0 and "config.json" in proc.stderr and "tokenizer" not in proc.stderr

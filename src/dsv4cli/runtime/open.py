@@ -65,10 +65,11 @@ def open_model(model: str | ModelRef | None, *, numerics: Numerics | None = None
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model, weights=True)
     notices = kernels.select()
-    vocabulary = Tokenizer.from_dir(ref.path) if tokenizer else None
+    # the weights first (memory-mapped, cheap): a directory without them is named for that, not for its tokenizer
     net, checkpoint = load_model(ref.path, numerics, with_mtp=with_mtp)
-    opened = OpenModel(net, checkpoint, ref, vocabulary, model_label(ref, net), notices=notices)
+    opened = OpenModel(net, checkpoint, ref, None, model_label(ref, net), notices=notices)
     try:
+        vocabulary = opened.tokenizer = Tokenizer.from_dir(ref.path) if tokenizer else None
         if vocabulary is not None and vocabulary.vocab_size > net.args.vocab_size:
             raise CheckpointError(f"the tokenizer in {ref.path} has {vocabulary.vocab_size} tokens but the model "
                                   f"only {net.args.vocab_size}", "use the tokenizer.json that came with the checkpoint")
