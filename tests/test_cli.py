@@ -263,3 +263,12 @@ def test_chat_on_a_directory_without_weights_names_the_weights_first(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = dsv4("chat", str(tmp_path / "empty"), "-p", "hi")
     assert proc.returncode != 0 and "config.json" in proc.stderr and "tokenizer" not in proc.stderr
+
+
+def test_synth_says_what_it_is_for_and_chat_refuses_it_with_that_reason(tmp_path):
+    out = tmp_path / "syn"
+    made = dsv4("synth", "tiny", str(out))
+    assert made.returncode == 0 and made.stdout.strip() == str(out) and "tests and benchmarks" in made.stderr
+    proc = dsv4("chat", str(out), "-p", "hi")
+    assert proc.returncode == 2 and "random weights from `dsv4 synth`" in proc.stderr
+    assert f"dsv4 bench {out}" in proc.stderr and "Traceback" not in proc.stderr

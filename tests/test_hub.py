@@ -27,8 +27,9 @@ from tests.hubserver import FakeHub, files_from_dir
 
 FLASH = "deepseek-ai/DeepSeek-V4-Flash"
 OTHER = "test-org/tiny-v4"
+#: the JSON files of the repo the fake hub serves (a `dsv4 synth` checkpoint, so it carries the synth marker)
 JSON_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-              "tokenizer_config.json"}
+              "tokenizer_config.json", "dsv4-synth.json"}
 
 
 @dataclass

@@ -53,4 +53,6 @@ def synth(
 
     args = shrink(_args_of(preset), layers, experts)
     path = write_random_checkpoint(args, out, seed=seed, overwrite=force)
+    typer.echo(f"random weights for tests and benchmarks (`dsv4 bench {path}`, `dsv4 info {path}`); "
+               "no tokenizer: they do not chat", err=True)
     typer.echo(str(path))

@@ -23,6 +23,8 @@ from dsv4cli.model.args import ModelArgs
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
+#: written beside the random checkpoints of `dsv4 synth` (weights for tests and benchmarks, no tokenizer)
+SYNTH_MARKER = "dsv4-synth.json"
 SINGLE_FILE_NAME = "model.safetensors"
 MTP_PREFIX = "mtp."
 _REDOWNLOAD = "re-download the checkpoint"

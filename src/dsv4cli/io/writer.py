@@ -33,7 +33,7 @@ from dsv4cli.fsutil import (
     new_staging_dir,
     write_json,
 )
-from dsv4cli.io.checkpoint import CONFIG_NAME, INDEX_NAME, MTP_PREFIX
+from dsv4cli.io.checkpoint import CONFIG_NAME, INDEX_NAME, MTP_PREFIX, SYNTH_MARKER
 from dsv4cli.io.safetensors_file import (
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
@@ -65,12 +65,15 @@ def write_random_checkpoint(args: ModelArgs, out_dir: str | Path, seed: int = 0,
                             progress: Progress | None = None) -> Path:
     """Write a random-weight checkpoint for `args` (formats per `args.dtype`/`expert_dtype`).
 
-    Same args + seed give byte-identical files. Returns the checkpoint directory.
+    Same args + seed give byte-identical files. Returns the checkpoint directory. It carries
+    SYNTH_MARKER, so that `dsv4 chat` can say what it is rather than ask for a tokenizer.
     """
     total = sum(spec.nbytes for spec in checkpoint_specs(args, include_mtp=include_mtp).values())
+    marker = {"seed": seed, "purpose": "random weights for tests and benchmarks (dsv4 synth)"}
     return write_checkpoint(random_tensors(args, seed, include_mtp=include_mtp), args, out_dir,
                             max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                            tokenizer_dir=tokenizer_dir, progress=progress, expected_bytes=total)
+                            tokenizer_dir=tokenizer_dir, progress=progress, expected_bytes=total,
+                            extra_json={SYNTH_MARKER: marker})
 
 
 def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -78,7 +81,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                      tokenizer_dir: str | Path | None = None, validate: bool = True,
                      progress: Progress | None = None, config: dict[str, Any] | None = None,
-                     expected_bytes: int | None = None) -> Path:
+                     expected_bytes: int | None = None, extra_json: dict[str, Any] | None = None) -> Path:
     """Write given tensors as an official-format checkpoint in `out_dir` (atomically).
 
     A mapping is written in checkpoint order (MTP last); an iterable of (name, tensor)
@@ -87,6 +90,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
     `progress(name, bytes_so_far)` is called after each tensor. `config` replaces the
     config.json written from `args` (e.g. for transformers-named exports). With `expected_bytes`
     (the tensors' total), a disk that cannot hold them is refused before anything is written.
+    `extra_json`: more files to write beside them, name -> JSON value.
     """
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
@@ -114,6 +118,8 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
         write_json(tmp / GENERATION_CONFIG_NAME, generation_config(args))
         for source in tokenizer_sources:
             shutil.copyfile(source, tmp / source.name)
+        for name, value in (extra_json or {}).items():
+            write_json(tmp / name, value)
     return out_dir
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv4cli.chat.tokenizer import Tokenizer
-from dsv4cli.errors import CheckpointError
-from dsv4cli.io.checkpoint import Checkpoint
+from dsv4cli.errors import CheckpointError, UsageError
+from dsv4cli.io.checkpoint import SYNTH_MARKER, Checkpoint
 from dsv4cli.model.layers import Numerics
 from dsv4cli.model.transformer import Transformer
 from dsv4cli.runtime.apply import Placement, place_by_options
@@ -69,6 +69,10 @@ def open_model(model: str | ModelRef | None, *, numerics: Numerics | None = None
     net, checkpoint = load_model(ref.path, numerics, with_mtp=with_mtp)
     opened = OpenModel(net, checkpoint, ref, None, model_label(ref, net), notices=notices)
     try:
+        if tokenizer and (ref.path / SYNTH_MARKER).is_file() and not (ref.path / "tokenizer.json").is_file():
+            raise UsageError(f"{ref.path} holds random weights from `dsv4 synth`, for tests and benchmarks: "
+                             "no tokenizer, nothing to chat with",
+                             f"benchmark it with `dsv4 bench {ref.path}`, or chat with the demo model: `dsv4 chat`")
         vocabulary = opened.tokenizer = Tokenizer.from_dir(ref.path) if tokenizer else None
         if vocabulary is not None and vocabulary.vocab_size > net.args.vocab_size:
             raise CheckpointError(f"the tokenizer in {ref.path} has {vocabulary.vocab_size} tokens but the model "
