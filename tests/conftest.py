@@ -29,6 +29,21 @@ def tiny_checkpoint(tmp_path_factory):
     return write_random_checkpoint(PRESETS["tiny"], tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory):
+    """Chats run by the tests log their conversations and history under a temporary XDG state dir, never the
+    user's (subprocesses inherit it; tests that need their own set XDG_STATE_HOME themselves)."""
+    import os
+
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def reference_kernels():
     """Every test starts and ends on the reference kernels (some tests and `dsv4 bench` select others)."""

@@ -272,3 +272,26 @@ def test_synth_says_what_it_is_for_and_chat_refuses_it_with_that_reason(tmp_path
     proc = dsv4("chat", str(out), "-p", "hi")
     assert proc.returncode == 2 and "random weights from `dsv4 synth`" in proc.stderr
     assert f"dsv4 bench {out}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_conversations_are_logged_continued_and_listed(tmp_path):
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    args = ("--nothink", "--temperature", "0", "-n", "8", "-q")
+    missing = dsv4("chat", "-c", "-p", "more", *args, env=env)
+    assert missing.returncode == 2 and "no logged conversations yet" in missing.stderr
+    first = dsv4("chat", "-p", "What is 2+2?", *args, env=env)
+    second = dsv4("chat", "-c", "-p", "And 3+3?", *args, env=env)
+    assert first.returncode == second.returncode == 0, second.stderr
+    unlogged = dsv4("chat", "-p", "secret", "--no-log", *args, env=env)
+    assert unlogged.returncode == 0
+    listing = dsv4("logs", "--json", env=env)
+    (entry,) = json.loads(listing.stdout)
+    assert entry["turns"] == 2 and entry["first_prompt"] == "What is 2+2?" and entry["model"] == "demo"
+    shown = dsv4("logs", "last", env=env).stdout
+    assert shown.index("What is 2+2?") < shown.index(first.stdout.strip()) < shown.index("And 3+3?")
+    transcript = json.loads(dsv4("logs", entry["id"], "--json", env=env).stdout)
+    assert [m["role"] for m in transcript["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert transcript["messages"][3]["content"] == second.stdout.strip()
+    assert "secret" not in dsv4("logs", env=env).stdout
+    bad = dsv4("logs", "nope", env=env)
+    assert bad.returncode == 2 and "no logged conversation 'nope'" in bad.stderr

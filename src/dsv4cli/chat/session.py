@@ -74,6 +74,9 @@ class ChatSession:
         self.messages: list[dict[str, Any]] = []
         self.last_stats: GenerationStats | None = None
         self._regenerations = 0
+        #: the conversation log (chat/logs.py): rewritten after every turn; None: not logged
+        self.log_path: Path | None = None
+        self.log_extra: dict[str, Any] = {}
 
     # ------------------------------------------------------------- settings
     def set_mode(self, mode: ThinkMode | str) -> str | None:
@@ -93,6 +96,10 @@ class ChatSession:
     def clear(self) -> None:
         self.messages = []
         self.engine.reset()
+        if self.log_path is not None:  # a new conversation gets a new log
+            from dsv4cli.chat.logs import new_log_path
+
+            self.log_path = new_log_path()
 
     # --------------------------------------------------------------- prompts
     def prompt_text(self) -> str:
@@ -171,6 +178,11 @@ class ChatSession:
         self._record(result)
         self.last_stats = stats
         renderer.end_turn(result)
+        if self.log_path is not None and self.messages:
+            try:
+                self.save(self.log_path, self.log_extra)
+            except TranscriptError as err:
+                renderer.warning(f"conversation log: {err.message}")
         return result
 
     def _record(self, result: TurnResult) -> None:
@@ -187,10 +199,12 @@ class ChatSession:
         self.messages.append(message)
 
     # ----------------------------------------------------------- transcripts
-    def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON, atomically: the file is either the old one or the new one."""
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the conversation as JSON, atomically: the file is either the old one or the new one.
+        `extra`: more top-level fields (the log's model), which `load` ignores."""
         path = Path(path)
         data = {
+            **(extra or {}),
             "version": TRANSCRIPT_VERSION,
             "mode": mode_label(self.settings.mode),
             "system": self.settings.system,

@@ -42,6 +42,7 @@ def _register_commands() -> None:
     from dsv4cli.cli import convert as cli_convert
     from dsv4cli.cli import hub as cli_hub
     from dsv4cli.cli import info as cli_info
+    from dsv4cli.cli import logs as cli_logs
     from dsv4cli.cli import plan as cli_plan
     from dsv4cli.cli import quantize as cli_quantize
 
@@ -52,6 +53,7 @@ def _register_commands() -> None:
     cli_bench.register(app)
     cli_plan.register(app)
     cli_quantize.register(app)
+    cli_logs.register(app)
 
 
 _register_commands()

@@ -59,6 +59,10 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (content, reasoning, usage)."),
     no_markdown: bool = typer.Option(False, "--no-markdown", help="REPL: print the answer as plain text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print the stats line to stderr."),
+    resume: bool = typer.Option(False, "--continue", "-c", help="Go on with the last logged conversation (its "
+                                                               "MODEL unless one is given; see dsv4 logs)."),
+    no_log: bool = typer.Option(False, "--no-log", help="Do not keep this conversation in the log "
+                                                        "($XDG_STATE_HOME/dsv4/logs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No banner or notices on stderr (warnings and errors "
                                                             "still show)."),
     no_history: bool = typer.Option(False, "--no-history", help="REPL: do not read or write the history file."),
@@ -94,6 +98,13 @@ def chat(
         raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
     if quiet and verbose:
         raise UsageError("--quiet and --verbose contradict each other", "give one of them")
+    from dsv4cli.chat.logs import find_log, log_extra, new_log_path
+
+    resumed = find_log(None) if resume else None
+    if resumed is not None and model is None:
+        model = resumed.model
+    log = None if no_log else (resumed.path if resumed is not None else new_log_path())
+    log_fields = log_extra(model or "demo")
     from dsv4cli.chat.stops import check_stops
 
     try:
@@ -121,13 +132,14 @@ def chat(
             raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop --draft")
         raise typer.Exit(_converse(opened, text, think, system, sampling, temperature, top_p, max_tokens, ctx,
                                    reasoning_budget, thinking_view, no_markdown, no_history, as_json, show_thinking,
-                                   verbose, draft, stops, quiet))
+                                   verbose, draft, stops, quiet, (log, log_fields, resumed)))
 
 
 def _converse(opened, text: str | None, think, system: str | None, sampling, temperature: float | None,
               top_p: float | None, max_tokens: int | None, ctx: int, reasoning_budget: int | None,
               thinking_view: str, no_markdown: bool, no_history: bool, as_json: bool, show_thinking: bool,
-              verbose: bool, draft: int = 0, stops: tuple[str, ...] = (), quiet: bool = False) -> int:
+              verbose: bool, draft: int = 0, stops: tuple[str, ...] = (), quiet: bool = False,
+              log: tuple = (None, {}, None)) -> int:
     """The REPL (text None) or one prompt on an opened model; returns the exit status."""
     from dsv4cli.chat.service import new_session, sampling_defaults
     from dsv4cli.chat.session import ChatSettings
@@ -149,6 +161,11 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
         session = new_session(opened, settings, ctx, draft)
     except ContextTooLarge as err:
         raise OutOfMemory(err.message, "lower --ctx") from None
+    session.log_path, session.log_extra, resumed = log
+    if resumed is not None:  # its messages and system prompt; mode and sampling as the flags say
+        session.load(resumed.path)
+        session.settings = dataclasses.replace(session.settings, mode=settings.mode, sampling=settings.sampling,
+                                               system=system if system is not None else session.settings.system)
     if text is None:
         from dsv4cli.ui.repl import run_repl
 
@@ -157,6 +174,8 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
             renderer.warning(notice)
         if placed and not quiet:
             renderer.notice(placed)
+        if resumed is not None and not quiet:
+            renderer.notice(f"continuing conversation {resumed.id} ({len(session.messages)} messages)")
         return run_repl(session, renderer, banner=None if quiet else opened.label, use_history=not no_history)
     request = {"model": opened.ref.name, "sampling": dataclasses.asdict(sampling)}
     renderer = make_renderer("json", request=request) if as_json else make_renderer(
