@@ -30,18 +30,22 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_state_dir(tmp_path_factory):
-    """Chats run by the tests log their conversations and history under a temporary XDG state dir, never the
-    user's (subprocesses inherit it; tests that need their own set XDG_STATE_HOME themselves)."""
+def private_state_and_data_dirs(tmp_path_factory):
+    """Chats run by the tests log their conversations and history, and quantize / convert / alias record
+    themselves in the registry, under temporary XDG state and data dirs, never the user's (subprocesses
+    inherit them; tests that need their own set them themselves). The cache (kernels, demo) stays shared."""
     import os
 
-    before = os.environ.get("XDG_STATE_HOME")
-    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    names = ("XDG_STATE_HOME", "XDG_DATA_HOME")
+    before = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
     yield
-    if before is None:
-        os.environ.pop("XDG_STATE_HOME", None)
-    else:
-        os.environ["XDG_STATE_HOME"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

@@ -295,3 +295,30 @@ def test_conversations_are_logged_continued_and_listed(tmp_path):
     assert "secret" not in dsv4("logs", env=env).stdout
     bad = dsv4("logs", "nope", env=env)
     assert bad.returncode == 2 and "no logged conversation 'nope'" in bad.stderr
+
+
+def test_aliases_name_models_everywhere_and_list_shows_them(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    made = dsv4("alias", "set", "mini", "demo", env=env)
+    assert made.returncode == 0 and made.stdout.strip() == "mini -> demo"
+    reply = dsv4("chat", "mini", "-p", "hi", "--nothink", "--temperature", "0", "-n", "4", env=env)
+    plain = dsv4("chat", "-p", "hi", "--nothink", "--temperature", "0", "-n", "4", env=env)
+    assert reply.returncode == 0 and reply.stdout == plain.stdout
+    assert "mini" in dsv4("alias", "list", env=env).stdout and "mini   demo" in dsv4("list", env=env).stdout
+    for bad, message in ((("set", "demo", "demo"), "cannot be an alias"), (("set", "x", str(tmp_path / "nope")),
+                         "no model"), (("rm", "never"), "no alias 'never'")):
+        proc = dsv4("alias", *bad, env=env)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert dsv4("alias", "rm", "mini", env=env).returncode == 0
+    gone = dsv4("chat", "mini", "-p", "hi", env=env)
+    assert gone.returncode != 0 and "no model 'mini'" in gone.stderr
+
+
+def test_list_shows_the_checkpoints_convert_made(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    src, out = tmp_path / "syn", tmp_path / "as-dsv4"
+    assert dsv4("synth", "tiny", str(src), env=env).returncode == 0
+    converted = dsv4("convert", str(src), str(out), "--to", "dsv4", env=env)
+    assert converted.returncode == 0, converted.stderr
+    listing = dsv4("list", env=env).stdout
+    assert "made here" in listing and "dsv4 convert --to dsv4" in listing and str(out) in listing

@@ -37,6 +37,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _register_commands() -> None:
     """Commands that live in their own modules."""
+    from dsv4cli.cli import alias as cli_alias
     from dsv4cli.cli import bench as cli_bench
     from dsv4cli.cli import chat as cli_chat
     from dsv4cli.cli import convert as cli_convert
@@ -54,6 +55,7 @@ def _register_commands() -> None:
     cli_plan.register(app)
     cli_quantize.register(app)
     cli_logs.register(app)
+    cli_alias.register(app)
 
 
 _register_commands()

@@ -67,4 +67,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --to {to!r}", f"choose one of: {', '.join(TARGETS)}")
         with progress_bar(sys.stderr.isatty()) as update:
             path = convert_checkpoint(source, out, to, max_shard_bytes=max_bytes, force=force, progress=update)
+        from dsv4cli.hub.registry import record_output
+
+        record_output(path, f"dsv4 convert --to {to}", str(source))
         typer.echo(str(path))

@@ -147,15 +147,28 @@ def _print_dry_run(request: Any) -> None:
 
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
     from dsv4cli.hub.download import list_local_models, models_dir
+    from dsv4cli.hub.registry import aliases, outputs
 
     models = list_local_models()
+    made, names = outputs(), aliases()
     if as_json:
         typer.echo(json.dumps([m.to_dict() for m in models], indent=2))
         return
     if not models:
         typer.echo(f"no downloaded models (dsv4 download MODEL puts them in {models_dir()})", err=True)
-        return
-    rows = [("NAME", "REVISION", "FILES", "SIZE", "STATUS", "PATH"), *(_list_row(m) for m in models)]
+    else:
+        _table([("NAME", "REVISION", "FILES", "SIZE", "STATUS", "PATH"), *(_list_row(m) for m in models)])
+    if made:
+        typer.echo("\nmade here (dsv4 quantize, dsv4 convert):")
+        _table([("MADE BY", "SOURCE", "DATE", "PATH"),
+                *((o["made_by"], o["source"], o["date"][:16].replace("T", " "), o["path"]) for o in made)])
+    if names:
+        typer.echo("\naliases (dsv4 alias):")
+        _table([("ALIAS", "MODEL"), *names.items()])
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one as it is."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         typer.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
@@ -212,8 +225,9 @@ def _confirm(question: str) -> bool:
 
 
 COMMANDS = {"download": (download_command, DOWNLOAD_HELP),
-            "list": (list_command, "List downloaded models: size, files, complete, incomplete or damaged, revision, "
-                                   "path."),
+            "list": (list_command, "List downloaded models (size, files, complete, incomplete or damaged, revision, "
+                                   "path), then the checkpoints dsv4 quantize and dsv4 convert made, then the "
+                                   "aliases (--json: the downloads)."),
             "rm": (rm_command, "Remove a downloaded model: the files dsv4 downloaded and its .dsv4 state; other files "
                                "stay, and a running download is never touched (asks first; --yes to skip).")}
 

@@ -122,6 +122,9 @@ def register(app: typer.Typer) -> None:
                                              boost_fraction=boost_layers if matrix is not None else 0.0,
                                              max_shard_bytes=max_bytes, force=force, progress=update)
             report["quantize"] = result.to_json()
+            from dsv4cli.hub.registry import record_output
+
+            record_output(result.path, f"dsv4 quantize --recipe {recipe}", src)
             if not as_json:
                 typer.echo(_summary(result))
         if evaluate or eval_only:

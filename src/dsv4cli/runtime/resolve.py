@@ -1,7 +1,8 @@
 """What a MODEL argument names: one resolver for every command.
 
 In order: an existing path (a checkpoint directory, or a config file where no weights are needed),
-`demo` (the built-in model; also no argument at all), a downloaded model's name (`dsv4 list`), and
+`demo` (the built-in model; also no argument at all), a user alias (`dsv4 alias`), a downloaded model's
+name (`dsv4 list`), and
 only where no weights are needed (info, plan, synth) a preset (`flash`, `pro`, `tiny`, ...). So a
 downloaded `flash` wins over the `flash` preset, and every command says which one it used.
 """
@@ -47,9 +48,9 @@ class ModelRef:
         return ModelArgs.from_file(self.path)
 
 
-def resolve_model(model: str | None, *, weights: bool = True) -> ModelRef:
+def resolve_model(model: str | None, *, weights: bool = True, aliases: bool = True) -> ModelRef:
     """Resolve a MODEL argument (None means the demo). `weights` False also accepts config files and
-    presets (commands that only read the configuration)."""
+    presets (commands that only read the configuration). `aliases` False: user aliases are not consulted."""
     from dsv4cli.demo.model import DEMO_ALIAS, demo_model_dir
 
     if model is None or model == DEMO_ALIAS:
@@ -59,6 +60,13 @@ def resolve_model(model: str | None, *, weights: bool = True) -> ModelRef:
         return ModelRef(path.name, DIRECTORY, path)
     if path.is_file() and not weights:
         return ModelRef(path.name, CONFIG, path)
+    if aliases:
+        from dsv4cli.hub.registry import alias_target
+
+        target = alias_target(model)
+        if target is not None:
+            ref = resolve_model(target, weights=weights, aliases=False)
+            return ModelRef(model, ref.kind, ref.path)
     local = _downloaded(model)
     if local is not None:
         return local
