@@ -569,3 +569,23 @@ def test_chat_end_to_end_in_a_terminal(demo_cache, tmp_path):
     assert child.exitstatus == 0, term.plain()[-3000:]
     history = (tmp_path / "state" / "dsv4" / "history").read_text()
     assert "+/save t1" in history and "+Write forever" in history
+
+
+def test_thoughts_reopens_a_collapsed_trace():
+    repl, session, renderer = make_repl()
+    run(repl, "/thoughts")
+    assert renderer.of("error") == ["no thinking trace in this conversation yet (think-high and think-max replies "
+                                    "have one)"]
+    session.messages = [{"role": "user", "content": "a"},
+                        {"role": "assistant", "content": "x", "reasoning_content": "first trace"},
+                        {"role": "user", "content": "b"}, {"role": "assistant", "content": "y"},
+                        {"role": "user", "content": "c"},
+                        {"role": "assistant", "content": "z", "reasoning_content": "second trace"}]
+    run(repl, "/thoughts", "/thoughts 2", "/thoughts 3", "/thoughts x")
+    notices = renderer.of("notice")
+    assert notices[-4:] == ["thinking trace 1 of 2 (newest first):", "second trace",
+                            "thinking trace 2 of 2 (newest first):", "first trace"]
+    assert renderer.of("error")[-2:] == ["there are 2 thinking traces, not 3 (give 1 (the newest) to 2)",
+                                         "/thoughts takes a number, got 'x' (1 is the newest trace, 2 the one before)"]
+    run(repl, "/help")
+    assert any(line.startswith("/thoughts [N]") for line in renderer.of("notice"))

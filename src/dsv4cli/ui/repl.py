@@ -310,6 +310,24 @@ def _stats(repl: Repl, arg: str) -> None:
     repl.renderer.notice(format_stats(stats) if stats is not None else "no reply yet")
 
 
+def _thoughts(repl: Repl, arg: str) -> None:
+    """/thoughts [N]: the thinking trace of the newest reply that has one, or of the Nth newest such reply
+    (a collapsed "Thought for ..." line opens up again here)."""
+    traces = [m["reasoning_content"] for m in repl.session.messages
+              if m.get("role") == "assistant" and m.get("reasoning_content")]
+    try:
+        back = int(arg) if arg else 1
+    except ValueError:
+        raise UsageError(f"/thoughts takes a number, got {arg!r}", "1 is the newest trace, 2 the one before") from None
+    if not traces:
+        raise UsageError("no thinking trace in this conversation yet", "think-high and think-max replies have one")
+    if not 1 <= back <= len(traces):
+        raise UsageError(f"there are {len(traces)} thinking traces, not {back}",
+                         f"give 1 (the newest) to {len(traces)}")
+    repl.renderer.notice(f"thinking trace {back} of {len(traces)} (newest first):")
+    repl.renderer.notice(traces[-back])
+
+
 def _help(repl: Repl, arg: str) -> None:
     for command in dict.fromkeys(COMMANDS.values()):
         repl.renderer.notice(f"{command.usage:<26} {command.help}")
@@ -345,6 +363,7 @@ COMMANDS: dict[str, Command] = {
     "save": Command(_save, "/save NAME", "save the conversation (JSON)", saved_names),
     "load": Command(_load, "/load NAME", "load a saved conversation", saved_names),
     "stats": Command(_stats, "/stats", "speed and size of the last reply", takes_args=False),
+    "thoughts": Command(_thoughts, "/thoughts [N]", "show the last reply's thinking trace (N: the Nth newest)"),
     "help": Command(_help, "/help", "this list", takes_args=False),
     "exit": _EXIT,
     "bye": _EXIT,
