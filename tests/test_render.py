@@ -506,6 +506,19 @@ def test_plain_renderer_thinking_stats_and_tool_calls():
     assert "\x1b" not in out.getvalue() + err.getvalue()
 
 
+def test_plain_renderer_frames_the_trace_on_a_terminal_only():
+    """On a terminal stderr the one-shot trace sits between "Thinking..." and "...done thinking."; on a
+    pipe (StringIO: not a TTY) it comes bare; stdout carries the answer alone either way."""
+    for markers, framed in ((True, "Thinking...\nthinking\n...done thinking.\n\n"), (None, "thinking\n")):
+        out, err = io.StringIO(), io.StringIO()
+        stream(PlainRenderer(out, err, show_thinking=True, markers=markers), ["Answer."], TurnResult(content="Answer."),
+               reasoning=["think", "ing"])
+        assert out.getvalue() == "Answer.\n" and err.getvalue() == framed
+    out, err = io.StringIO(), io.StringIO()
+    stream(PlainRenderer(out, err, markers=True), ["Answer."], TurnResult(content="Answer."), reasoning=["hidden"])
+    assert err.getvalue() == ""  # no trace shown, no frame
+
+
 def test_plain_renderer_empty_answer_and_messages():
     out, err = io.StringIO(), io.StringIO()
     renderer = PlainRenderer(out, err)

@@ -691,7 +691,8 @@ class PlainRenderer:
     stdout gets only the answer, ended by one newline when it lacks one, then one JSON line per tool call:
     `{"tool_call": {...}}` (the call as in `TurnResult.tool_calls`). The thinking trace goes to stderr only with
     `show_thinking=True`; notices, warnings, errors and `[interrupted]` go to stderr; the stats block
-    (`format_stats_block`) goes to stderr only with `verbose=True`.
+    (`format_stats_block`) goes to stderr only with `verbose=True`. On a terminal stderr (`markers` None:
+    detect) the trace is framed by "Thinking..." and "...done thinking." lines, as ollama frames it.
     """
 
     def __init__(
@@ -701,6 +702,7 @@ class PlainRenderer:
         *,
         show_thinking: bool = False,
         verbose: bool = False,
+        markers: bool | None = None,
     ) -> None:
         if not isinstance(show_thinking, bool):
             raise TypeError("PlainRenderer.show_thinking is a bool (the trace goes to stderr when True)")
@@ -708,6 +710,7 @@ class PlainRenderer:
         self.stderr = stderr or sys.stderr
         self.show_thinking = show_thinking
         self.verbose = verbose
+        self.markers = markers if markers is not None else _is_tty(self.stderr)
         self._reset_turn()
 
     def _reset_turn(self) -> None:
@@ -721,10 +724,12 @@ class PlainRenderer:
     def reasoning(self, text: str) -> None:
         if not text:
             return
-        self._reasoning_seen = True
         if self.show_thinking:
+            if self.markers and not self._reasoning_seen:
+                self._write(self.stderr, "Thinking...\n")
             self._write(self.stderr, text)
             self._trace_end = text[-1]
+        self._reasoning_seen = True
 
     def content(self, text: str) -> None:
         if not text:
@@ -766,6 +771,8 @@ class PlainRenderer:
     def _end_trace(self) -> None:
         if self._trace_end and self._trace_end != "\n":
             self._write(self.stderr, "\n")
+        if self._trace_end and self.markers:
+            self._write(self.stderr, "...done thinking.\n\n")
         self._trace_end = ""
 
     @staticmethod
@@ -835,3 +842,10 @@ def make_renderer(kind: RendererKind, **settings: Any) -> Renderer:
         raise TypeError(f"unknown renderer settings: {', '.join(unknown)}")
     accepted = inspect.signature(_RENDERERS[kind]).parameters
     return _RENDERERS[kind](**{name: value for name, value in settings.items() if name in accepted})
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or minimal stream
+        return False
