@@ -166,3 +166,13 @@ def test_a_context_too_large_for_memory_is_refused_before_allocating(model, monk
     message = caught.value.message
     assert isinstance(caught.value, OutOfMemory) and "--" not in caught.value.one_line()
     assert message.startswith("a 1,000,000-token context needs ") and "1.05 MB is available" in message
+
+
+def test_prefill_progress_reports_each_chunk_of_a_long_prompt(model):
+    engine = Engine(model, max_context=256, prefill_chunk=8)
+    calls: list[tuple[int, int]] = []
+    run(engine, prompt_of(30), max_tokens=1, prefill_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 30), (8, 30), (16, 30), (24, 30)]
+    calls.clear()
+    run(engine, prompt_of(6, seed=1), max_tokens=1, prefill_progress=lambda done, total: calls.append((done, total)))
+    assert calls == []  # one chunk: nothing to report

@@ -625,3 +625,29 @@ def test_wrap_starts():
     assert wrap_starts("x" * 10, 4) == [0, 4, 8]
     assert wrap_starts("中文中文", 4) == [0, 2]  # two cells a character
     assert wrap_starts("", 10) == [0]
+
+
+def test_prefill_progress_on_a_terminal_and_never_on_a_pipe():
+    out, err = io.StringIO(), io.StringIO()
+    renderer = PlainRenderer(out, err, markers=True)
+    renderer.begin_turn("non-think")
+    renderer.prefill(0, 4096)
+    renderer.prefill(2048, 4096)
+    renderer.content("Answer.")
+    renderer.end_turn(TurnResult(content="Answer."))
+    assert out.getvalue() == "Answer.\n" and "reading the prompt: 2,048 / 4,096 tokens" in err.getvalue()
+    assert err.getvalue().endswith("\r\x1b[2K") and screen(err.getvalue()) == []
+    out, err = io.StringIO(), io.StringIO()
+    piped = PlainRenderer(out, err)
+    piped.begin_turn("non-think")
+    piped.prefill(0, 4096)
+    piped.end_turn(TurnResult(content="Answer."))
+    assert err.getvalue() == "" and out.getvalue() == "Answer.\n"
+    renderer, shown = tty()
+    renderer.begin_turn("non-think")
+    renderer.prefill(0, 4096)
+    renderer.prefill(1024, 4096)
+    assert "reading the prompt: 1,024 / 4,096 tokens" in shown.getvalue()
+    renderer.content("Done.")
+    renderer.end_turn(TurnResult(content="Done."))
+    assert screen(shown.getvalue()) == ["Done."]

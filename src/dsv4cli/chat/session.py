@@ -151,7 +151,8 @@ class ChatSession:
         events = self.engine.generate(
             self.tokenizer.encode(prompt), sampling, self.settings.max_tokens, stop=[special.eos],
             cancel=cancel, reasoning=thinking, think_end_id=special.think_end,
-            reasoning_budget=self.settings.reasoning_budget if thinking else None, halt=halt)
+            reasoning_budget=self.settings.reasoning_budget if thinking else None, halt=halt,
+            prefill_progress=getattr(renderer, "prefill", None))
         shown: list[str] = []  # the answer as shown: up to a stop sequence
         for event in events:
             if isinstance(event, GenerationStats):

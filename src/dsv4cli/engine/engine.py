@@ -23,7 +23,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -153,10 +153,14 @@ class Engine:
 
     # --------------------------------------------------------------- forward
     @torch.inference_mode()
-    def _feed(self, ids: list[int], cancel: threading.Event | None) -> torch.Tensor | None:
-        """Run `ids` through the model in chunks; logits of the last one (None if cancelled)."""
+    def _feed(self, ids: list[int], cancel: threading.Event | None,
+              progress: Callable[[int, int], None] | None = None, total: int = 0) -> torch.Tensor | None:
+        """Run `ids` through the model in chunks; logits of the last one (None if cancelled). `progress(done,
+        total)` is called before each chunk (done = tokens of `ids` fed so far)."""
         logits = None
         for start in range(0, len(ids), self.prefill_chunk):
+            if progress is not None:
+                progress(start, total)
             if cancel is not None and cancel.is_set():
                 return None
             chunk = ids[start:start + self.prefill_chunk]
@@ -225,11 +229,12 @@ class Engine:
         del self.cached_ids[burst.before.pos:]
         self._feed(burst.fed[:keep], None)
 
-    def _prefill(self, prompt: list[int], cancel: threading.Event | None) -> tuple[torch.Tensor | None, int]:
+    def _prefill(self, prompt: list[int], cancel: threading.Event | None,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor | None, int]:
         reused = self._reuse(prompt)
         rest = prompt[reused:]
         if len(rest) > 1:
-            if self._feed(rest[:-1], cancel) is None:
+            if self._feed(rest[:-1], cancel, progress if len(rest) > self.prefill_chunk else None, len(rest)) is None:
                 return None, reused
             self._take_snapshot()
         logits = self._feed(rest[-1:], cancel)
@@ -241,7 +246,8 @@ class Engine:
     def generate(self, prompt_ids: list[int], sampling: SamplingParams | None = None, max_tokens: int = 512,
                  stop: Iterable[int] = (), cancel: threading.Event | None = None, *,
                  reasoning: bool = False, think_end_id: int | None = None, reasoning_budget: int | None = None,
-                 halt: threading.Event | None = None) -> Iterator[TokenEvent | GenerationStats]:
+                 halt: threading.Event | None = None, prefill_progress: Callable[[int, int], None] | None = None,
+                 ) -> Iterator[TokenEvent | GenerationStats]:
         """Yield one `TokenEvent` per generated token, then a final `GenerationStats`.
 
         `reasoning`: the prompt opened a thinking trace, so tokens up to `think_end_id` are
@@ -249,13 +255,15 @@ class Engine:
         itself (marked `forced`). Stop tokens are yielded, not fed back to the model.
         `halt`: set by the consumer while it handles a token (a stop sequence ended in it), that token
         ends the generation as a stop token would (finish_reason "stop"); `cancel` ends it as "cancelled".
+        `prefill_progress(done, total)`: called before each prefill chunk when the new part of the prompt
+        needs more than one (done of total tokens fed; the engine itself never prints).
         An error on the way resets the prompt cache (its state may be half written).
         """
         prompt = [int(t) for t in prompt_ids]
         self._check_request(prompt, max_tokens, think_end_id, reasoning_budget)
         try:
             yield from self._generate(prompt, sampling or SamplingParams(), max_tokens, set(stop), cancel,
-                                      reasoning, think_end_id, reasoning_budget, halt)
+                                      reasoning, think_end_id, reasoning_budget, halt, prefill_progress)
         except GeneratorExit:
             raise  # the caller stopped reading at a yield, where the cache is consistent
         except BaseException:
@@ -278,13 +286,14 @@ class Engine:
     def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int, stop_ids: set[int],
                   cancel: threading.Event | None, reasoning: bool, think_end_id: int | None,
                   reasoning_budget: int | None, halt: threading.Event | None = None,
+                  prefill_progress: Callable[[int, int], None] | None = None,
                   ) -> Iterator[TokenEvent | GenerationStats]:
         max_tokens = min(max_tokens, self.max_context - len(prompt))
         sample = make_sampler(sampling)
         stats = GenerationStats(prompt_tokens=len(prompt))
         offload_before = self._offload_counts()
         started = time.perf_counter()
-        logits, stats.cached_tokens = self._prefill(prompt, cancel)
+        logits, stats.cached_tokens = self._prefill(prompt, cancel, prefill_progress)
         stats.prefill_seconds = time.perf_counter() - started
         if logits is None:
             stats.finish_reason = "cancelled"

@@ -48,7 +48,8 @@ _SEP = " · "
 
 @runtime_checkable
 class Renderer(Protocol):
-    """What the chat session calls; one `begin_turn` … `end_turn` cycle per assistant turn."""
+    """What the chat session calls; one `begin_turn` … `end_turn` cycle per assistant turn. A renderer may
+    also have `prefill(done, total)`: progress through a long prompt before the first token (terminals)."""
 
     def begin_turn(self, mode_label: str) -> None:
         """A turn starts; `mode_label` (e.g. "think-high") is informational."""
@@ -133,6 +134,12 @@ def format_stats_block(stats: GenerationStats) -> str:
     rows.append(("finish reason", stats.finish_reason))
     width = max(len(label) for label, _ in rows) + 1
     return "\n".join(f"{label + ':':<{width}} {value}" for label, value in rows)
+
+
+def prefill_line(done: int, total: int, seconds: float) -> str:
+    """`reading the prompt: 2,048 / 8,192 tokens · 85.3 tok/s` (the rate once there is one)."""
+    rate = f" · {_rate(done / seconds)} tok/s" if done and seconds > 0 else ""
+    return f"reading the prompt: {done:,} / {total:,} tokens{rate}"
 
 
 def thought_summary(seconds: float | None, tokens: int = 0) -> str:
@@ -536,6 +543,17 @@ class TtyRenderer:
         self.close()
         self._reset_turn()
 
+    def prefill(self, done: int, total: int) -> None:
+        """Progress through a long prompt, in the live region until the first token (terminals only)."""
+        if self._phase != "idle":
+            return
+        now = self._clock()
+        if self._prefill_started is None:
+            self._prefill_started = now
+        self._prefill_text = prefill_line(done, total, now - self._prefill_started)
+        self._start_live()
+        self._show(force=True)
+
     def reasoning(self, text: str) -> None:
         if not text or self._phase == "content":
             return
@@ -601,6 +619,8 @@ class TtyRenderer:
         self._trace_recent: deque[Line] = deque(maxlen=TAIL_LINES - 1)
         self._answer = _MarkdownStream(self.console, self._code_theme) if self.markdown else _TextStream(self.console)
         self._last_refresh = float("-inf")
+        self._prefill_started: float | None = None
+        self._prefill_text = ""
 
     def _start_live(self) -> None:
         """The live region, on interactive terminals only (files and TERM=dumb get committed lines only)."""
@@ -643,6 +663,8 @@ class TtyRenderer:
     def _tail(self) -> tuple[list[Line], list[Line]]:
         if self._phase == "content":
             return self._answer.render_tail()
+        if self._phase == "idle" and self._prefill_text:
+            return [], [[Segment(self._prefill_text, Style(dim=True))]]
         if self._phase != "reasoning":
             return [], []
         if self.thinking == "keep":
@@ -692,7 +714,8 @@ class PlainRenderer:
     `{"tool_call": {...}}` (the call as in `TurnResult.tool_calls`). The thinking trace goes to stderr only with
     `show_thinking=True`; notices, warnings, errors and `[interrupted]` go to stderr; the stats block
     (`format_stats_block`) goes to stderr only with `verbose=True`. On a terminal stderr (`markers` None:
-    detect) the trace is framed by "Thinking..." and "...done thinking." lines, as ollama frames it.
+    detect) the trace is framed by "Thinking..." and "...done thinking." lines, as ollama frames it, and a
+    long prompt's prefill shows its progress (`prefill`).
     """
 
     def __init__(
@@ -717,13 +740,32 @@ class PlainRenderer:
         self._content_end = ""  # last character written to stdout this turn ("" = nothing yet)
         self._trace_end = ""
         self._reasoning_seen = False
+        self._prefill_started: float | None = None
+        self._prefill_shown = False
 
     def begin_turn(self, mode_label: str) -> None:
         self._reset_turn()
 
+    def prefill(self, done: int, total: int) -> None:
+        """Progress through a long prompt on a terminal stderr: one line, rewritten in place, cleared when
+        the first token comes (nothing on pipes)."""
+        if not self.markers:
+            return
+        now = time.monotonic()
+        if self._prefill_started is None:
+            self._prefill_started = now
+        self._write(self.stderr, "\r\x1b[2K" + prefill_line(done, total, now - self._prefill_started))
+        self._prefill_shown = True
+
+    def _clear_prefill(self) -> None:
+        if self._prefill_shown:
+            self._write(self.stderr, "\r\x1b[2K")
+            self._prefill_shown = False
+
     def reasoning(self, text: str) -> None:
         if not text:
             return
+        self._clear_prefill()
         if self.show_thinking:
             if self.markers and not self._reasoning_seen:
                 self._write(self.stderr, "Thinking...\n")
@@ -734,11 +776,13 @@ class PlainRenderer:
     def content(self, text: str) -> None:
         if not text:
             return
+        self._clear_prefill()
         self._end_trace()
         self._write(self.stdout, text)
         self._content_end = text[-1]
 
     def end_turn(self, result: TurnResult) -> None:
+        self._clear_prefill()
         if not self._reasoning_seen and result.reasoning:
             self.reasoning(result.reasoning)
         self._end_trace()
