@@ -294,6 +294,13 @@ def test_hf_bf16_matches_hf_export_and_transformers_logits(source, converted, of
     assert (hf_logits - official_logits).abs().max().item() < 1e-4
 
 
+def test_dsv4_names_its_own_hf_bf16_export_instead_of_missing_tensors(converted):
+    """The export is for transformers: opening it in dsv4 says so, not "210 tensors missing"."""
+    with pytest.raises(CheckpointError, match="transformers' layout") as err:
+        Checkpoint.open(converted["hf-bf16"])
+    assert "tensors missing" not in err.value.message and "DeepseekV4ForCausalLM" in err.value.hint
+
+
 # -------------------------------------------------------------- restart, force
 
 

@@ -75,11 +75,22 @@ class Checkpoint:
         if mode not in ("headers", "data"):
             raise ValueError(f"validate mode must be 'headers' or 'data', got {mode!r}")
         problems = self._spec_problems()
+        if problems and self._transformers_named():
+            raise CheckpointError(f"{self.model_dir} is a checkpoint in transformers' layout (tensors named "
+                                  "model.layers.*, as `dsv4 convert --to hf-bf16` writes them); dsv4 runs the "
+                                  "official DeepSeek-V4 layout and the dsv4 layout (`dsv4 convert --to dsv4`)",
+                                  "load this one with transformers (DeepseekV4ForCausalLM), and give dsv4 the "
+                                  "official checkpoint it was made from")
         if problems:
             raise CheckpointError(f"{self.model_dir} does not match its config: " + "; ".join(problems),
                                   _MISMATCH_HINT)
         if mode == "data":
             self.verify_data()
+
+    def _transformers_named(self) -> bool:
+        """Whether the tensors carry transformers' names (model.layers.*, lm_head) instead of the official ones."""
+        names = list(self._weight_map)
+        return bool(names) and sum(n.startswith(("model.", "lm_head.")) for n in names) > len(names) // 2
 
     def verify_data(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Read every tensor byte of every shard (plain reads); return the bytes read.
