@@ -526,6 +526,24 @@ def test_progress_bar_draws_on_a_terminal_only():
         update(100, 100)
 
 
+def test_progress_bar_starts_from_the_resumed_point_with_its_label(monkeypatch):
+    """A resumed run's first update is a starting point (reset), not a burst of speed that makes the time
+    left look like nothing; the bar carries the command's label."""
+    from rich import progress as rich_progress
+
+    calls = []
+    add_task = rich_progress.Progress.add_task
+    monkeypatch.setattr(rich_progress.Progress, "add_task",
+                        lambda self, label, **kw: calls.append(("task", label)) or add_task(self, label, **kw))
+    monkeypatch.setattr(rich_progress.Progress, "reset", lambda self, task, **kw: calls.append(("reset", kw)))
+    monkeypatch.setattr(rich_progress.Progress, "update", lambda self, task, **kw: calls.append(("update", kw)))
+    with progress_bar(True, "quantizing") as update:
+        update(600, 1000)
+        update(700, 1000)
+    assert calls == [("task", "quantizing"), ("reset", {"total": 1000, "completed": 600}),
+                     ("update", {"completed": 700, "total": 1000})]
+
+
 def test_register_is_idempotent():
     import typer
 

@@ -210,7 +210,12 @@ def quantized(tiny_checkpoint, tmp_path_factory):
     out = {}
     for name in RECIPES:
         result = quantize_checkpoint(tiny_checkpoint, root / name, load_recipe(name))
-        out[name] = (result, evaluate_quality(tiny_checkpoint, result.path, max_tokens=EVAL_TOKENS, seq_len=96))
+        steps: list[tuple[int, int]] = []
+        report = evaluate_quality(tiny_checkpoint, result.path, max_tokens=EVAL_TOKENS, seq_len=96,
+                                  progress=lambda done, total, steps=steps: steps.append((done, total)))
+        assert steps and steps[-1][0] == steps[-1][1] >= report.tokens  # window by window, then all done
+        assert [d for d, _ in steps] == sorted(d for d, _ in steps)
+        out[name] = (result, report)
     return out
 
 

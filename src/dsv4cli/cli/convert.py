@@ -16,8 +16,11 @@ from dsv4cli.units import parse_size
 TARGET_HELP = ("dsv4: runtime layout, experts packed per layer; fp8-experts: official format, FP4 experts -> FP8 "
                "(lossless); hf-bf16: dequantized BF16 for transformers.")
 @contextlib.contextmanager
-def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich bytes-done / total bar on stderr, or None when disabled (stderr not a terminal)."""
+def progress_bar(enabled: bool, label: str = "converting", unit: str = "bytes",
+                 ) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich done / total bar on stderr (`unit` "bytes": sizes and rate; else counts of it), labelled
+    `label`, or None when disabled (stderr not a terminal). The first update is the starting point: work
+    a resumed run finds already done does not count as speed, so the time left is that of what is left."""
     if not enabled:
         yield None
         return
@@ -25,18 +28,27 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    amounts = ((DownloadColumn(), TransferSpeedColumn()) if unit == "bytes"
+               else (MofNCompleteColumn(), TextColumn(unit)))
+    columns = (TextColumn(label), BarColumn(), *amounts, TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("convert", total=None)
+        task = bar.add_task(label, total=None)
+        started = False
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            nonlocal started
+            if not started:  # the starting point: no speed sample from 0 to what a resumed run found done
+                bar.reset(task, total=total, completed=done)
+                started = True
+            else:
+                bar.update(task, completed=done, total=total)
 
         yield update
 
@@ -69,5 +81,7 @@ def register(app: typer.Typer) -> None:
             path = convert_checkpoint(source, out, to, max_shard_bytes=max_bytes, force=force, progress=update)
         from dsv4cli.hub.registry import record_output
 
-        record_output(path, f"dsv4 convert --to {to}", str(source))
+        warning = record_output(path, f"dsv4 convert --to {to}", str(source))
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(str(path))

@@ -117,19 +117,22 @@ def register(app: typer.Typer) -> None:
                 if not as_json:
                     _say(f"calibrating on {calibration_text}")
                 matrix = _calibrate(src, calib, calibration_tokens)
-            with progress_bar(sys.stderr.isatty()) as update:
+            with progress_bar(sys.stderr.isatty() and not as_json, "quantizing") as update:
                 result = quantize_checkpoint(src, out, chosen, imatrix=matrix,
                                              boost_fraction=boost_layers if matrix is not None else 0.0,
                                              max_shard_bytes=max_bytes, force=force, progress=update)
             report["quantize"] = result.to_json()
             from dsv4cli.hub.registry import record_output
 
-            record_output(result.path, f"dsv4 quantize --recipe {recipe}", src)
+            warning = record_output(result.path, f"dsv4 quantize --recipe {recipe}", str(src))
+            if warning:
+                _say(f"warning: {warning}")
             if not as_json:
                 typer.echo(_summary(result))
         if evaluate or eval_only:
-            quality = evaluate_quality(src, out, text, seq_len=seq_len, max_tokens=eval_tokens,
-                                       text_name=str(eval_text) if eval_text else None)
+            with progress_bar(sys.stderr.isatty() and not as_json, "evaluating", unit="tokens") as update:
+                quality = evaluate_quality(src, out, text, seq_len=seq_len, max_tokens=eval_tokens,
+                                           text_name=str(eval_text) if eval_text else None, progress=update)
             report["quality"] = quality.to_json()
             if not as_json:
                 for line in _quality_lines(quality):

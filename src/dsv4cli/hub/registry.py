@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli import paths
-from dsv4cli.errors import UsageError
+from dsv4cli.errors import DsvError, UsageError
 from dsv4cli.fsutil import file_lock, write_json
 
 _ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -80,15 +80,21 @@ def remove_alias(name: str) -> None:
     _update(lambda data: data["aliases"].pop(name, None))
 
 
-def record_output(path: Path, made_by: str, source: str) -> None:
-    """Remember a checkpoint dsv4 wrote (the newest record of a path replaces older ones)."""
+def record_output(path: Path, made_by: str, source: str) -> str | None:
+    """Remember a checkpoint dsv4 wrote (the newest record of a path replaces older ones). The checkpoint
+    stands without it: a registry that cannot be written is returned as a warning, not raised."""
     entry = {"path": str(Path(path).absolute()), "made_by": made_by, "source": source,
              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
     def change(data: dict[str, Any]) -> None:
         data["outputs"] = [o for o in data["outputs"] if o["path"] != entry["path"]] + [entry]
 
-    _update(change)
+    try:
+        _update(change)
+    except (OSError, DsvError) as err:
+        detail = err.message if isinstance(err, DsvError) else str(err)
+        return f"{path} is written, but `dsv4 list` will not show it: {detail}"
+    return None
 
 
 def outputs() -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -85,9 +86,11 @@ def compare_logits(orig: torch.Tensor, quant: torch.Tensor, targets: torch.Tenso
 @torch.no_grad()
 def evaluate_quality(original: str | Path, quantized: str | Path, text: str | None = None, *,
                      seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int = DEFAULT_MAX_TOKENS,
-                     text_name: str | None = None) -> QualityReport:
+                     text_name: str | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> QualityReport:
     """Compare `quantized` against `original` (checkpoint directories) on `text` (default: the
-    packaged sample), at most `max_tokens` tokens in windows of `seq_len`."""
+    packaged sample), at most `max_tokens` tokens in windows of `seq_len`. `progress(done, total)`:
+    tokens compared so far, after each window (no printing here)."""
     from dsv4cli.runtime.open import open_model
 
     if seq_len < 2 or max_tokens < 2:
@@ -116,6 +119,8 @@ def evaluate_quality(original: str | Path, quantized: str | Path, text: str | No
             nlls_p.append(nll_p)
             nlls_q.append(nll_q)
             windows += 1
+            if progress is not None:
+                progress(min(start + seq_len, ids.numel()), ids.numel())
     kl_all = torch.cat(kls)
     return QualityReport(kl_mean=float(kl_all.mean()), kl_max=float(kl_all.max()),
                          top1_agreement=float(torch.cat(agrees).mean()),
