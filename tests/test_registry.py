@@ -52,5 +52,5 @@ def test_aliases_are_checked_and_stored(tmp_path):
 def test_a_corrupt_registry_is_a_clear_error(data_home):
     (data_home / "dsv4").mkdir(parents=True)
     (data_home / "dsv4" / "registry.json").write_text("{not json")
-    with pytest.raises(UsageError, match="registry .* is unreadable"):
+    with pytest.raises(UsageError, match=r"registry .* is unreadable"):
         registry.aliases()
