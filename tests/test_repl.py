@@ -4,6 +4,7 @@ and `dsv4 chat` end to end in a pseudo-terminal (real prompt_toolkit, demo model
 from __future__ import annotations
 
 import json
+import io
 import os
 import re
 import signal
@@ -556,9 +557,10 @@ def test_chat_end_to_end_in_a_terminal(demo_cache, tmp_path):
         term.expect_more(40)  # the answer is streaming
         time.sleep(0.5)
         child.sendintr()
-        term.expect("[interrupted]", timeout=30)  # the renderer's marker under the partial answer
-        term.expect("interrupted: partial answer kept")
+        term.expect("interrupted: partial answer kept", timeout=30)
         term.expect("non-think>")
+        reply = term.plain().rsplit("Write forever", 1)[1]
+        assert reply.count("interrupted") == 1 and "^C" not in reply  # one notice; no echo under the live region
         child.sendintr()
         term.expect("Ctrl-D or /exit to quit")
         term.expect("non-think>")  # the prompt is up (raw mode): Ctrl-D is a key, not the tty's EOF
@@ -571,9 +573,9 @@ def test_chat_end_to_end_in_a_terminal(demo_cache, tmp_path):
     assert "+/save t1" in history and "+Write forever" in history
 
 
-def test_thoughts_reopens_a_collapsed_trace():
+def test_trace_reopens_a_collapsed_trace():
     repl, session, renderer = make_repl()
-    run(repl, "/thoughts")
+    run(repl, "/trace")
     assert renderer.of("error") == ["no thinking trace in this conversation yet (think-high and think-max replies "
                                     "have one)"]
     session.messages = [{"role": "user", "content": "a"},
@@ -581,11 +583,32 @@ def test_thoughts_reopens_a_collapsed_trace():
                         {"role": "user", "content": "b"}, {"role": "assistant", "content": "y"},
                         {"role": "user", "content": "c"},
                         {"role": "assistant", "content": "z", "reasoning_content": "second trace"}]
-    run(repl, "/thoughts", "/thoughts 2", "/thoughts 3", "/thoughts x")
+    run(repl, "/trace", "/trace 2", "/trace 3", "/trace x")
     notices = renderer.of("notice")
     assert notices[-4:] == ["thinking trace 1 of 2 (newest first):", "second trace",
                             "thinking trace 2 of 2 (newest first):", "first trace"]
     assert renderer.of("error")[-2:] == ["there are 2 thinking traces, not 3 (give 1 (the newest) to 2)",
-                                         "/thoughts takes a number, got 'x' (1 is the newest trace, 2 the one before)"]
+                                         "/trace takes a number, got 'x' (1 is the newest trace, 2 the one before)"]
     run(repl, "/help")
-    assert any(line.startswith("/thoughts [N]") for line in renderer.of("notice"))
+    assert any(line.startswith("/trace [N]") for line in renderer.of("notice"))
+
+
+def test_quiet_terminal_stops_the_echo_while_a_reply_streams_and_restores_it():
+    import termios
+
+    from dsv4cli.ui.repl import quiet_terminal
+
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(slave, "r", closefd=False) as tty_in:
+            before = termios.tcgetattr(slave)[3]
+            assert before & termios.ECHO
+            with quiet_terminal(tty_in):
+                during = termios.tcgetattr(slave)[3]
+                assert not during & termios.ECHO and not during & termios.ECHOCTL
+            assert termios.tcgetattr(slave)[3] == before
+        with quiet_terminal(io.StringIO()):  # not a terminal: nothing to do
+            pass
+    finally:
+        os.close(master)
+        os.close(slave)

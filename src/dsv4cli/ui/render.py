@@ -692,8 +692,7 @@ class TtyRenderer:
                 self.console.print(_Lines(lines))  # the live render hook redraws the tail under them
 
     def _print_trailer(self, result: TurnResult) -> None:
-        if result.interrupted:
-            self.console.print(Text("[interrupted]", style="bold yellow"))
+        # an interrupted turn: the REPL says so once, and what became of the message
         for call in result.tool_calls:
             name, arguments = _tool_call_parts(call)
             self.console.print(Text.assemble(("tool call ", "dim"), (name, "bold cyan"), " ", arguments))

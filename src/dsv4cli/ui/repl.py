@@ -10,11 +10,13 @@ Any error in a command or a turn is one error line; the REPL and the conversatio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +88,7 @@ class Repl:
 
     def _turn(self, run) -> None:
         try:
-            with sigint_cancels(threading.Event()) as cancel:
+            with sigint_cancels(threading.Event()) as cancel, quiet_terminal():
                 result = run(cancel)
         finally:
             self.renderer.close()  # a turn that failed half way must not leave the live display running
@@ -94,6 +96,30 @@ class Repl:
             self.renderer.notice("interrupted: partial answer kept" if result.content else
                                  "interrupted before the answer began: the message was dropped")
         _warn(self.renderer, stopped_in_reasoning_warning(result))
+
+
+@contextlib.contextmanager
+def quiet_terminal(stream=None) -> Iterator[None]:
+    """While a reply streams, the terminal echoes neither ^C nor typed keys: either would shift the live
+    region under rich, whose redraw then printed the partial line a second time. Keys typed meanwhile
+    stay queued for the next prompt. A no-op where stdin is not a terminal."""
+    try:
+        import termios
+
+        fd = (stream or sys.stdin).fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError, AttributeError):
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def error_line(err: BaseException) -> str:
@@ -310,15 +336,15 @@ def _stats(repl: Repl, arg: str) -> None:
     repl.renderer.notice(format_stats(stats) if stats is not None else "no reply yet")
 
 
-def _thoughts(repl: Repl, arg: str) -> None:
-    """/thoughts [N]: the thinking trace of the newest reply that has one, or of the Nth newest such reply
+def _trace(repl: Repl, arg: str) -> None:
+    """/trace [N]: the thinking trace of the newest reply that has one, or of the Nth newest such reply
     (a collapsed "Thought for ..." line opens up again here)."""
     traces = [m["reasoning_content"] for m in repl.session.messages
               if m.get("role") == "assistant" and m.get("reasoning_content")]
     try:
         back = int(arg) if arg else 1
     except ValueError:
-        raise UsageError(f"/thoughts takes a number, got {arg!r}", "1 is the newest trace, 2 the one before") from None
+        raise UsageError(f"/trace takes a number, got {arg!r}", "1 is the newest trace, 2 the one before") from None
     if not traces:
         raise UsageError("no thinking trace in this conversation yet", "think-high and think-max replies have one")
     if not 1 <= back <= len(traces):
@@ -363,7 +389,7 @@ COMMANDS: dict[str, Command] = {
     "save": Command(_save, "/save NAME", "save the conversation (JSON)", saved_names),
     "load": Command(_load, "/load NAME", "load a saved conversation", saved_names),
     "stats": Command(_stats, "/stats", "speed and size of the last reply", takes_args=False),
-    "thoughts": Command(_thoughts, "/thoughts [N]", "show the last reply's thinking trace (N: the Nth newest)"),
+    "trace": Command(_trace, "/trace [N]", "show the last reply's thinking trace (N: the Nth newest)"),
     "help": Command(_help, "/help", "this list", takes_args=False),
     "exit": _EXIT,
     "bye": _EXIT,
