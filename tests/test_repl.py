@@ -3,8 +3,8 @@ and `dsv4 chat` end to end in a pseudo-terminal (real prompt_toolkit, demo model
 
 from __future__ import annotations
 
-import json
 import io
+import json
 import os
 import re
 import signal
