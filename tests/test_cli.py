@@ -322,3 +322,34 @@ def test_list_shows_the_checkpoints_convert_made(tmp_path):
     assert converted.returncode == 0, converted.stderr
     listing = dsv4("list", env=env).stdout
     assert "made here" in listing and "dsv4 convert --to dsv4" in listing and str(out) in listing
+
+
+def test_chat_piped_to_another_program_without_a_prompt_says_how(xdg):
+    """`dsv4 chat | cat` on a terminal: no REPL on a pipe, and the error says what to give instead."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dsv4cli", "chat"], stdin=slave, capture_output=True,
+                              timeout=120, env={**os.environ, **xdg})
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert "pass -p TEXT or pipe text on stdin; the REPL needs a terminal" in proc.stderr.decode()
+
+
+
+def test_a_download_wins_over_the_preset_of_that_name_and_info_says_which(monkeypatch, capsys, tiny_checkpoint):
+    """`dsv4 info flash`: the preset while nothing is downloaded, the download once there is one."""
+    from dsv4cli.runtime import resolve
+    from tests.conftest import run_cli
+
+    assert resolve.resolve_model("flash", weights=False).kind == resolve.PRESET
+    code, out, err = run_cli(capsys, "info", "flash")
+    assert code == 0 and "flash: preset (config only, no weights)" in out + err
+    monkeypatch.setattr(resolve, "_downloaded", lambda name: resolve.ModelRef(name, resolve.DOWNLOAD, tiny_checkpoint)
+                        if name == "flash" else None)
+    assert resolve.resolve_model("flash", weights=False).kind == resolve.DOWNLOAD
+    code, out, err = run_cli(capsys, "info", "flash")
+    assert code == 0 and f"flash: downloaded model at {tiny_checkpoint}" in " ".join((out + err).split())
