@@ -76,7 +76,8 @@ def find_log(log_id: str | None) -> LogEntry:
     """The conversation `log_id` (None: the newest); UsageError when there is none."""
     entries = list_logs()
     if not entries:
-        raise UsageError("no logged conversations yet", "chat first; `dsv4 chat --no-log` is the one that keeps none")
+        raise UsageError("no logged conversations yet",
+                         "chat first (every chat is logged unless {opt:no_log} is given)")
     if log_id is None:
         return entries[0]
     for entry in entries:

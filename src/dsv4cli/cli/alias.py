@@ -23,8 +23,12 @@ def set_command(
 ) -> None:
     """Make NAME stand for MODEL (replacing what it stood for)."""
     from dsv4cli.hub.registry import set_alias
+    from dsv4cli.runtime.resolve import DIRECTORY, resolve_model
 
-    typer.echo(f"{name} -> {set_alias(name, model)}")
+    ref = resolve_model(model, weights=True, aliases=False)  # a typo fails now, not at the next chat
+    target = str(ref.path.absolute()) if ref.kind == DIRECTORY else model
+    set_alias(name, target)
+    typer.echo(f"{name} -> {target}")
 
 
 @alias_app.command("rm")

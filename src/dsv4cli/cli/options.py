@@ -14,7 +14,7 @@ FLAG_NAMES = {
     "max_workers": "--max-workers", "include": "--include", "exclude": "--exclude", "synth": "--synth",
     "fill": "--fill",
     "layers": "--layers", "experts": "--experts", "plot": "--plot", "threads": "--threads", "eval_text": "--eval-text",
-    "to": "--to", "max_tokens": "--max-tokens",
+    "to": "--to", "max_tokens": "--max-tokens", "no_log": "--no-log", "draft": "--draft",
     "save_plan": "`dsv4 plan MODEL --save FILE`",
     "save_counts": "`dsv4 plan MODEL --profile TEXT_FILE --save-counts FILE`",
     "plan_on_cpu": "`dsv4 plan --device cpu`",

@@ -61,17 +61,12 @@ def alias_target(name: str) -> str | None:
     return _read()["aliases"].get(name)
 
 
-def set_alias(name: str, target: str) -> str:
-    """Make `name` stand for `target` (checked to resolve now; a path is stored absolute); returns it."""
-    from dsv4cli.runtime.resolve import resolve_model
-
+def set_alias(name: str, target: str) -> None:
+    """Make `name` stand for `target` (a MODEL the caller has checked resolves; a path given absolute)."""
     if not _ALIAS_NAME.fullmatch(name) or name in RESERVED:
         raise UsageError(f"{name!r} cannot be an alias",
                          "use letters, digits and . _ + - (up to 64), not demo or last")
-    ref = resolve_model(target, weights=True, aliases=False)
-    stored = str(ref.path.absolute()) if ref.kind == "directory" else target
-    _update(lambda data: data["aliases"].__setitem__(name, stored))
-    return stored
+    _update(lambda data: data["aliases"].__setitem__(name, target))
 
 
 def remove_alias(name: str) -> None:

@@ -77,8 +77,8 @@ class Checkpoint:
         problems = self._spec_problems()
         if problems and self._transformers_named():
             raise CheckpointError(f"{self.model_dir} is a checkpoint in transformers' layout (tensors named "
-                                  "model.layers.*, as `dsv4 convert --to hf-bf16` writes them); dsv4 runs the "
-                                  "official DeepSeek-V4 layout and the dsv4 layout (`dsv4 convert --to dsv4`)",
+                                  "model.layers.*, as dsv4's hf-bf16 export writes them); dsv4 runs the "
+                                  "official DeepSeek-V4 layout and its own dsv4 layout",
                                   "load this one with transformers (DeepseekV4ForCausalLM), and give dsv4 the "
                                   "official checkpoint it was made from")
         if problems:
