@@ -114,35 +114,19 @@ struct AmxTokens {
     std::vector<const uint16_t*> key;
     int64_t Kp = 0;
     int parts = 0;
-    uint16_t* words = nullptr;
-    size_t capacity = 0;  // words
-    AmxTokens() = default;
-    AmxTokens(const AmxTokens&) = delete;
-    AmxTokens& operator=(const AmxTokens&) = delete;
-    AmxTokens(AmxTokens&& o) noexcept
-        : key(std::move(o.key)), Kp(o.Kp), parts(o.parts), words(o.words), capacity(o.capacity) {
-        o.words = nullptr;
-        o.capacity = 0;
-    }
-    ~AmxTokens() { std::free(words); }
+    std::vector<uint16_t> words;  // tile loads and the packing need no alignment
 
     // The packed tiles of these tokens (packed now unless they are the last ones packed).
     const uint16_t* pack(const uint16_t* const* xs, int T, int64_t kp, int np) {
         if (kp == Kp && np == parts && key.size() == static_cast<size_t>(T) && std::equal(key.begin(), key.end(), xs))
-            return words;
+            return words.data();
         const size_t need = static_cast<size_t>((T + kAmxTokens - 1) / kAmxTokens) * kAmxTokens * np * kp;
-        if (need > capacity) {
-            std::free(words);
-            words = nullptr;
-            capacity = 0;
-            words = aligned_new<uint16_t>(need);
-            capacity = need;
-        }
-        amx_pack_tokens(xs, T, kp, np, words);
+        if (words.size() < need) words.resize(need);
+        amx_pack_tokens(xs, T, kp, np, words.data());
         key.assign(xs, xs + T);
         Kp = kp;
         parts = np;
-        return words;
+        return words.data();
     }
 };
 
@@ -276,5 +260,57 @@ struct Panel {
 #endif
     }
 };
+
+// Tokens per weight row from which rows take a panel GEMM: `amx` on the tile unit, `other` elsewhere.
+inline int panel_threshold(int amx, int other) {
+#if DSV4_AMX
+    if (amx_ready()) return amx;
+#else
+    (void)amx;
+#endif
+    return other;
+}
+
+#if DSV4_AMX
+// The panel GEMM of every format on the tile unit: rows [r0, r1) of a weight, kAmxRows at a time, against
+// T tokens (prepared rows xs: `parts` copies of Kp words): y[t][r - r0]. For each 4-row group of a panel,
+// exact(row, n) says whether its scales fold (or split) exactly into bf16 words; such a group is written
+// into the WP stacked panels by decode(row, n, dst, stride, c0, c1) (chunks [c0, c1); dst: the group's
+// first row in the first panel, the next panel kAmxRows * stride words on). The other groups are zero in
+// the panel and afterwards take one_row(row, yoff) each: the on-the-fly tiles, exact for any scale.
+template <int WP, class Exact, class Decode, class OneRow>
+void amx_panel_rows(int64_t Kp, int64_t r0, int64_t r1, int parts, const uint16_t* const* xs, int T,
+                    float* const* y, Panel& scratch, Exact exact, Decode decode, OneRow one_row) {
+    const uint16_t* packed = scratch.tokens.pack(xs, T, Kp, parts);
+    uint16_t* panel = scratch.w.get();
+    const int64_t stride = amx_stride(Kp);
+    constexpr int kGroups = kAmxRows / kPanelRows;
+    amx_configure();
+    for (int64_t r = r0; r < r1; r += kAmxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - r));
+        unsigned decoded = 0, fallback = 0;  // bit g: group g (rows 4g .. 4g + 3) is / is not in the panel
+        for (int g = 0; g < kGroups; ++g) {
+            const int first = g * kPanelRows, n = std::max(0, std::min(kPanelRows, rows - first));
+            if (n > 0 && exact(r + first, n)) {
+                decoded |= 1u << g;
+                continue;
+            }
+            for (int p = 0; p < WP; ++p)
+                std::memset(panel + (p * kAmxRows + first) * stride, 0, static_cast<size_t>(kPanelRows * stride) * 2);
+            if (n > 0) fallback |= 1u << g;
+        }
+        amx_gemm_panel<WP>(panel, Kp, rows, packed, parts, T, y, r - r0, [&](int64_t c0, int64_t c1) {
+            for (int g = 0; g < kGroups; ++g)
+                if (decoded & (1u << g))
+                    decode(r + g * kPanelRows, std::min(kPanelRows, rows - g * kPanelRows),
+                           panel + g * kPanelRows * stride, stride, c0, c1);
+        });
+        for (int g = 0; g < kGroups; ++g)
+            if (fallback & (1u << g))
+                for (int i = g * kPanelRows; i < std::min(rows, (g + 1) * kPanelRows); ++i) one_row(r + i, r - r0 + i);
+    }
+    _tile_release();
+}
+#endif
 
 }  // namespace

@@ -438,54 +438,21 @@ inline double bytes_per_weight(int fmt) { return static_cast<double>(row_bytes(f
 #endif
 
 // Tokens per weight row from which FP4 rows take the panel GEMM on this CPU.
-inline int fp4_gemm_min() {
-#if DSV4_AMX
-    if (amx_ready()) return FP4_AMX_MIN;
-#endif
-    return FP4_GEMM_MIN;
-}
+inline int fp4_gemm_min() { return panel_threshold(FP4_AMX_MIN, FP4_GEMM_MIN); }
 
 #if DSV4_PATH_BF16
 #if DSV4_AMX
-// fp4_gemm_rows on the tile unit: panels of kAmxRows rows over the whole K (amx_tiles.h). The
-// 4-row groups whose scales do not fold are zero in the panel and run the on-the-fly tiles after.
+// fp4_gemm_rows on the tile unit (amx_panel_rows): rows whose scales fold are decoded into 32-row panels,
+// prefetching the same chunk of the next panel's rows; the others run the on-the-fly tiles.
 void fp4_amx_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, int64_t r1, int parts,
                   const XT* const* xs, int T, float* const* y, Panel& panel) {
-    const int64_t Kp = padded(K);
-    const uint16_t* packed = panel.tokens.pack(xs, T, Kp, parts);
-    uint16_t* pw = panel.w.get();
-    const int64_t stride = amx_stride(Kp);
-    amx_configure();
-    for (int64_t r = r0; r < r1; r += kAmxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - r));
-        unsigned folded = 0, unfolded = 0;  // bit g: group g (rows 4g .. 4g + 3) is / is not folded
-        for (int g = 0; g < kAmxRows / kPanelRows; ++g) {
-            const int first = g * kPanelRows, n = std::max(0, std::min(kPanelRows, rows - first));
-            if (n > 0 && fp4_foldable(S, K, r + first, n)) {
-                folded |= 1u << g;
-            } else {
-                std::memset(pw + first * stride, 0, static_cast<size_t>(kPanelRows * stride) * 2);
-                if (n > 0) unfolded |= 1u << g;
-            }
-        }
-        amx_gemm_panel(pw, Kp, rows, packed, parts, T, y, r - r0, [&](int64_t c0, int64_t c1) {
-#ifdef AMX_PF
-            const int64_t ahead = T <= 2 * kAmxTokens ? 64 * kAmxChunks * AMX_PF : kAmxRows * (K / 2);
-#else
-            const int64_t ahead = kAmxRows * (K / 2);
-#endif
-            for (int g = 0; g < kAmxRows / kPanelRows; ++g)
-                if (folded & (1u << g))
-                    fp4_panel(W, S, K, r + g * kPanelRows, std::min(kPanelRows, rows - g * kPanelRows),
-                              pw + g * kPanelRows * stride, stride, c0, c1, ahead);
-        });
-        for (int g = 0; unfolded != 0; ++g, unfolded >>= 1) {
-            if (!(unfolded & 1u)) continue;
-            const int first = g * kPanelRows, n = std::min(kPanelRows, rows - first);
-            for (int i = 0; i < n; ++i) gemv_rows_r<1>(W, S, K, r + first + i, parts, xs, T, y, r - r0 + first + i);
-        }
-    }
-    _tile_release();
+    amx_panel_rows<1>(
+        padded(K), r0, r1, parts, xs, T, y, panel,
+        [&](int64_t row, int n) { return fp4_foldable(S, K, row, n); },
+        [&](int64_t row, int n, uint16_t* dst, int64_t stride, int64_t c0, int64_t c1) {
+            fp4_panel(W, S, K, row, n, dst, stride, c0, c1, kAmxRows * (K / 2));
+        },
+        [&](int64_t row, int64_t yoff) { gemv_rows_r<1>(W, S, K, row, parts, xs, T, y, yoff); });
 }
 #endif
 
@@ -525,11 +492,7 @@ void fp4_gemm_rows(const uint8_t* W, const uint8_t* S, int64_t K, int64_t r0, in
 // Tokens per weight row from which rows of format fmt take a panel GEMM on this CPU (a huge
 // number: never; int3 / int2 only on the AMX tile unit).
 inline int panel_min(int fmt) {
-    if (fmt == kFmtFp4) return fp4_gemm_min();
-#if DSV4_AMX
-    if (amx_ready()) return LOWBIT_AMX_MIN;
-#endif
-    return 1 << 30;
+    return fmt == kFmtFp4 ? fp4_gemm_min() : panel_threshold(LOWBIT_AMX_MIN, 1 << 30);
 }
 
 // Rows [r0, r1) of W (format fmt, K inputs) against T tokens: y[t][r - r0]. With a panel and at

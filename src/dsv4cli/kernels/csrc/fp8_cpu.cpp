@@ -248,12 +248,7 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
 #define FP8_AMX_MIN 4  // the same on the AMX tile unit (Sapphire Rapids: the two tie at 4 tokens)
 #endif
 // Tokens from which the rows take the panel GEMM on this CPU.
-inline int gemm_min_tokens() {
-#if DSV4_AMX
-    if (amx_ready()) return FP8_AMX_MIN;
-#endif
-    return FP8_GEMM_MIN;
-}
+inline int gemm_min_tokens() { return panel_threshold(FP8_AMX_MIN, FP8_GEMM_MIN); }
 constexpr bool kHasGemm = true;
 constexpr int kGR = kPanelRows;
 
@@ -296,40 +291,29 @@ inline void decode_panel(const uint8_t* w, const int16_t* se, int64_t SK, int64_
     }
 }
 
-// Rows [r0, r1) against T tokens through the panel GEMM, K block by K block (gemm_k_blocks).
-// se == nullptr: bf16 weights, read in place (K % 32 == 0) or through a zero-padded panel copy.
 #if DSV4_AMX
-// gemm_rows on the tile unit: panels of kAmxRows rows over the whole K (amx_tiles.h).
+// gemm_rows on the tile unit (amx_panel_rows): every row's scales fold (checked per call), so every
+// 4-row group is decoded (bf16 weights: copied) into the 32-row panels.
 void amx_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
               const XT* const* xs, int T, float* const* y, Panel& scratch) {
-    const int64_t Kp = padded8(K);
-    const uint16_t* packed = scratch.tokens.pack(xs, T, Kp, parts);
     const uint16_t* wb = reinterpret_cast<const uint16_t*>(W);
-    uint16_t* panel = scratch.w.get();
-    const int64_t stride = amx_stride(Kp);
-    amx_configure();
-    for (int64_t r = r0; r < r1; r += kAmxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - r));
-        amx_gemm_panel(panel, Kp, rows, packed, parts, T, y, r - r0, [&](int64_t c0, int64_t c1) {
-            for (int g = 0; g < kAmxRows; g += kGR) {
-                const int n = std::max(0, std::min(kGR, rows - g));
-                uint16_t* dst = panel + g * stride;
-                if (se != nullptr) {
-                    decode_panel(W, se, SK, K, r + g, n, dst, stride, c0, c1);
-                    continue;
-                }
-                const int64_t a = kBlk * c0, b = kBlk * c1, e = std::min(K, b);
-                for (int i = 0; i < kGR; ++i) {
-                    std::memset(dst + i * stride + a, 0, static_cast<size_t>(b - a) * 2);
-                    if (i < n && e > a)
-                        std::memcpy(dst + i * stride + a, wb + (r + g + i) * K + a, static_cast<size_t>(e - a) * 2);
-                }
+    amx_panel_rows<1>(
+        padded8(K), r0, r1, parts, xs, T, y, scratch, [](int64_t, int) { return true; },
+        [&](int64_t row, int n, uint16_t* dst, int64_t stride, int64_t c0, int64_t c1) {
+            if (se != nullptr) return decode_panel(W, se, SK, K, row, n, dst, stride, c0, c1);
+            const int64_t a = kBlk * c0, b = kBlk * c1, e = std::min(K, b);
+            for (int i = 0; i < kGR; ++i) {
+                std::memset(dst + i * stride + a, 0, static_cast<size_t>(b - a) * 2);
+                if (i < n && e > a)
+                    std::memcpy(dst + i * stride + a, wb + (row + i) * K + a, static_cast<size_t>(e - a) * 2);
             }
-        });
-    }
-    _tile_release();
+        },
+        [](int64_t, int64_t) {});
 }
 #endif
+
+// Rows [r0, r1) against T tokens through the panel GEMM, K block by K block (gemm_k_blocks).
+// se == nullptr: bf16 weights, read in place (K % 32 == 0) or through a zero-padded panel copy.
 
 void gemm_rows(const uint8_t* W, const int16_t* se, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
                const XT* const* xs, int T, float* const* y, Panel& scratch) {

@@ -381,44 +381,20 @@ void lowbit_rows(const uint8_t* W, const uint16_t* S, int64_t K, int64_t r0, int
 }
 
 #if DSV4_AMX
-// Rows [r0, r1) against T tokens on the AMX tile unit: y[t][r - r0]. Each 32-row panel is decoded
-// into hi and lo words (lowbit_panel) and both meet the same packed tokens (amx_gemm_panel<2>);
-// 4-row groups with scales that do not split are zero there and take the on-the-fly tiles after.
+// Rows [r0, r1) against T tokens on the AMX tile unit (amx_panel_rows): y[t][r - r0]. Each 32-row panel is
+// decoded into hi and lo words (lowbit_panel) and both meet the same packed tokens; 4-row groups with
+// scales that do not split take the on-the-fly tiles.
 template <int B>
 void lowbit_amx_rows(const uint8_t* W, const uint16_t* S, int64_t K, int64_t r0, int64_t r1, int parts,
                      const XT* const* xs, int T, float* const* y, Panel& panel) {
-    const int64_t Kp = padded(K), stride = amx_stride(Kp), rb = K / 32 * lb_block_bytes<B>();
-    const uint16_t* packed = panel.tokens.pack(xs, T, Kp, parts);
-    uint16_t* hi = panel.w.get();
-    uint16_t* lo = hi + kAmxRows * stride;
-    amx_configure();
-    for (int64_t r = r0; r < r1; r += kAmxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - r));
-        unsigned split = 0, unsplit = 0;  // bit g: group g (rows 4g .. 4g + 3) is / is not split
-        for (int g = 0; g < kAmxRows / kPanelRows; ++g) {
-            const int first = g * kPanelRows, n = std::max(0, std::min(kPanelRows, rows - first));
-            if (n > 0 && lowbit_splittable(S, K, r + first, n)) {
-                split |= 1u << g;
-            } else {
-                std::memset(hi + first * stride, 0, static_cast<size_t>(kPanelRows * stride) * 2);
-                std::memset(lo + first * stride, 0, static_cast<size_t>(kPanelRows * stride) * 2);
-                if (n > 0) unsplit |= 1u << g;
-            }
-        }
-        amx_gemm_panel<2>(hi, Kp, rows, packed, parts, T, y, r - r0, [&](int64_t c0, int64_t c1) {
-            for (int g = 0; g < kAmxRows / kPanelRows; ++g)
-                if (split & (1u << g))
-                    lowbit_panel<B>(W, S, K, r + g * kPanelRows, std::min(kPanelRows, rows - g * kPanelRows),
-                                    hi + g * kPanelRows * stride, lo + g * kPanelRows * stride, stride, c0, c1,
-                                    kAmxRows * rb);
-        });
-        for (int g = 0; unsplit != 0; ++g, unsplit >>= 1) {
-            if (!(unsplit & 1u)) continue;
-            const int first = g * kPanelRows, n = std::min(kPanelRows, rows - first);
-            for (int i = 0; i < n; ++i) lowbit_rows_r<B, 1>(W, S, K, r + first + i, parts, xs, T, y, r - r0 + first + i);
-        }
-    }
-    _tile_release();
+    const int64_t rb = K / 32 * lb_block_bytes<B>();
+    amx_panel_rows<2>(
+        padded(K), r0, r1, parts, xs, T, y, panel,
+        [&](int64_t row, int n) { return lowbit_splittable(S, K, row, n); },
+        [&](int64_t row, int n, uint16_t* hi, int64_t stride, int64_t c0, int64_t c1) {
+            lowbit_panel<B>(W, S, K, row, n, hi, hi + kAmxRows * stride, stride, c0, c1, kAmxRows * rb);
+        },
+        [&](int64_t row, int64_t yoff) { lowbit_rows_r<B, 1>(W, S, K, row, parts, xs, T, y, yoff); });
 }
 #endif
 
