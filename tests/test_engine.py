@@ -176,3 +176,41 @@ def test_prefill_progress_reports_each_chunk_of_a_long_prompt(model):
     calls.clear()
     run(engine, prompt_of(6, seed=1), max_tokens=1, prefill_progress=lambda done, total: calls.append((done, total)))
     assert calls == []  # one chunk: nothing to report
+
+
+def test_a_prompt_cache_budget_keeps_several_conversations_reusable(model):
+    """A server's engine: conversation A, then B, then A again resumes A's prefix (its pools were copied, B
+    rewrote the live ones), and the answer is what a fresh engine gives; the shared-pool engine of a chat
+    has to start A over."""
+    a, b = prompt_of(150, seed=1), prompt_of(140, seed=2)
+    a_next = [*a, *prompt_of(20, seed=3)]
+    served = Engine(model, max_context=256, prefill_chunk=32, prompt_cache_bytes=1 << 30)
+    chat = Engine(model, max_context=256, prefill_chunk=32)
+    for engine in (served, chat):
+        run(engine, a, sampling=GREEDY, max_tokens=3)
+        run(engine, b, sampling=GREEDY, max_tokens=3)
+    events, stats = run(served, a_next, sampling=GREEDY, max_tokens=6)
+    assert stats.cached_tokens == len(a) and ids(events) == greedy_reference(model, a_next, 6)
+    assert served.cached_prefixes == 6 and served.prompt_cache_used_bytes > 0
+    events, stats = run(chat, a_next, sampling=GREEDY, max_tokens=6)
+    assert stats.cached_tokens == 0 and ids(events) == greedy_reference(model, a_next, 6)
+
+
+def test_the_prompt_cache_evicts_the_least_recently_used_prefixes_within_its_budget(model):
+    a, b = prompt_of(150, seed=1), prompt_of(140, seed=2)
+    probe = Engine(model, max_context=256, prefill_chunk=32, prompt_cache_bytes=1 << 30)
+    run(probe, a, sampling=GREEDY, max_tokens=1)
+    one_conversation = probe.prompt_cache_used_bytes  # its two snapshots (the prompt and the prompt less one)
+    engine = Engine(model, max_context=256, prefill_chunk=32, prompt_cache_bytes=one_conversation + 1024)
+    run(engine, a, sampling=GREEDY, max_tokens=1)
+    run(engine, b, sampling=GREEDY, max_tokens=1)
+    assert engine.prompt_cache_used_bytes <= one_conversation + 1024 and engine.evicted_prefixes >= 2
+    _, stats = run(engine, [*a, 7, 8], sampling=GREEDY, max_tokens=1)
+    assert stats.cached_tokens == 0  # A was evicted: B was used last
+    _, stats = run(engine, [*b, 7, 8], sampling=GREEDY, max_tokens=1)
+    assert stats.cached_tokens == 0  # ... and A's new prompt then pushed B out
+    nothing = Engine(model, max_context=256, prefill_chunk=32, prompt_cache_bytes=0)
+    run(nothing, a, sampling=GREEDY, max_tokens=1)
+    assert nothing.cached_prefixes == 0
+    with pytest.raises(UsageError, match="at least 0 bytes"):
+        Engine(model, max_context=256, prompt_cache_bytes=-1)

@@ -19,19 +19,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dsv4cli.chat.detok import StreamingDetokenizer
-from dsv4cli.chat.encoding import (
-    CONTENT_CHANNEL,
-    MIN_CONTEXT_THINK_MAX,
-    REASONING_CHANNEL,
-    OutputDelta,
-    StreamingOutputParser,
-    ThinkMode,
-    encode_messages,
-    prompt_opens_reasoning,
-)
-from dsv4cli.chat.stops import StopMatcher
+from dsv4cli.chat.encoding import MIN_CONTEXT_THINK_MAX, ThinkMode, encode_messages, prompt_opens_reasoning
 from dsv4cli.chat.tokenizer import Tokenizer, replace_lone_surrogates
+from dsv4cli.chat.turn import run_turn
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import GenerationStats, TurnResult
 from dsv4cli.engine.sampling import SamplingParams
@@ -141,43 +131,13 @@ class ChatSession:
 
     def _respond(self, renderer, cancel: threading.Event | None, sampling: SamplingParams) -> TurnResult:
         prompt = self.prompt_text()
-        thinking = prompt_opens_reasoning(prompt)
-        special = self.tokenizer.special
-        detok = StreamingDetokenizer(self.tokenizer)
-        parser = StreamingOutputParser(think_end_id=special.think_end, eos_id=special.eos, thinking=thinking)
         renderer.begin_turn(mode_label(self.settings.mode))
-        stats = GenerationStats()
-        stops, halt = StopMatcher(self.settings.stop), threading.Event()
-        events = self.engine.generate(
-            self.tokenizer.encode(prompt), sampling, self.settings.max_tokens, stop=[special.eos],
-            cancel=cancel, reasoning=thinking, think_end_id=special.think_end,
-            reasoning_budget=self.settings.reasoning_budget if thinking else None, halt=halt,
-            prefill_progress=getattr(renderer, "prefill", None))
-        shown: list[str] = []  # the answer as shown: up to a stop sequence
-        for event in events:
-            if isinstance(event, GenerationStats):
-                stats = event
-                break
-            _route(parser.feed(event.token_id, detok.add_token(event.token_id)), renderer, stops, shown)
-            if stops.stopped:
-                halt.set()
-        tail = detok.finalize()
-        if tail and not parser.done:
-            _route(parser.feed(-1, tail), renderer, stops, shown)
-        _route(parser.flush(), renderer, stops, shown)
-        if not stops.stopped:
-            _route([OutputDelta(CONTENT_CHANNEL, stops.flush())], renderer, None, shown)
-        in_reasoning = parser.channel == REASONING_CHANNEL
-        parsed = parser.finish()
-        if stops.stopped:
-            parsed = replace(parsed, content="".join(shown), tool_calls=[])
-        interrupted = stats.finish_reason == "cancelled"
-        result = TurnResult(content=parsed.content, reasoning=parsed.reasoning_content,
-                            tool_calls=parsed.tool_calls, malformed=parsed.malformed and stats.finish_reason == "stop",
-                            problems=parsed.problems, interrupted=interrupted,
-                            stopped_in_reasoning=in_reasoning and stats.finish_reason == "length", stats=stats)
+        result = run_turn(self.engine, self.tokenizer, self.tokenizer.encode(prompt), renderer,
+                          thinking=prompt_opens_reasoning(prompt), sampling=sampling,
+                          max_tokens=self.settings.max_tokens, reasoning_budget=self.settings.reasoning_budget,
+                          stop=self.settings.stop, cancel=cancel, prefill_progress=getattr(renderer, "prefill", None))
         self._record(result)
-        self.last_stats = stats
+        self.last_stats = result.stats
         renderer.end_turn(result)
         if self.log_path is not None and self.messages:
             try:
@@ -309,17 +269,3 @@ def _shorten(text: str) -> str:
 
 def _for_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in m.items() if k not in _TRANSCRIPT_ONLY_KEYS} for m in messages]
-
-
-def _route(deltas, renderer, stops: StopMatcher | None = None, shown: list[str] | None = None) -> None:
-    """Show the parser's deltas: the trace as it comes, the answer through the stop sequences (if any),
-    appending what is shown of it to `shown`."""
-    for delta in deltas:
-        if delta.channel == REASONING_CHANNEL:
-            renderer.reasoning(delta.text)
-            continue
-        text = delta.text if stops is None else stops.feed(delta.text)[0]
-        if text:
-            renderer.content(text)
-            if shown is not None:
-                shown.append(text)

@@ -31,16 +31,18 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]):
         self.stops = check_stops(stops)
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the answer
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         if self.stopped or not self.stops:
             return ("" if self.stopped else text), self.stopped
         buffer = self._held + text
-        hits = [(i + len(s), i) for s in self.stops if (i := buffer.find(s)) >= 0]
+        hits = [(i + len(s), i, s) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:  # the stop string completed first (as the text streams) ends the answer
+            _, start, self.matched = min(hits)
             self.stopped, self._held = True, ""
-            return buffer[:min(hits)[1]], True
+            return buffer[:start], True
         keep = self._open_prefix(buffer)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep], False

@@ -9,6 +9,9 @@ position. The engine therefore keeps snapshots at safe boundaries (the end of ea
 prompt, and the token before it, where the next turn's encoding usually diverges once
 earlier reasoning is dropped) and resumes from the longest snapshot that is a prefix of
 the new prompt; `GenerationStats.cached_tokens` says how many tokens were reused.
+A chat keeps one conversation, and its snapshots share the live cache's pools. A server passes
+`prompt_cache_bytes`: its snapshots then copy the pools too, so the prefixes of several
+conversations stay reusable, and the least recently used ones are evicted to stay within that budget.
 
 Failures. A context whose cache cannot fit in memory is refused before anything is allocated
 (`ContextTooLarge`); a prompt longer than the context raises `ContextFull`; non-finite logits (NaN/Inf
@@ -37,7 +40,8 @@ from dsv4cli.model.transformer import Transformer
 from dsv4cli.runtime.options import available_ram_bytes
 from dsv4cli.units import human_bytes
 
-MAX_SNAPSHOTS = 8
+MAX_SNAPSHOTS = 8  # snapshots of one conversation (shared pools)
+MAX_CACHED_PREFIXES = 64  # self-contained snapshots under a memory budget (a server's prompt cache)
 
 
 class ContextFull(UsageError):
@@ -91,9 +95,11 @@ class _Snapshot:
 
 class Engine:
     """`draft`: MTP draft tokens per decode step (0: plain decoding; 1..MAX_DRAFT need a model built
-    with its MTP layer; see `speculative`)."""
+    with its MTP layer; see `speculative`). `prompt_cache_bytes`: keep self-contained prompt snapshots of
+    several conversations within this many bytes, least recently used evicted first (None: one conversation)."""
 
-    def __init__(self, model: Transformer, max_context: int = 4096, prefill_chunk: int = 256, draft: int = 0):
+    def __init__(self, model: Transformer, max_context: int = 4096, prefill_chunk: int = 256, draft: int = 0,
+                 prompt_cache_bytes: int | None = None):
         if max_context < 2:
             raise UsageError(f"context size must be at least 2 tokens, got {max_context}")
         longest = model.args.max_position_embeddings
@@ -105,8 +111,12 @@ class Engine:
         if draft and not model.mtp:
             raise UsageError("drafting needs the checkpoint's MTP layer, and this model was loaded without one",
                              "load the model with its MTP layer, or decode without drafts")
+        if prompt_cache_bytes is not None and prompt_cache_bytes < 0:
+            raise UsageError(f"the prompt cache budget must be at least 0 bytes, got {prompt_cache_bytes}")
         check_cache_fits(model, max_context)
         self.model = model
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.evicted_prefixes = 0  # self-contained snapshots evicted to stay within the budget
         self.draft = draft
         #: the trunk's streams at the last position fed (drafting only): the MTP layer's input for the token after
         self._last_stream: torch.Tensor | None = None
@@ -119,10 +129,22 @@ class Engine:
     # ------------------------------------------------------------ prompt cache
     def reset(self) -> None:
         """Forget all context (e.g. `/clear`)."""
+        self._reset_live()
+        self._snapshots = []
+
+    def _reset_live(self) -> None:
         self.cache.reset()
         self.cached_ids = []
-        self._snapshots = []
         self._last_stream = None
+
+    @property
+    def prompt_cache_used_bytes(self) -> int:
+        """Bytes the kept prompt snapshots hold."""
+        return sum(snap.state.nbytes for snap in self._snapshots)
+
+    @property
+    def cached_prefixes(self) -> int:
+        return len(self._snapshots)
 
     def _reuse(self, prompt: list[int]) -> int:
         """Bring the cache to the longest reusable prefix of `prompt`; return its length."""
@@ -135,21 +157,38 @@ class Engine:
             if k < len(prompt) and tuple(prompt[:k]) == snap.ids and (best is None or k > len(best.ids)):
                 best = snap
         if best is None:
-            self.reset()
+            if self.prompt_cache_bytes is None:
+                self.reset()
+            else:
+                self._reset_live()
             return 0
         self.cache.restore(best.state)
         self.cached_ids = list(best.ids)
         self._last_stream = best.last_stream
-        self._snapshots = [s for s in self._snapshots if len(s.ids) <= len(best.ids)]
+        if self.prompt_cache_bytes is None:  # shared pools: the snapshots past it are overwritten from here on
+            self._snapshots = [s for s in self._snapshots if len(s.ids) <= len(best.ids)]
+        else:  # most recently used last
+            self._snapshots.remove(best)
+            self._snapshots.append(best)
         return len(best.ids)
 
     def _take_snapshot(self) -> None:
         ids = tuple(self.cached_ids)
-        if any(s.ids == ids for s in self._snapshots):
+        for snap in self._snapshots:
+            if snap.ids == ids:
+                self._snapshots.remove(snap)
+                self._snapshots.append(snap)
+                return
+        budget = self.prompt_cache_bytes
+        self._snapshots.append(_Snapshot(ids, self.cache.snapshot(pools=budget is not None), self._last_stream))
+        if budget is None:
+            if len(self._snapshots) > MAX_SNAPSHOTS:
+                self._snapshots.pop(0)
             return
-        self._snapshots.append(_Snapshot(ids, self.cache.snapshot(), self._last_stream))
-        if len(self._snapshots) > MAX_SNAPSHOTS:
-            self._snapshots.pop(0)
+        used = self.prompt_cache_used_bytes
+        while self._snapshots and (used > budget or len(self._snapshots) > MAX_CACHED_PREFIXES):
+            used -= self._snapshots.pop(0).state.nbytes
+            self.evicted_prefixes += 1
 
     # --------------------------------------------------------------- forward
     @torch.inference_mode()

@@ -74,4 +74,5 @@ class TurnResult:
     problems: list[str] = field(default_factory=list)
     interrupted: bool = False
     stopped_in_reasoning: bool = False  # the token limit ended the reply inside the thinking trace: no answer
+    stop_sequence: str | None = None  # the stop string that ended the answer (not part of it)
     stats: GenerationStats = field(default_factory=GenerationStats)

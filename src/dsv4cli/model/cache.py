@@ -175,10 +175,12 @@ class CacheSnapshot:
     pos: int
     mtp_pos: int
     tensors: list[torch.Tensor]
+    #: the pools' filled rows too (a self-contained snapshot, `ModelCache.snapshot(pools=True)`); None: shared
+    pools: list[torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors + (self.pools or []))
 
 
 @dataclass
@@ -211,15 +213,30 @@ class ModelCache:
     def _running_state(self) -> list[torch.Tensor]:
         return [t for layer in self.layers + self.mtp for t in layer.running_state()]
 
-    def snapshot(self) -> CacheSnapshot:
-        """Copy what later tokens overwrite, so decoding can resume from `pos` later."""
-        return CacheSnapshot(self.pos, self.mtp_pos, [t.clone() for t in self._running_state()])
+    def _filled_pools(self, pos: int, mtp_pos: int) -> list[torch.Tensor]:
+        """Views of every pool's rows written by the first `pos` tokens (`mtp_pos` for the MTP layers)."""
+        views = []
+        for layers, upto in ((self.layers, pos), (self.mtp, mtp_pos)):
+            for layer in layers:
+                views += [comp.pool[:, :upto // comp.ratio] for comp in (layer.compressor, layer.indexer)
+                          if comp is not None]
+        return views
+
+    def snapshot(self, pools: bool = False) -> CacheSnapshot:
+        """Copy what later tokens overwrite, so decoding can resume from `pos` later. `pools`: copy the pools'
+        filled rows as well, so the snapshot stays valid whatever the cache holds later (a prompt cache of
+        several conversations); otherwise it shares them with the live cache."""
+        filled = [t.clone() for t in self._filled_pools(self.pos, self.mtp_pos)] if pools else None
+        return CacheSnapshot(self.pos, self.mtp_pos, [t.clone() for t in self._running_state()], filled)
 
     def restore(self, snap: CacheSnapshot) -> None:
-        """Go back to a snapshot taken on this cache. Snapshots taken after it (at a larger
-        position, in the abandoned timeline) become invalid: later tokens rewrite their pool entries."""
+        """Go back to a snapshot taken on this cache. Shared snapshots taken after it (at a larger position,
+        in the abandoned timeline) become invalid: later tokens rewrite their pool entries."""
         for live, saved in zip(self._running_state(), snap.tensors, strict=True):
             live.copy_(saved)
+        if snap.pools is not None:
+            for live, saved in zip(self._filled_pools(snap.pos, snap.mtp_pos), snap.pools, strict=True):
+                live.copy_(saved)
         self.pos, self.mtp_pos = snap.pos, snap.mtp_pos
 
     def snapshot_mtp(self) -> CacheSnapshot:
