@@ -46,6 +46,7 @@ def _register_commands() -> None:
     from dsv4cli.cli import logs as cli_logs
     from dsv4cli.cli import plan as cli_plan
     from dsv4cli.cli import quantize as cli_quantize
+    from dsv4cli.cli import serve as cli_serve
 
     cli_info.register(app)
     cli_chat.register(app)
@@ -56,6 +57,7 @@ def _register_commands() -> None:
     cli_quantize.register(app)
     cli_logs.register(app)
     cli_alias.register(app)
+    cli_serve.register(app)
 
 
 _register_commands()
