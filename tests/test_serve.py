@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import anthropic
 import openai
+import pexpect
 import pytest
 
 from dsv4cli.chat.encoding import DSML, EOS, THINK_END
@@ -416,3 +424,99 @@ def test_other_bad_requests_and_the_server_answers_afterwards(server):
     assert status == 404 and reply["error"]["code"] == "model_not_found"
     reply = openai_client(server).chat.completions.create(model="demo", messages=QUESTION)
     assert "843" in reply.choices[0].message.content
+
+
+# ------------------------------------------------------------------------- the commands themselves
+DSV4 = Path(sys.executable).with_name("dsv4")
+
+
+def test_chat_api_one_shot_against_the_server(server, tmp_path):
+    env = {**os.environ, "NO_COLOR": "1"}
+    done = subprocess.run([str(DSV4), "chat", "--api", server.url, "-p", "What is 487 + 356?", "--json"],
+                          capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert "843" in reply["content"] and reply["reasoning"] and reply["usage"]["prompt_tokens"] > 0
+    assert reply["mode"] == "think-high" and reply["model"] == "demo"
+    done = subprocess.run([str(DSV4), "chat", "--api", server.url + "/v1", "--nothink", "-p", "What is 12 + 30?"],
+                          capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    for argv, message in ((["--api", "http://127.0.0.1:9", "-p", "x"], "cannot reach http://127.0.0.1:9/v1"),
+                          (["--api", server.url, "--model", "gpt-4", "-p", "x"], "serves no model 'gpt-4'"),
+                          (["demo", "--api", server.url, "-p", "x"], "MODEL (demo) and --api are alternatives"),
+                          (["--api", server.url, "--threads", "2", "-p", "x"], "--threads set how a local model"),
+                          (["--model", "demo", "-p", "x"], "--model names a model on a server")):
+        done = subprocess.run([str(DSV4), "chat", *argv], capture_output=True, text=True, env=env, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_remote_modes_use_each_servers_dialect():
+    from dsv4cli.chat.encoding import ThinkMode
+    from dsv4cli.chat.remote import DEEPSEEK, TEMPLATE_KWARGS, RemoteEndpoint
+
+    deepseek = RemoteEndpoint("http://x/v1", None, "m", DEEPSEEK)
+    assert deepseek.mode_fields(ThinkMode.THINK_MAX) == {"thinking": {"type": "enabled"}, "reasoning_effort": "max"}
+    assert deepseek.mode_fields(ThinkMode.NON_THINK) == {"thinking": {"type": "disabled"}}
+    sglang = RemoteEndpoint("http://x/v1", None, "m", TEMPLATE_KWARGS)
+    assert sglang.mode_fields(ThinkMode.THINK_HIGH) == {"chat_template_kwargs": {"thinking": True,
+                                                                                 "reasoning_effort": "high"}}
+    assert sglang.mode_fields(ThinkMode.NON_THINK) == {"chat_template_kwargs": {"thinking": False}}
+
+
+@pytest.mark.timeout(180)
+def test_chat_api_repl_in_a_terminal(server, tmp_path):
+    from tests.test_repl import Terminal
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(str(DSV4), ["chat", "--api", server.url, "--max-tokens", "60"], env=env,
+                          dimensions=(24, 100), encoding="utf-8", codec_errors="replace", timeout=30)
+    term = Terminal(child)
+    try:
+        term.expect(f"demo at {server.url}/v1", timeout=60)
+        term.expect("think-high>")
+        term.command("What is 487 + 356?", "843", timeout=60)
+        term.expect("think-high>")
+        term.command("/nothink", "non-think>")
+        term.command("What is 12 + 30?", "non-think>", timeout=60)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_serve_command_starts_serves_and_stops_on_ctrl_c(tmp_path):
+    child = subprocess.Popen([str(DSV4), "serve", "--port", "0"], stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
+    try:
+        banner = child.stderr.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", banner)
+        assert url, banner
+        reply = openai.OpenAI(base_url=url[1] + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="demo", messages=QUESTION, max_tokens=60)
+        assert "843" in reply.choices[0].message.content
+        assert "POST /v1/chat/completions 200" in child.stderr.readline()  # the request's log line
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=30) == 0 and "stopped" in child.stderr.read()
+    finally:
+        child.kill()
+
+
+def test_serve_refuses_an_open_host_without_a_key_and_a_taken_port(capsys):
+    from tests.conftest import run_cli
+
+    code, _, err = run_cli(capsys, "serve", "--host", "0.0.0.0")
+    assert code == 2 and "no API key is set" in err and "--api-key" in err and "--no-auth" in err
+    code, _, err = run_cli(capsys, "serve", "--api-key", "k", "--no-auth")
+    assert code == 2 and "contradict" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, _, err = run_cli(capsys, "serve", "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}: it is already in use" in err
+    for argv, message in ((["--queue", "-1"], "--queue must be at least 0"), (["--timeout", "0"], "--timeout"),
+                          (["--cache-memory", "lots"], "invalid size"), (["--name", " "], "--name is empty")):
+        code, _, err = run_cli(capsys, "serve", *argv)
+        assert code == 2 and message in err

@@ -94,14 +94,14 @@ class ChatSession:
     # --------------------------------------------------------------- prompts
     def prompt_text(self) -> str:
         system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-        return encode_messages(system + _for_prompt(self.messages), **self.settings.mode.encode_kwargs())
+        return encode_messages(system + for_prompt(self.messages), **self.settings.mode.encode_kwargs())
 
     @staticmethod
     def _check_renderable(messages: list[Any], mode: ThinkMode) -> None:
         """Raise ValueError/TypeError unless the encoder accepts these messages."""
         if not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be objects")
-        encode_messages(_for_prompt(messages), **mode.encode_kwargs())
+        encode_messages(for_prompt(messages), **mode.encode_kwargs())
 
     # ----------------------------------------------------------------- turns
     def send(self, text: str, renderer, cancel: threading.Event | None = None) -> TurnResult:
@@ -130,12 +130,8 @@ class ChatSession:
         return self._respond(renderer, cancel, sampling)
 
     def _respond(self, renderer, cancel: threading.Event | None, sampling: SamplingParams) -> TurnResult:
-        prompt = self.prompt_text()
         renderer.begin_turn(mode_label(self.settings.mode))
-        result = run_turn(self.engine, self.tokenizer, self.tokenizer.encode(prompt), renderer,
-                          thinking=prompt_opens_reasoning(prompt), sampling=sampling,
-                          max_tokens=self.settings.max_tokens, reasoning_budget=self.settings.reasoning_budget,
-                          stop=self.settings.stop, cancel=cancel, prefill_progress=getattr(renderer, "prefill", None))
+        result = self._run_turn(renderer, cancel, sampling)
         self._record(result)
         self.last_stats = result.stats
         renderer.end_turn(result)
@@ -145,6 +141,14 @@ class ChatSession:
             except TranscriptError as err:
                 renderer.warning(f"conversation log: {err.message}")
         return result
+
+    def _run_turn(self, renderer, cancel: threading.Event | None, sampling: SamplingParams) -> TurnResult:
+        """Generate the reply to the conversation into `renderer` (the engine here; a server remotely)."""
+        prompt = self.prompt_text()
+        return run_turn(self.engine, self.tokenizer, self.tokenizer.encode(prompt), renderer,
+                        thinking=prompt_opens_reasoning(prompt), sampling=sampling,
+                        max_tokens=self.settings.max_tokens, reasoning_budget=self.settings.reasoning_budget,
+                        stop=self.settings.stop, cancel=cancel, prefill_progress=getattr(renderer, "prefill", None))
 
     def _record(self, result: TurnResult) -> None:
         if result.interrupted and not result.content:
@@ -267,5 +271,5 @@ def _shorten(text: str) -> str:
     return line if len(line) <= _MAX_DETAIL else line[:_MAX_DETAIL - 1] + "…"
 
 
-def _for_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def for_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in m.items() if k not in _TRANSCRIPT_ONLY_KEYS} for m in messages]

@@ -70,6 +70,12 @@ def chat(
                               "checkpoint's MTP layer; same greedy output, same sampling distribution. Default 0 "
                               "(off: on the demo it measured slower, docs/performance.md)."),
     no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, without drafts (the default)."),
+    api: str | None = typer.Option(None, "--api", help="Chat with a remote OpenAI-compatible server at this URL "
+                                   "(dsv4 serve, SGLang, vLLM, DeepSeek's API) instead of a local MODEL."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="DSV4_API_KEY", show_envvar=False,
+                                       help="--api: the server's key (default: $DSV4_API_KEY)."),
+    api_model: str | None = typer.Option(None, "--model", help="--api: the model to ask for (default: the first "
+                                                               "the server lists)."),
     device: Device = None,
     gpu_memory: GpuMemory = None,
     cpu_memory: CpuMemory = None,
@@ -120,6 +126,14 @@ def chat(
     interactive = text is None
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
+    if api is not None or api_model is not None:
+        _refuse_local_flags(api, model, draft=draft, threads=threads, device=device, gpu_memory=gpu_memory,
+                            cpu_memory=cpu_memory, plan=plan, counts=counts)
+        given = tuple(name for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k or None),
+                                               ("min_p", min_p or None), ("seed", seed)) if value is not None)
+        view = _View(thinking_view, no_markdown, no_history, as_json, show_thinking, verbose, quiet)
+        raise typer.Exit(_converse_remote(api, api_key, api_model, text, think, system, sampling, given, max_tokens,
+                                          reasoning_budget, stops, view, (log, log_fields, resumed)))
     from dsv4cli.runtime.open import open_model  # torch loads here, after the flag checks
     from dsv4cli.runtime.options import PlacementOptions
 
@@ -145,7 +159,6 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
     from dsv4cli.chat.session import ChatSettings
     from dsv4cli.engine.engine import ContextTooLarge
     from dsv4cli.errors import OutOfMemory
-    from dsv4cli.ui.render import make_renderer
 
     notices = [render(notice, FLAG_NAMES) for notice in opened.notices]
     default_temperature, default_top_p = sampling_defaults(opened)
@@ -162,33 +175,93 @@ def _converse(opened, text: str | None, think, system: str | None, sampling, tem
     except ContextTooLarge as err:
         raise OutOfMemory(err.message, "lower --ctx") from None
     session.log_path, session.log_extra, resumed = log
+    view = _View(thinking_view, no_markdown, no_history, as_json, show_thinking, verbose, quiet)
+    return _talk(session, text, view, resumed, label=opened.label, model_name=opened.ref.name, notices=notices,
+                 placed=placed, demo_notice=opened.is_demo)
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """How the conversation is shown: the REPL's and one-shot's display flags."""
+
+    thinking: str = "collapse"
+    no_markdown: bool = False
+    no_history: bool = False
+    as_json: bool = False
+    show_thinking: bool = False
+    verbose: bool = False
+    quiet: bool = False
+
+
+def _talk(session, text: str | None, view: _View, resumed, *, label: str, model_name: str, notices: list[str],
+          placed: str = "", demo_notice: bool = False) -> int:
+    """The REPL (text None) or one prompt on a session, local or remote; returns the exit status."""
+    from dsv4cli.ui.render import make_renderer
+
     if resumed is not None:  # its messages and system prompt; mode and sampling as the flags say
+        settings = session.settings
         session.load(resumed.path)
         session.settings = dataclasses.replace(session.settings, mode=settings.mode, sampling=settings.sampling,
-                                               system=system if system is not None else session.settings.system)
+                                               system=settings.system if settings.system is not None
+                                               else session.settings.system)
+    quiet = view.quiet
     if text is None:
         from dsv4cli.ui.repl import run_repl
 
-        renderer = make_renderer("tty", thinking=thinking_view, markdown=not no_markdown)
+        renderer = make_renderer("tty", thinking=view.thinking, markdown=not view.no_markdown)
         for notice in notices:
             renderer.warning(notice)
         if placed and not quiet:
             renderer.notice(placed)
         if resumed is not None and not quiet:
             renderer.notice(f"continuing conversation {resumed.id} ({len(session.messages)} messages)")
-        return run_repl(session, renderer, banner=None if quiet else opened.label, use_history=not no_history)
-    request = {"model": opened.ref.name, "sampling": dataclasses.asdict(sampling)}
-    renderer = make_renderer("json", request=request) if as_json else make_renderer(
-        "plain", show_thinking=show_thinking, verbose=verbose)
+        return run_repl(session, renderer, banner=None if quiet else label, use_history=not view.no_history)
+    sampling = dataclasses.asdict(session.settings.sampling)
+    given = getattr(session, "sampling_given", None)  # remote: the server's defaults for the rest
+    request = {"model": model_name, "sampling": sampling if given is None else {k: sampling[k] for k in given}}
+    renderer = make_renderer("json", request=request) if view.as_json else make_renderer(
+        "plain", show_thinking=view.show_thinking, verbose=view.verbose)
     think_max_warning = session.think_max_warning()
     for warning in [*notices, think_max_warning and f"{think_max_warning} (raise --ctx)"]:
         if warning:
             renderer.warning(warning)
-    if opened.is_demo and not (as_json or quiet):
-        renderer.notice(f"using the {opened.label}")
-    if placed and not (as_json or quiet):
+    if demo_notice and not (view.as_json or quiet):
+        renderer.notice(f"using the {label}")
+    if placed and not (view.as_json or quiet):
         renderer.notice(placed)
-    return _one_shot(session, text, renderer, as_json)
+    return _one_shot(session, text, renderer, view.as_json)
+
+
+def _refuse_local_flags(api: str | None, model: str | None, **flags) -> None:
+    """--api runs the model elsewhere: MODEL and the flags of a local model contradict it."""
+    if api is None:
+        raise UsageError("--model names a model on a server", "give the server with --api URL, or MODEL for a "
+                                                               "local model")
+    if model is not None:
+        raise UsageError(f"MODEL ({model}) and --api are alternatives", "drop MODEL to chat with the server, or "
+                                                                        "--api to run it here")
+    given = [name for name, value in flags.items() if value]
+    if given:
+        names = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(f"{names} set how a local model runs; with --api the server runs it", f"drop {names}")
+
+
+def _converse_remote(api: str, api_key: str | None, api_model: str | None, text: str | None, think, system,
+                     sampling, given: tuple[str, ...], max_tokens: int | None, reasoning_budget: int | None,
+                     stops: tuple[str, ...], view: _View, log: tuple) -> int:
+    """The REPL or one prompt against a remote server (`chat.remote`)."""
+    from dsv4cli.chat.remote import RemoteChatSession, connect
+    from dsv4cli.chat.session import ChatSettings
+
+    endpoint = connect(api, api_key, api_model)
+    settings = ChatSettings(mode=think, system=system, sampling=sampling,
+                            max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
+                            reasoning_budget=reasoning_budget, stop=stops)
+    session = RemoteChatSession(endpoint, settings, sampling_given=given)
+    session.log_path, session.log_extra, resumed = log
+    session.log_extra = {"api": endpoint.base_url, "api_model": endpoint.model}  # no local MODEL to reopen
+    return _talk(session, text, view, resumed, label=f"{endpoint.model} at {endpoint.base_url}",
+                 model_name=endpoint.model, notices=[])
 
 
 def _chat_mode(mode: str | None, nothink: bool, think_max: bool) -> ThinkMode:
