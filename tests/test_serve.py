@@ -520,3 +520,18 @@ def test_serve_refuses_an_open_host_without_a_key_and_a_taken_port(capsys):
                           (["--cache-memory", "lots"], "invalid size"), (["--name", " "], "--name is empty")):
         code, _, err = run_cli(capsys, "serve", *argv)
         assert code == 2 and message in err
+
+
+def test_bench_api_measures_the_server_in_the_bench_report(server, capsys):
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli(capsys, "bench", "--api", server.url, "-p", "32", "-n", "6", "-r", "2", "-o", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model"] == "demo" and [r["label"] for r in report["results"]] == ["pp32", "tg6"]
+    assert all(r["tokens_per_second"] > 0 and len(r["samples_tokens_per_second"]) == 2 for r in report["results"])
+    assert server.worker.records[-1].generated_tokens == 6  # ignore_eos: run to the limit
+    code, out, _ = run_cli(capsys, "bench", "--api", server.url, "-p", "16", "-n", "0", "-r", "1")
+    assert code == 0 and "| demo  |  pp16 |" in out and "TTFT ms" in out
+    code, _, err = run_cli(capsys, "bench", "demo", "--api", server.url)
+    assert code == 2 and "MODEL set what runs here" in err

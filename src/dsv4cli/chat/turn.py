@@ -62,15 +62,17 @@ def run_turn(engine, tokenizer: Tokenizer, prompt_ids: Sequence[int], sink, *, t
 
 
 def run_completion(engine, tokenizer: Tokenizer, prompt_ids: Sequence[int], sink, *, sampling: SamplingParams,
-                   max_tokens: int, stop: Sequence[str] = (), cancel: threading.Event | None = None) -> TurnResult:
-    """Continue a raw prompt (no chat template, no trace): the text until the end-of-sentence token, the
-    token limit or a stop sequence, streamed to `sink.content`."""
+                   max_tokens: int, stop: Sequence[str] = (), cancel: threading.Event | None = None,
+                   ignore_eos: bool = False) -> TurnResult:
+    """Continue a raw prompt (no chat template, no trace): the text until the end-of-sentence token (unless
+    `ignore_eos`: benchmarks), the token limit or a stop sequence, streamed to `sink.content`."""
     eos = tokenizer.special.eos
     detok = StreamingDetokenizer(tokenizer, skip_special_tokens=True)
     stops, halt = StopMatcher(stop), threading.Event()
     stats = GenerationStats()
     shown: list[str] = []
-    for event in engine.generate(list(prompt_ids), sampling, max_tokens, stop=[eos], cancel=cancel, halt=halt):
+    for event in engine.generate(list(prompt_ids), sampling, max_tokens, stop=[] if ignore_eos else [eos],
+                                 cancel=cancel, halt=halt):
         if isinstance(event, GenerationStats):
             stats = event
             break

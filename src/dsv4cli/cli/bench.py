@@ -66,6 +66,12 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the token traces (and of --synth weights)."),
         draft: int = typer.Option(0, "--draft", help="tg with speculative decoding: draft N tokens (1-3) per step "
                                                      "with the checkpoint's MTP layer; reports the acceptance."),
+        api: str | None = typer.Option(None, "--api", help="Measure a remote OpenAI-compatible server at this URL "
+                                                           "(TTFT and t/s as its clients see them) instead of MODEL."),
+        api_key: str | None = typer.Option(None, "--api-key", envvar="DSV4_API_KEY", show_envvar=False,
+                                           help="--api: the server's key (default: $DSV4_API_KEY)."),
+        api_model: str | None = typer.Option(None, "--model", help="--api: the model to ask for (default: the "
+                                                                   "server's first)."),
         device: Device = None,
         gpu_memory: GpuMemory = None,
         cpu_memory: CpuMemory = None,
@@ -85,6 +91,21 @@ def register(app: typer.Typer) -> None:
 
         if output not in OUTPUTS:
             raise UsageError(f"unknown output format {output!r}", f"choose one of: {', '.join(OUTPUTS)}")
+        if api is not None:
+            local = {"MODEL": model, "--synth": synth, "--plot": plot, "--threads": threads, "--ctx": ctx,
+                     "--draft": draft or None, "--device": device, "--plan": plan,
+                     "-d": None if n_depth.strip() == "0" else n_depth}
+            given = [name for name, value in local.items() if value is not None]
+            if given:
+                raise UsageError(f"{', '.join(given)} set what runs here; --api measures a server",
+                                 f"drop {', '.join(given)}")
+            from dsv4cli.bench.api import render_api, run_api_bench
+
+            with progress_status(sys.stderr.isatty()) as progress:
+                report = run_api_bench(api, api_key, api_model, parse_counts("-p", n_prompt),
+                                       parse_counts("-n", n_gen), repetitions, seed, progress)
+            typer.echo(render_api(report, output))
+            return
         settings = BenchSettings(
             model=model, synth=synth, layers=layers, experts=experts, prompt_tokens=parse_counts("-p", n_prompt),
             gen_tokens=parse_counts("-n", n_gen), depths=parse_counts("-d", n_depth), repetitions=repetitions,

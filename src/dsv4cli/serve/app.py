@@ -255,7 +255,7 @@ def create_app(worker: Worker, tokenizer: Tokenizer, config: ServeConfig) -> Fas
             raise invalid("'prompt' encodes to no tokens", "prompt")
         check_context(ids)
         echoed = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
-        ticket = submit(Job(ids, req.sampling, req.max_tokens, chat=False, stop=req.stop))
+        ticket = submit(Job(ids, req.sampling, req.max_tokens, chat=False, stop=req.stop, ignore_eos=req.ignore_eos))
         if not req.stream:
             try:
                 result = await collect(ticket, started, request)

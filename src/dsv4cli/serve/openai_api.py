@@ -75,7 +75,7 @@ def parse_completion(data: Any, defaults: ServeDefaults) -> CompletionRequest:
                              max_tokens=token_limit(body, defaults, "max_tokens"), stop=body.stop_list("stop"),
                              stream=body.boolean("stream", False),
                              include_usage=Fields(options, "stream_options").boolean("include_usage", False),
-                             echo=body.boolean("echo", False))
+                             echo=body.boolean("echo", False), ignore_eos=body.boolean("ignore_eos", False))
 
 
 def chat_mode(body: Fields, default: ThinkMode) -> ThinkMode:

@@ -56,6 +56,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate to the limit
 
 
 def requested_model(body: Fields, defaults: ServeDefaults) -> str:

@@ -40,6 +40,7 @@ class Job:
     thinking: bool = False
     reasoning_budget: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # raw completions: generate to the limit (benchmarks)
 
 
 @dataclass
@@ -167,7 +168,8 @@ class Worker:
                                 sampling=job.sampling, max_tokens=job.max_tokens,
                                 reasoning_budget=job.reasoning_budget, stop=job.stop, cancel=ticket.cancel)
             return run_completion(self.engine, self.tokenizer, job.prompt_ids, ticket, sampling=job.sampling,
-                                  max_tokens=job.max_tokens, stop=job.stop, cancel=ticket.cancel)
+                                  max_tokens=job.max_tokens, stop=job.stop, cancel=ticket.cancel,
+                                  ignore_eos=job.ignore_eos)
         except OutOfMemory as err:
             raise ApiError(503, f"out of memory: {err.one_line()}") from None
         except DsvError as err:
