@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from dsv4cli.cli.options import CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
+from dsv4cli.cli.options import ApiKey, ApiModel, ApiUrl, CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import UsageError
 from dsv4cli.runtime.resolve import WITH_WEIGHTS
 
@@ -66,12 +66,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the token traces (and of --synth weights)."),
         draft: int = typer.Option(0, "--draft", help="tg with speculative decoding: draft N tokens (1-3) per step "
                                                      "with the checkpoint's MTP layer; reports the acceptance."),
-        api: str | None = typer.Option(None, "--api", help="Measure a remote OpenAI-compatible server at this URL "
-                                                           "(TTFT and t/s as its clients see them) instead of MODEL."),
-        api_key: str | None = typer.Option(None, "--api-key", envvar="DSV4_API_KEY", show_envvar=False,
-                                           help="--api: the server's key (default: $DSV4_API_KEY)."),
-        api_model: str | None = typer.Option(None, "--model", help="--api: the model to ask for (default: the "
-                                                                   "server's first)."),
+        api: ApiUrl = None,
+        api_key: ApiKey = None,
+        api_model: ApiModel = None,
         device: Device = None,
         gpu_memory: GpuMemory = None,
         cpu_memory: CpuMemory = None,

@@ -9,7 +9,17 @@ from pathlib import Path
 import typer
 
 from dsv4cli.chat.encoding import ThinkMode
-from dsv4cli.cli.options import FLAG_NAMES, CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
+from dsv4cli.cli.options import (
+    FLAG_NAMES,
+    ApiKey,
+    ApiModel,
+    ApiUrl,
+    CpuMemory,
+    Device,
+    GpuMemory,
+    RoutingCounts,
+    SavedPlan,
+)
 from dsv4cli.errors import DsvError, UsageError, render
 from dsv4cli.runtime.resolve import WITH_WEIGHTS
 
@@ -70,12 +80,9 @@ def chat(
                               "checkpoint's MTP layer; same greedy output, same sampling distribution. Default 0 "
                               "(off: on the demo it measured slower, docs/performance.md)."),
     no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, without drafts (the default)."),
-    api: str | None = typer.Option(None, "--api", help="Chat with a remote OpenAI-compatible server at this URL "
-                                   "(dsv4 serve, SGLang, vLLM, DeepSeek's API) instead of a local MODEL."),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="DSV4_API_KEY", show_envvar=False,
-                                       help="--api: the server's key (default: $DSV4_API_KEY)."),
-    api_model: str | None = typer.Option(None, "--model", help="--api: the model to ask for (default: the first "
-                                                               "the server lists)."),
+    api: ApiUrl = None,
+    api_key: ApiKey = None,
+    api_model: ApiModel = None,
     device: Device = None,
     gpu_memory: GpuMemory = None,
     cpu_memory: CpuMemory = None,

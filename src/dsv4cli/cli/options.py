@@ -28,5 +28,12 @@ GpuMemory = Annotated[str | None, typer.Option("--gpu-memory", help="GPU budget,
 CpuMemory = Annotated[str | None, typer.Option("--cpu-memory", help="Host RAM budget, e.g. 200GB (default: "
                                                                     "available).")]
 SavedPlan = Annotated[Path | None, typer.Option("--plan", help="A placement plan saved by `dsv4 plan --save`.")]
+ApiUrl = Annotated[str | None, typer.Option("--api", help="Talk to a remote OpenAI-compatible server at this URL "
+                                                         "(dsv4 serve, SGLang, vLLM, DeepSeek's API) instead of a "
+                                                         "local MODEL.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="DSV4_API_KEY", show_envvar=False,
+                                            help="--api: the server's key (default: $DSV4_API_KEY).")]
+ApiModel = Annotated[str | None, typer.Option("--model", help="--api: the model to ask for (default: the first the "
+                                                               "server lists).")]
 RoutingCounts = Annotated[Path | None, typer.Option("--counts", help="Routing counts (JSON) to pick the GPU's "
                                                                      "(hot) experts.")]

@@ -185,26 +185,32 @@ def create_app(worker: Worker, tokenizer: Tokenizer, config: ServeConfig) -> Fas
             if kind == "done":
                 return
 
-    async def collect(ticket: Ticket, started: float, request: Request) -> TurnResult:
+    async def reply(ticket: Ticket, started: float, request: Request, shape: Callable[[TurnResult], Any]
+                    ) -> Response:
+        """The whole reply as one JSON body, `shape(result)`; nothing (499) when the client left first."""
         try:
             async for kind, value in pieces(ticket, started, request):
                 if kind == "done":
-                    return value
+                    _log_request(request, 200, started, value)
+                    return JSONResponse(shape(value))
         except _ClientGone:
             _log_request(request, 499, started, note="client disconnected")
-            raise
+            return Response(status_code=499)
         raise ApiError(500, "the generation ended without a result")
 
-    def streamed(request: Request, ticket: Ticket, started: float, frames) -> EventStream:
-        """Stream `frames(items)` (an async generator of SSE text); errors become a final error event."""
+    def streamed(request: Request, ticket: Ticket, started: float, shape) -> EventStream:
+        """Stream the reply as SSE events in `shape`'s dialect (its `start()`, `delta(channel, text)` and
+        `end(result)` give (event name or None, data) pairs); errors become a final error event."""
         async def body() -> AsyncIterator[str]:
             status, result = 200, None
             try:
-                async for frame in frames(pieces(ticket, started, None)):
-                    if isinstance(frame, TurnResult):
-                        result = frame
-                        continue
-                    yield frame
+                for name, data in shape.start():
+                    yield sse(data, name)
+                async for kind, value in pieces(ticket, started, None):
+                    if kind == "done":
+                        result = value
+                    for name, data in shape.end(value) if kind == "done" else shape.delta(kind, value):
+                        yield sse(data, name)
             except ApiError as err:
                 status = err.status
                 anthropic = request.url.path in ANTHROPIC_PATHS
@@ -221,26 +227,8 @@ def create_app(worker: Worker, tokenizer: Tokenizer, config: ServeConfig) -> Fas
         chat = openai_api.parse_chat(await read_json(request), defaults)
         ticket = submit(await chat_job(chat))
         if not chat.stream:
-            try:
-                result = await collect(ticket, started, request)
-            except _ClientGone:
-                return Response(status_code=499)
-            _log_request(request, 200, started, result)
-            return JSONResponse(openai_api.chat_response(result, chat))
-        chunks = openai_api.ChatChunks(chat)
-
-        async def frames(items):
-            yield sse(chunks.start())
-            async for kind, value in items:
-                if kind == "done":
-                    for chunk in chunks.end(value):
-                        yield sse(chunk)
-                    yield sse("[DONE]")
-                    yield value
-                else:
-                    yield sse(chunks.delta(kind, value))
-
-        return streamed(request, ticket, started, frames)
+            return await reply(ticket, started, request, lambda result: openai_api.chat_response(result, chat))
+        return streamed(request, ticket, started, openai_api.ChatChunks(chat))
 
     async def completions(request: Request, started: float) -> Response:
         req = openai_api.parse_completion(await read_json(request), defaults)
@@ -257,52 +245,17 @@ def create_app(worker: Worker, tokenizer: Tokenizer, config: ServeConfig) -> Fas
         echoed = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
         ticket = submit(Job(ids, req.sampling, req.max_tokens, chat=False, stop=req.stop, ignore_eos=req.ignore_eos))
         if not req.stream:
-            try:
-                result = await collect(ticket, started, request)
-            except _ClientGone:
-                return Response(status_code=499)
-            _log_request(request, 200, started, result)
-            return JSONResponse(openai_api.completion_response(result, req, echoed))
-        chunks = openai_api.CompletionChunks(req)
-
-        async def frames(items):
-            if echoed:
-                yield sse(chunks.text(echoed))
-            async for kind, value in items:
-                if kind == "done":
-                    for chunk in chunks.end(value):
-                        yield sse(chunk)
-                    yield sse("[DONE]")
-                    yield value
-                elif kind == "content":
-                    yield sse(chunks.text(value))
-
-        return streamed(request, ticket, started, frames)
+            return await reply(ticket, started, request,
+                               lambda result: openai_api.completion_response(result, req, echoed))
+        return streamed(request, ticket, started, openai_api.CompletionChunks(req, echoed))
 
     async def messages(request: Request, started: float) -> Response:
         chat = anthropic_api.parse_messages(await read_json(request), defaults)
         job = await chat_job(chat)
         ticket = submit(job)
         if not chat.stream:
-            try:
-                result = await collect(ticket, started, request)
-            except _ClientGone:
-                return Response(status_code=499)
-            _log_request(request, 200, started, result)
-            return JSONResponse(anthropic_api.message_response(result, chat))
-        events = anthropic_api.MessageEvents(chat, len(job.prompt_ids))
-
-        async def frames(items):
-            for name, data in events.start():
-                yield sse(data, name)
-            async for kind, value in items:
-                produced = events.end(value) if kind == "done" else events.delta(kind, value)
-                for name, data in produced:
-                    yield sse(data, name)
-                if kind == "done":
-                    yield value
-
-        return streamed(request, ticket, started, frames)
+            return await reply(ticket, started, request, lambda result: anthropic_api.message_response(result, chat))
+        return streamed(request, ticket, started, anthropic_api.MessageEvents(chat, len(job.prompt_ids)))
 
     async def count_tokens(request: Request, started: float) -> Response:
         data = await read_json(request)
@@ -311,11 +264,18 @@ def create_app(worker: Worker, tokenizer: Tokenizer, config: ServeConfig) -> Fas
         job = await chat_job(anthropic_api.parse_messages(data, defaults))
         return JSONResponse({"input_tokens": len(job.prompt_ids)})
 
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "dsv4",
+                "max_model_len": defaults.context}
+
     async def models(request: Request, started: float) -> Response:
-        created = int(time.time())
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "dsv4", "max_model_len": defaults.context}
-            for name in defaults.model_names]})
+        return JSONResponse({"object": "list", "data": [model_card(name) for name in defaults.model_names]})
+
+    async def model(request: Request, started: float) -> Response:
+        name = request.path_params["name"]
+        if name not in defaults.model_names:
+            raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(model_card(name))
 
     async def health(request: Request, started: float) -> Response:
         engine = worker.engine
@@ -329,6 +289,7 @@ def create_app(worker: Worker, tokenizer: Tokenizer, config: ServeConfig) -> Fas
     app.add_api_route("/v1/messages", route(messages), methods=["POST"])
     app.add_api_route("/v1/messages/count_tokens", route(count_tokens), methods=["POST"])
     app.add_api_route("/v1/models", route(models), methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", route(model), methods=["GET"])
     app.add_api_route("/health", route(health, public=True), methods=["GET"])
     return app
 

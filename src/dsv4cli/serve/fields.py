@@ -41,21 +41,21 @@ class Fields:
     def _wrong(self, key: str, expected: str, value: Any):
         return invalid(f"'{self.name(key)}' must be {expected}, got {_type_name(value)}", self.name(key))
 
-    def string(self, key: str, default: Any = None, *, required: bool = False, nullable: bool = True) -> Any:
+    def _typed(self, key: str, default: Any, required: bool, nullable: bool, kind: type | tuple[type, ...],
+               expected: str) -> Any:
+        """The field when it has type `kind`; `default` when it is absent (or null, if `nullable`)."""
         value = self._get(key, required)
         if value is _MISSING or (value is None and nullable):
             return default
-        if not isinstance(value, str):
-            raise self._wrong(key, "a string", value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise self._wrong(key, expected, value)
         return value
 
+    def string(self, key: str, default: Any = None, *, required: bool = False, nullable: bool = True) -> Any:
+        return self._typed(key, default, required, nullable, str, "a string")
+
     def boolean(self, key: str, default: Any = None) -> Any:
-        value = self._get(key, False)
-        if value is _MISSING or value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._wrong(key, "a boolean", value)
-        return value
+        return self._typed(key, default, False, True, bool, "a boolean")
 
     def integer(self, key: str, default: Any = None, *, minimum: int | None = None, maximum: int | None = None,
                 required: bool = False) -> Any:
@@ -84,20 +84,10 @@ class Fields:
         return float(value)
 
     def array(self, key: str, default: Any = None, *, required: bool = False) -> Any:
-        value = self._get(key, required)
-        if value is _MISSING or (value is None and not required):
-            return default
-        if not isinstance(value, list):
-            raise self._wrong(key, "an array", value)
-        return value
+        return self._typed(key, default, required, not required, list, "an array")
 
     def object(self, key: str, default: Any = None) -> Any:
-        value = self._get(key, False)
-        if value is _MISSING or value is None:
-            return default
-        if not isinstance(value, dict):
-            raise self._wrong(key, "an object", value)
-        return value
+        return self._typed(key, default, False, True, dict, "an object")
 
     def any(self, key: str, default: Any = None) -> Any:
         value = self._get(key, False)

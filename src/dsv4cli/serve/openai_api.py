@@ -237,8 +237,11 @@ def chat_response(result: TurnResult, request: ChatRequest) -> dict[str, Any]:
             "usage": usage(result.stats)}
 
 
+Frames = list[tuple[None, Any]]  # SSE events without a name: OpenAI's stream
+
+
 class ChatChunks:
-    """The chunks of one streamed chat completion (`chat.completion.chunk`), in order."""
+    """The chunks of one streamed chat completion (`chat.completion.chunk`), in order, ending in [DONE]."""
 
     def __init__(self, request: ChatRequest):
         self.request = request
@@ -250,21 +253,24 @@ class ChatChunks:
                 "model": self.request.model, "system_fingerprint": None,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-    def start(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""})
+    def start(self) -> Frames:
+        return [(None, self._chunk({"role": "assistant", "content": ""}))]
 
-    def delta(self, channel: str, text: str) -> dict[str, Any]:
-        return self._chunk({"reasoning_content" if channel == "reasoning" else "content": text})
+    def delta(self, channel: str, text: str) -> Frames:
+        return [(None, self._chunk({"reasoning_content" if channel == "reasoning" else "content": text}))]
 
-    def end(self, result: TurnResult) -> list[dict[str, Any]]:
+    def end(self, result: TurnResult) -> Frames:
         """The tool calls (whole, one per delta), the finish reason and, when asked for, the usage."""
         chunks = [self._chunk({"tool_calls": [{"index": i, **call}]}) for i, call in enumerate(tool_calls(result))]
         chunks.append(self._chunk({}, finish_reason(result)))
-        if self.request.include_usage:
-            chunks.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": self.request.model, "system_fingerprint": None, "choices": [],
-                           "usage": usage(result.stats)})
-        return chunks
+        return _closing(chunks, self.request.include_usage, {**self._chunk({}), "choices": []}, result)
+
+
+def _closing(chunks: list[dict[str, Any]], include_usage: bool, empty: dict[str, Any], result: TurnResult) -> Frames:
+    """The last chunks of an OpenAI stream: `chunks`, the usage chunk when asked for, then [DONE]."""
+    if include_usage:
+        chunks.append({**empty, "usage": usage(result.stats)})
+    return [(None, chunk) for chunk in [*chunks, "[DONE]"]]
 
 
 def completion_response(result: TurnResult, request: CompletionRequest, echoed: str) -> dict[str, Any]:
@@ -275,18 +281,24 @@ def completion_response(result: TurnResult, request: CompletionRequest, echoed: 
 
 
 class CompletionChunks:
-    def __init__(self, request: CompletionRequest):
+    """The chunks of one streamed completion: the echoed prompt (if asked for), the text, the finish."""
+
+    def __init__(self, request: CompletionRequest, echoed: str = ""):
         self.request = request
+        self.echoed = echoed
         self.id = new_id("cmpl")
         self.created = int(time.time())
 
-    def text(self, text: str, finish: str | None = None) -> dict[str, Any]:
+    def _text(self, text: str, finish: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.request.model,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-    def end(self, result: TurnResult) -> list[dict[str, Any]]:
-        chunks = [self.text("", "length" if result.stats.finish_reason == "length" else "stop")]
-        if self.request.include_usage:
-            chunks.append({"id": self.id, "object": "text_completion", "created": self.created,
-                           "model": self.request.model, "choices": [], "usage": usage(result.stats)})
-        return chunks
+    def start(self) -> Frames:
+        return [(None, self._text(self.echoed))] if self.echoed else []
+
+    def delta(self, channel: str, text: str) -> Frames:
+        return [(None, self._text(text))] if channel == "content" else []
+
+    def end(self, result: TurnResult) -> Frames:
+        finish = self._text("", "length" if result.stats.finish_reason == "length" else "stop")
+        return _closing([finish], self.request.include_usage, {**self._text(""), "choices": []}, result)
