@@ -130,6 +130,8 @@ def chat(
                      "--system", _file_text(system_file, "--system-file"), "--system-file")
     sampling = _sampling_flags(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     text = _one_shot_text(prompt)
+    asked = _Asked(think, system, sampling, temperature, top_p, max_tokens, reasoning_budget, stops)
+    view = _View(thinking_view, no_markdown, no_history, as_json, show_thinking, verbose, quiet)
     interactive = text is None
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("no prompt", "pass -p TEXT or pipe text on stdin; the REPL needs a terminal")
@@ -138,9 +140,8 @@ def chat(
                             cpu_memory=cpu_memory, plan=plan, counts=counts)
         given = tuple(name for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k or None),
                                                ("min_p", min_p or None), ("seed", seed)) if value is not None)
-        view = _View(thinking_view, no_markdown, no_history, as_json, show_thinking, verbose, quiet)
-        raise typer.Exit(_converse_remote(api, api_key, api_model, text, think, system, sampling, given, max_tokens,
-                                          reasoning_budget, stops, view, (log, log_fields, resumed)))
+        raise typer.Exit(_converse_remote(api, api_key, api_model, text, asked, given, view,
+                                          _Log(log, log_fields, resumed)))
     from dsv4cli.runtime.open import open_model  # torch loads here, after the flag checks
     from dsv4cli.runtime.options import PlacementOptions
 
@@ -151,40 +152,7 @@ def chat(
     with thread_count(threads), open_model(model, placement=placement, context=ctx, with_mtp=draft > 0) as opened:
         if draft and not opened.model.mtp:
             raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop --draft")
-        raise typer.Exit(_converse(opened, text, think, system, sampling, temperature, top_p, max_tokens, ctx,
-                                   reasoning_budget, thinking_view, no_markdown, no_history, as_json, show_thinking,
-                                   verbose, draft, stops, quiet, (log, log_fields, resumed)))
-
-
-def _converse(opened, text: str | None, think, system: str | None, sampling, temperature: float | None,
-              top_p: float | None, max_tokens: int | None, ctx: int, reasoning_budget: int | None,
-              thinking_view: str, no_markdown: bool, no_history: bool, as_json: bool, show_thinking: bool,
-              verbose: bool, draft: int = 0, stops: tuple[str, ...] = (), quiet: bool = False,
-              log: tuple = (None, {}, None)) -> int:
-    """The REPL (text None) or one prompt on an opened model; returns the exit status."""
-    from dsv4cli.chat.service import new_session, sampling_defaults
-    from dsv4cli.chat.session import ChatSettings
-    from dsv4cli.engine.engine import ContextTooLarge
-    from dsv4cli.errors import OutOfMemory
-
-    notices = [render(notice, FLAG_NAMES) for notice in opened.notices]
-    default_temperature, default_top_p = sampling_defaults(opened)
-    sampling = dataclasses.replace(sampling, temperature=default_temperature if temperature is None else temperature,
-                                   top_p=default_top_p if top_p is None else top_p)
-    placed = opened.placement.summary()
-    settings = ChatSettings(mode=think, system=system, sampling=sampling,
-                            max_tokens=max_tokens if max_tokens is not None
-                            else DEMO_MAX_TOKENS if opened.is_demo else DEFAULT_MAX_TOKENS,
-                            reasoning_budget=reasoning_budget if reasoning_budget is not None else
-                            (64 if opened.is_demo else None), stop=stops)
-    try:
-        session = new_session(opened, settings, ctx, draft)
-    except ContextTooLarge as err:
-        raise OutOfMemory(err.message, "lower --ctx") from None
-    session.log_path, session.log_extra, resumed = log
-    view = _View(thinking_view, no_markdown, no_history, as_json, show_thinking, verbose, quiet)
-    return _talk(session, text, view, resumed, label=opened.label, model_name=opened.ref.name, notices=notices,
-                 placed=placed, demo_notice=opened.is_demo)
+        raise typer.Exit(_converse(opened, text, asked, view, ctx, draft, _Log(log, log_fields, resumed)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +166,57 @@ class _View:
     show_thinking: bool = False
     verbose: bool = False
     quiet: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Asked:
+    """What the flags ask of every reply: mode, system prompt, sampling (temperature / top_p None: the model's
+    defaults), limits and stop sequences."""
+
+    mode: ThinkMode
+    system: str | None
+    sampling: object
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int | None
+    reasoning_budget: int | None
+    stops: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Log:
+    """The conversation log: where this chat is logged (None: --no-log), what the log keeps beside the
+    transcript, and the logged conversation it continues (-c), if any."""
+
+    path: Path | None
+    extra: dict
+    resumed: object = None
+
+
+def _converse(opened, text: str | None, asked: _Asked, view: _View, ctx: int, draft: int, log: _Log) -> int:
+    """The REPL (text None) or one prompt on an opened model; returns the exit status."""
+    from dsv4cli.chat.service import new_session, sampling_defaults
+    from dsv4cli.chat.session import ChatSettings
+    from dsv4cli.engine.engine import ContextTooLarge
+    from dsv4cli.errors import OutOfMemory
+
+    notices = [render(notice, FLAG_NAMES) for notice in opened.notices]
+    default_temperature, default_top_p = sampling_defaults(opened)
+    sampling = dataclasses.replace(asked.sampling, top_p=default_top_p if asked.top_p is None else asked.top_p,
+                                   temperature=default_temperature if asked.temperature is None else asked.temperature)
+    placed = opened.placement.summary()
+    settings = ChatSettings(mode=asked.mode, system=asked.system, sampling=sampling,
+                            max_tokens=asked.max_tokens if asked.max_tokens is not None
+                            else DEMO_MAX_TOKENS if opened.is_demo else DEFAULT_MAX_TOKENS,
+                            reasoning_budget=asked.reasoning_budget if asked.reasoning_budget is not None else
+                            (64 if opened.is_demo else None), stop=asked.stops)
+    try:
+        session = new_session(opened, settings, ctx, draft)
+    except ContextTooLarge as err:
+        raise OutOfMemory(err.message, "lower --ctx") from None
+    session.log_path, session.log_extra = log.path, log.extra
+    return _talk(session, text, view, log.resumed, label=opened.label, model_name=opened.ref.name, notices=notices,
+                 placed=placed, demo_notice=opened.is_demo)
 
 
 def _talk(session, text: str | None, view: _View, resumed, *, label: str, model_name: str, notices: list[str],
@@ -253,21 +272,20 @@ def _refuse_local_flags(api: str | None, model: str | None, **flags) -> None:
         raise UsageError(f"{names} set how a local model runs; with --api the server runs it", f"drop {names}")
 
 
-def _converse_remote(api: str, api_key: str | None, api_model: str | None, text: str | None, think, system,
-                     sampling, given: tuple[str, ...], max_tokens: int | None, reasoning_budget: int | None,
-                     stops: tuple[str, ...], view: _View, log: tuple) -> int:
+def _converse_remote(api: str, api_key: str | None, api_model: str | None, text: str | None, asked: _Asked,
+                     given: tuple[str, ...], view: _View, log: _Log) -> int:
     """The REPL or one prompt against a remote server (`chat.remote`)."""
     from dsv4cli.chat.remote import RemoteChatSession, connect
     from dsv4cli.chat.session import ChatSettings
 
     endpoint = connect(api, api_key, api_model)
-    settings = ChatSettings(mode=think, system=system, sampling=sampling,
-                            max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
-                            reasoning_budget=reasoning_budget, stop=stops)
+    settings = ChatSettings(mode=asked.mode, system=asked.system, sampling=asked.sampling,
+                            max_tokens=asked.max_tokens if asked.max_tokens is not None else DEFAULT_MAX_TOKENS,
+                            reasoning_budget=asked.reasoning_budget, stop=asked.stops)
     session = RemoteChatSession(endpoint, settings, sampling_given=given)
-    session.log_path, session.log_extra, resumed = log
+    session.log_path = log.path
     session.log_extra = {"api": endpoint.base_url, "api_model": endpoint.model}  # no local MODEL to reopen
-    return _talk(session, text, view, resumed, label=f"{endpoint.model} at {endpoint.base_url}",
+    return _talk(session, text, view, log.resumed, label=f"{endpoint.model} at {endpoint.base_url}",
                  model_name=endpoint.model, notices=[])
 
 
