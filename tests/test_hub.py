@@ -20,9 +20,12 @@ from dsv4cli.cli.app import app, main
 from dsv4cli.cli.hub import RichReporter, register
 from dsv4cli.demo.model import packaged_tokenizer_dir
 from dsv4cli.errors import ModelNotFound, UsageError
-from dsv4cli.hub import download as hubmod
+from dsv4cli.hub import layout, remote
+from dsv4cli.hub.errors import DownloadCancelled
+from dsv4cli.hub.progress import FileBar, Progress, SilentReporter
 from dsv4cli.io.writer import write_random_checkpoint
 from dsv4cli.model.presets import PRESETS
+from dsv4cli.units import human_bytes
 from tests.hubserver import FakeHub, files_from_dir
 
 FLASH = "deepseek-ai/DeepSeek-V4-Flash"
@@ -65,7 +68,7 @@ def hub(source, tmp_path, monkeypatch):
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                     hubmod.FAKE_FREE_ENV):
+                     layout.FAKE_FREE_ENV):
             monkeypatch.delenv(name, raising=False)
         # huggingface_hub reads these at import time: make the in-process run match the environment above.
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -73,7 +76,7 @@ def hub(source, tmp_path, monkeypatch):
         # Small read chunks, so that a cut transfer leaves a partial file behind (default: 10 MB chunks).
         monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
         # Retries of a failing request wait milliseconds, not seconds.
-        monkeypatch.setattr(hubmod, "RETRY_BASE_SECONDS", 0.001, raising=False)
+        monkeypatch.setattr(remote, "RETRY_BASE_SECONDS", 0.001, raising=False)
         yield fake
 
 
@@ -157,8 +160,8 @@ def test_dry_run_lists_files_and_total_and_writes_nothing(hub, dsv4, source, tmp
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(source) + 1
     for name, data in source.items():
-        assert any(line.endswith(f"  {name}") and hubmod.human_bytes(len(data)) in line for line in lines)
-    total = hubmod.human_bytes(sum(map(len, source.values())))
+        assert any(line.endswith(f"  {name}") and human_bytes(len(data)) in line for line in lines)
+    total = human_bytes(sum(map(len, source.values())))
     assert lines[-1].startswith(f"total: {len(source)} files, {total}; to download: {len(source)} files, {total}")
     assert not (tmp_path / "xdg").exists()
     assert not [r for r in hub.requests if r.file is not None]
@@ -258,9 +261,9 @@ def test_a_second_download_into_the_same_directory_is_refused(hub, dsv4, tmp_pat
 
 
 def test_not_enough_disk_space_is_refused_before_downloading(hub, dsv4, source, tmp_path, monkeypatch):
-    monkeypatch.setenv(hubmod.FAKE_FREE_ENV, "1000")
+    monkeypatch.setenv(layout.FAKE_FREE_ENV, "1000")
     result = dsv4("download", "flash")
-    need = hubmod.human_bytes(sum(map(len, source.values())))
+    need = human_bytes(sum(map(len, source.values())))
     assert result.code == 1
     assert result.stderr.count("\n") == 1 and f"need {need}, 1.00 kB free" in result.stderr
     assert not (tmp_path / "xdg").exists() and not [r for r in hub.requests if r.file is not None]
@@ -377,17 +380,17 @@ def test_list_and_rm(hub, dsv4, source, tmp_path, monkeypatch):
 
 def test_aliases_and_repo_ids(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    assert hubmod.resolve_repo_id("pro-base") == "deepseek-ai/DeepSeek-V4-Pro-Base"
-    assert hubmod.resolve_repo_id("someone/My-Model_1.5") == "someone/My-Model_1.5"
+    assert layout.resolve_repo_id("pro-base") == "deepseek-ai/DeepSeek-V4-Pro-Base"
+    assert layout.resolve_repo_id("someone/My-Model_1.5") == "someone/My-Model_1.5"
     for bad in ("", "a/b/c", "../x", "no-slash", "a/.."):
         with pytest.raises(UsageError):
-            hubmod.resolve_repo_id(bad)
+            layout.resolve_repo_id(bad)
     expected = tmp_path / "dsv4" / "models" / "deepseek-ai--DeepSeek-V4-Pro"
-    assert hubmod.default_local_dir("deepseek-ai/DeepSeek-V4-Pro") == expected
-    assert hubmod.human_bytes(999) == "999 B" and hubmod.human_bytes(1_234_567_890) == "1.23 GB"
+    assert layout.default_local_dir("deepseek-ai/DeepSeek-V4-Pro") == expected
+    assert human_bytes(999) == "999 B" and human_bytes(1_234_567_890) == "1.23 GB"
 
 
-class _Recorder(hubmod.SilentReporter):
+class _Recorder(SilentReporter):
     def __init__(self) -> None:
         self.done: list[int] = []
         self.notes: list[str] = []
@@ -401,16 +404,16 @@ class _Recorder(hubmod.SilentReporter):
 
 def test_aggregate_progress_counts_bytes_across_files_and_restarts():
     recorder = _Recorder()
-    progress = hubmod._Progress(recorder, {"a": 100, "b": 0})
-    bar_a = hubmod._FileBar(progress=progress, path="a", initial=100)  # resumed: Range honoured
-    bar_b = hubmod._FileBar(progress=progress, path="b", initial=0)
+    progress = Progress(recorder, {"a": 100, "b": 0})
+    bar_a = FileBar(progress=progress, path="a", initial=100)  # resumed: Range honoured
+    bar_b = FileBar(progress=progress, path="b", initial=0)
     bar_a.update(50)
     bar_b.update(30)
-    hubmod._FileBar(progress=progress, path="a", resume_from=150, initial=0)  # server ignored Range: a restarts
+    FileBar(progress=progress, path="a", resume_from=150, initial=0)  # server ignored Range: a restarts
     assert recorder.done == [100, 100, 150, 180, 30]
     assert recorder.notes == ["a: the server ignored the Range request; this file restarts from zero"]
     progress.cancel.set()
-    with pytest.raises(hubmod.DownloadCancelled):
+    with pytest.raises(DownloadCancelled):
         bar_b.update(1)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.hub import download as hubmod
+from dsv4cli.hub import download as hub_download
+from dsv4cli.hub import layout
 from tests import test_hub
 from tests.hubserver import LISTING, StalledServer
 from tests.test_hub import FLASH, OTHER, largest, local_files, models_dir, part_files
@@ -109,15 +110,15 @@ def test_a_failing_cleanup_does_not_hide_why_the_download_stopped(hub, dsv4, sou
     shard = largest(source)
     hub.broken.add(shard)
     saves: list[Path] = []
-    real_write_manifest = hubmod.write_manifest
+    real_write_manifest = hub_download.write_manifest
 
-    def write_once_then_fail(local_dir: Path, manifest: hubmod.Manifest) -> None:
+    def write_once_then_fail(local_dir: Path, manifest: layout.Manifest) -> None:
         saves.append(local_dir)
         if len(saves) > 1:
             raise PermissionError(errno.EACCES, "Permission denied", str(local_dir / ".dsv4" / "manifest.json"))
         real_write_manifest(local_dir, manifest)
 
-    monkeypatch.setattr(hubmod, "write_manifest", write_once_then_fail)
+    monkeypatch.setattr(hub_download, "write_manifest", write_once_then_fail)
     result = dsv4("download", "flash", "--include", shard)
     assert result.code == 1 and len(saves) == 2
     error = error_line(result.stderr)
@@ -168,7 +169,7 @@ class _FillingFile:
 def test_disk_full_while_downloading_is_one_line_and_the_part_file_resumes(hub, dsv4, source, tmp_path, monkeypatch):
     shard = largest(source)
     disk = _FillingDisk(room=5 * 64 * 1024 + 100)
-    real_write_json = hubmod._write_json_atomic
+    real_write_json = layout._write_json_atomic
 
     def write_json_unless_full(path: Path, data: object) -> None:
         if disk.full:
@@ -176,7 +177,7 @@ def test_disk_full_while_downloading_is_one_line_and_the_part_file_resumes(hub, 
         real_write_json(path, data)
 
     disk.install(monkeypatch)
-    monkeypatch.setattr(hubmod, "_write_json_atomic", write_json_unless_full)
+    monkeypatch.setattr(layout, "_write_json_atomic", write_json_unless_full)
     result = dsv4("download", "flash", "--include", shard)
     assert result.code == 1 and disk.full
     error = error_line(result.stderr)
@@ -256,8 +257,8 @@ def test_rm_refuses_while_a_download_holds_the_lock(hub, dsv4, tmp_path):
     pytest.importorskip("fcntl")
     path = Path(dsv4("download", "flash", "--include", "*.json").last_line)
     before = local_files(path)
-    hold = ("import sys\nfrom pathlib import Path\nfrom dsv4cli.hub.download import _download_lock\n"
-            "with _download_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
+    hold = ("import sys\nfrom pathlib import Path\nfrom dsv4cli.hub.layout import download_lock\n"
+            "with download_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
     try:

@@ -1,4 +1,4 @@
-"""`dsv4 download`, `dsv4 list`, `dsv4 rm`: thin typer commands over `dsv4cli.hub.download`.
+"""`dsv4 download`, `dsv4 list`, `dsv4 rm`: thin typer commands over `dsv4cli.hub` (download, local).
 
 Output rules:
 
@@ -128,7 +128,9 @@ def download_command(
 
 def _print_dry_run(request: Any) -> None:
     """The file table (size, action, path) and a total line on stdout; nothing is written."""
-    from dsv4cli.hub.download import DiskSpaceError, check_disk_space, human_bytes, make_plan
+    from dsv4cli.hub.download import check_disk_space, make_plan
+    from dsv4cli.hub.errors import DiskSpaceError
+    from dsv4cli.units import human_bytes
 
     plan = make_plan(request, check_existing=False, note=lambda message: typer.echo(message, err=True))
     width = max(len(human_bytes(item.file.size)) for item in plan.items)
@@ -146,7 +148,8 @@ def _print_dry_run(request: Any) -> None:
 
 
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
-    from dsv4cli.hub.download import list_local_models, models_dir
+    from dsv4cli.hub.layout import models_dir
+    from dsv4cli.hub.local import list_local_models
     from dsv4cli.hub.registry import aliases, outputs
 
     models = list_local_models()
@@ -192,7 +195,8 @@ def rm_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     from dsv4cli.errors import DsvError
-    from dsv4cli.hub.download import find_local_model, human_bytes, remove_local_model
+    from dsv4cli.hub.local import find_local_model, remove_local_model
+    from dsv4cli.units import human_bytes
 
     model = find_local_model(name)
     what = f"damaged: {model.damaged}" if model.damaged else human_bytes(model.bytes_present)

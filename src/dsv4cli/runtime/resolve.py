@@ -81,7 +81,7 @@ def resolve_model(model: str | None, *, weights: bool = True, aliases: bool = Tr
 
 def _downloaded(name: str) -> ModelRef | None:
     """A complete download called `name`; an incomplete or damaged one is an error that says so."""
-    from dsv4cli.hub.download import find_local_model
+    from dsv4cli.hub.local import find_local_model
 
     try:
         local = find_local_model(name)
