@@ -76,7 +76,7 @@ def hub(source, tmp_path, monkeypatch):
         # Small read chunks, so that a cut transfer leaves a partial file behind (default: 10 MB chunks).
         monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
         # Retries of a failing request wait milliseconds, not seconds.
-        monkeypatch.setattr(remote, "RETRY_BASE_SECONDS", 0.001, raising=False)
+        monkeypatch.setattr(remote, "RETRY_BASE_SECONDS", 0.001)
         yield fake
 
 
