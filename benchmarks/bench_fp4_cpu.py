@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,15 +23,7 @@ import torch
 
 from dsv4cli.kernels import cpu
 
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from timing import best_seconds, load_average
 
 
 def stream_bandwidth(mib: int, repeats: int) -> dict[str, float]:
@@ -46,9 +37,9 @@ def stream_bandwidth(mib: int, repeats: int) -> dict[str, float]:
     b = torch.rand(n)
     c = torch.empty(n)
     res = {
-        "copy": 2 * n * 4 / best_time(lambda: c.copy_(a), repeats),
-        "triad": 3 * n * 4 / best_time(lambda: torch.add(a, b, alpha=3.0, out=c), repeats),
-        "read": 2 * n * 4 / best_time(lambda: torch.dot(a, b), repeats),
+        "copy": 2 * n * 4 / best_seconds(lambda _: c.copy_(a), repeats),
+        "triad": 3 * n * 4 / best_seconds(lambda _: torch.add(a, b, alpha=3.0, out=c), repeats),
+        "read": 2 * n * 4 / best_seconds(lambda _: torch.dot(a, b), repeats),
     }
     return {k: v / 1e9 for k, v in res.items()}
 
@@ -124,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     lib = cpu.load()
     act_quant = not args.no_act_quant
     dtype = torch.float32
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     bw = stream_bandwidth(args.stream_mib, repeats=10)
     table = random_experts(args.experts, args.dim, args.inter, seed=0)
     rows = []

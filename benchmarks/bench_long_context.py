@@ -42,6 +42,8 @@ from dsv4cli.model.args import CSA
 from dsv4cli.model.cache import CacheLayout, ModelCache
 from dsv4cli.runtime.loader import load_model
 
+from timing import call_seconds, load_average, median_seconds
+
 
 def old_indexer_topk(q, weights, keys, visible, topk, block_entries=8192, max_chunk_bytes=1 << 26):
     """The indexer before: all keys to float, one [S, N] score block per query chunk, a full stable sort."""
@@ -91,12 +93,8 @@ def decode_ms(model, path: str, depth: int, steps: int) -> float:
     cache = new_cache(model, path, depth + steps + 1)
     cache.fill_synthetic(depth)
     ids = torch.randint(0, model.args.vocab_size, (1, steps + 1), generator=torch.Generator().manual_seed(1))
-    times = []
     with torch.no_grad():
-        for i in range(steps + 1):
-            t0 = time.perf_counter()
-            model(ids[:, i:i + 1], cache)
-            times.append(time.perf_counter() - t0)
+        times = call_seconds(lambda i: model(ids[:, i:i + 1], cache), steps + 1, warmup=0)
     return statistics.median(times[1:]) * 1e3  # the first step warms the caches
 
 
@@ -105,14 +103,9 @@ def prefill_tok_s(model, path: str, depth: int, tokens: int, reps: int) -> float
     cache.fill_synthetic(depth)
     start = cache.snapshot()
     ids = torch.randint(0, model.args.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(2))
-    times = []
     with torch.no_grad():
-        for _ in range(reps):
-            cache.restore(start)
-            t0 = time.perf_counter()
-            model(ids, cache)
-            times.append(time.perf_counter() - t0)
-    return tokens / statistics.median(times)
+        seconds = median_seconds(lambda _: model(ids, cache), reps, warmup=0, setup=lambda: cache.restore(start))
+    return tokens / seconds
 
 
 def resident_bytes() -> int:
@@ -147,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     assert [args.layer_ratio(i) for i in range(args.n_layers)] == [0, CSA, 128, CSA]
     paths = opts.paths.split(",")
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"load {os.getloadavg()[0]:.2f}, threads {opts.threads}, native isa {cpu.load().isa}, "
+          f"load {load_average():.2f}, threads {opts.threads}, native isa {cpu.load().isa}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     results: dict = {"decode_ms": {p: {} for p in paths}, "prefill_tok_s": {p: {} for p in paths},
-                     "load_average": os.getloadavg()[0], "threads": opts.threads}
+                     "load_average": load_average(), "threads": opts.threads}
     # Decode: the paths alternate at every depth, in `--rounds` rounds, so that the machine's noise hits
     # both alike; each number is the median over rounds of the per-round median step time.
     samples: dict = {p: {d: [] for d in counts(opts.depths)} for p in paths}

@@ -9,8 +9,6 @@ of the GEMV, the bytes it reads (packed codes + scales) per second and weights p
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -18,16 +16,7 @@ from dsv4cli.formats.lowbit import LOWBIT, quantize_lowbit
 from dsv4cli.formats.official import quantize_fp4_rows
 from dsv4cli.kernels import cpu
 
-
-def median_time(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             def run(q=q, s=s, bits=LOWBIT[fmt][0]):
                 return lib.lowbit_linear(x, q, s, bits, False, a.threads)
         nbytes = q.numel() * q.element_size() + s.numel() * s.element_size()
-        t = median_time(run, a.repeats)
+        t = median_seconds(lambda _: run(), a.repeats, warmup=3)
         print(f"{fmt}: {nbytes / 2**20:.1f} MiB in {t * 1e3:.2f} ms = {nbytes / t / 1e9:.2f} GB/s, "
               f"{w.numel() / t / 1e9:.1f} G weights/s")
     return 0

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -51,6 +50,8 @@ from dsv4cli.kernels import cpu
 from dsv4cli.model.args import CSA, HCA, SWA
 from dsv4cli.model.presets import PRESETS
 
+from timing import call_seconds, load_average
+
 KIND = {SWA: "SWA", CSA: "CSA", HCA: "HCA"}
 FLASH = PRESETS["flash"]
 
@@ -64,12 +65,7 @@ def time_calls(fn: Callable[[int], object], calls: int) -> tuple[float, float]:
     Both are reported: the best is what the code does when nothing else competes for the cores
     and memory (this box is shared), the median includes that interference.
     """
-    fn(0)
-    samples = []
-    for i in range(calls):
-        t0 = time.perf_counter()
-        fn(i)
-        samples.append(time.perf_counter() - t0)
+    samples = call_seconds(fn, calls)
     return min(samples), statistics.median(samples)
 
 
@@ -376,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cpu.set_threads(args.threads)
     lib = cpu.load()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := [a for a in arms if a not in ("ref", "native", "transformers")]:
         raise SystemExit(f"unknown arm(s) {unknown}")

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -38,23 +35,14 @@ import torch
 from dsv4cli.kernels import cpu
 from dsv4cli.kernels.experts import LOWBIT_BITS
 
+from timing import load_average, median_seconds
+
 #: library flags of the on-the-fly arm: thresholds no batch reaches
 ON_THE_FLY_FLAGS = tuple(f"-D{name}_MIN=1073741824"
                          for name in ("FP4_GEMM", "FP8_GEMM", "FP4_AMX", "FP8_AMX", "LOWBIT_AMX"))
 DENSE = {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "wq_a": (1024, 4096)}  # (out, in)
 FORMATS = ("fp4", "int3", "int2")
 LOWBIT_BYTES = {f"int{bits}": nbytes for nbytes, bits in LOWBIT_BITS.items()}  # bytes per 32 inputs
-
-
-def timed(fn: Callable[[], object], calls: int) -> float:
-    """Median seconds of `calls` calls after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def expert_weight(fmt: str, rows: int, cols: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     panel, on_the_fly = cpu.load(), cpu.load(extra_flags=ON_THE_FLY_FLAGS)
     libs = {"panel": panel, **({"no-AMX panel": cpu.load(extra_flags=cpu.NO_AMX_FLAGS)} if panel.amx == "amx" else {}),
             "on-the-fly": on_the_fly}
-    load = os.getloadavg()[0]
+    load = load_average()
     print(f"{platform.processor() or platform.machine()}, kernels {panel.isa} (AMX: {panel.amx}), "
           f"torch {torch.__version__}, "
           f"load average at start {load:.2f}, {args.rounds} rounds x {args.calls} calls, medians", flush=True)
@@ -152,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples: dict[str, list[float]] = {a: [] for a in arms}
                 for _ in range(args.rounds):
                     for arm, fn in arms.items():
-                        samples[arm].append(timed(fn, args.calls))
+                        samples[arm].append(median_seconds(lambda _, fn=fn: fn(), args.calls))
                 med = {a: statistics.median(v) for a, v in samples.items()}
                 row = {"case": label, "threads": threads, "tokens": n, "gflop": flop / 1e9,
                        **{f"{a} ms": 1e3 * t for a, t in med.items()},
@@ -180,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n| case | tokens | {hi} threads vs {lo} |\n|---|---:|---:|")
         for (c, n), ms in by_key.items():
             print(f"| {c} | {n} | {ms[lo] / ms[hi]:.2f}x |")
-    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+    print(f"\nload average at end {load_average():.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"load_start": load, "isa": panel.isa, "amx": panel.amx, "rows": rows}, f, indent=1)
