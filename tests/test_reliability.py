@@ -258,6 +258,7 @@ def test_permission_denied_is_one_line(world):
 #: so that the test can kill it at a known point
 PAUSING_CLI = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when pytest runs in the background
 from dsv4cli.io import convert
 record = convert._write_progress
 def pause_after_first(tmp, fingerprint, finished):
