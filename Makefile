@@ -17,8 +17,10 @@ install: $(BIN)/dsv4
 demo: $(BIN)/dsv4
 	$(BIN)/dsv4 chat --mode think-high --show-thinking -p "What is 487 + 356?"
 
+# Test files spread over up to 4 worker processes (pytest-xdist; one per core, so 2 on the 2-core CI machine):
+# whole files per worker, so the module-scoped fixtures (the GPU-check dry run, built models) run once.
 test: $(BIN)/dsv4
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 test-gpu: $(BIN)/dsv4
 	$(BIN)/python -m pytest -q -m gpu
