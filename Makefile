@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test test-fast test-gpu lint fmt bench clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install demo test test-gpu lint fmt clean gpu-wheels gpu-check gpu-check-dry
 
 $(BIN)/dsv4:
 	$(PYTHON) -m venv $(VENV)
