@@ -45,6 +45,10 @@
 #define DSV4_ISA "scalar"
 #endif
 
+// Forces the inlining of the small lambdas the tiles hand to a shared loop (gemv_tile_loop): left as
+// calls, their register arrays would go through memory.
+#define DSV4_ALWAYS_INLINE __attribute__((always_inline))
+
 namespace {
 
 // ------------------------------------------------------------------------------- scalar helpers

@@ -110,47 +110,38 @@ alignas(64) const uint8_t kScaleCtrl[64] = {
     0x80, 0x80, 2, 0x80, 0x80, 0x80, 2, 0x80, 0x80, 0x80, 2, 0x80, 0x80, 0x80, 2, 0x80,
     0x80, 0x80, 3, 0x80, 0x80, 0x80, 3, 0x80, 0x80, 0x80, 3, 0x80, 0x80, 0x80, 3, 0x80};
 
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1  // into L2: T0 (L1) measured 2x slower on Zen 4
+#endif
 // R rows x TB tokens over the whole K. w: first row's packed bytes, s: its scale bytes.
 // xs[t]: prepared row of token t; y[t][r] receives the dot product of row r with token t.
 // Decode of 64 bytes: the 32 words w_j = byte(2j) | byte(2j+1) << 8; (w_j >> 4v) & 15 is the
 // nibble of input 4j + v, so four shifts + four vpermw give 128 bf16 weights in a known order.
 // vdpbf16ps pairs words (2i, 2i+1) -> lane i, inputs 8i + v and 8i + 4 + v: block i/4.
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1  // into L2: T0 (L1) measured 2x slower on Zen 4
-#endif
+// The hardware prefetchers ramp up too slowly on 2 KB rows: each chunk fetches the same chunk of the
+// next tile's rows (R rows further on, one tile ahead in time), and while c < scale_lines their scales.
 template <int R, int TB>
 inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp, int parts,
                       const XT* const* xs, float* const* y, int64_t yoff) {
-    const int64_t rb = K / 2, sb = K / 32;
+    const int64_t rb = K / 2, sb = K / 32, scale_lines = (sb + 63) / 64;
     const __m512i tbl = _mm512_load_si512(kBf16Table);
     const __m512i sctrl = _mm512_load_si512(kScaleCtrl);
-    __m512 acc[R][TB];
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-    const int64_t nfull = K / kChunk;
-    const int64_t nchunks = (K + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < nchunks; ++c) {
-        __m512bh v[R][4];
-        __m512 sc[R];
+    gemv_tile_loop<R, TB>(K, kChunk, Kp, parts, xs, y, yoff, [&](int64_t c, auto full, __m512bh (&v)[R][4],
+                                                                  __m512 (&sc)[R]) DSV4_ALWAYS_INLINE {
         for (int r = 0; r < R; ++r) {
-            // The hardware prefetchers ramp up too slowly on 2 KB rows: fetch the same chunk of
-            // the next tile's rows (R rows further on, one tile ahead in time) explicitly.
             _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * rb + 64 * c), PF_HINT);
-            if (c < (sb + 63) / 64)
-                _mm_prefetch(reinterpret_cast<const char*>(s + (R + r) * sb + 64 * c), PF_HINT);
+            if (c < scale_lines) _mm_prefetch(reinterpret_cast<const char*>(s + (R + r) * sb + 64 * c), PF_HINT);
             __m512i wr, sr;
-            if (c < nfull) {
+            if constexpr (decltype(full)::value) {
                 wr = _mm512_loadu_si512(w + r * rb + 64 * c);
                 int32_t s4;
                 std::memcpy(&s4, s + r * sb + 4 * c, 4);
                 sr = _mm512_set1_epi32(s4);
-            } else {  // tail: K % 128 inputs left (a multiple of 32)
+            } else {  // the tail: K % 128 inputs left (a multiple of 32)
                 const int64_t left = K - c * kChunk;
-                const __mmask64 m = (left / 2 >= 64) ? ~0ull : ((1ull << (left / 2)) - 1);
-                wr = _mm512_maskz_loadu_epi8(m, w + r * rb + 64 * c);
+                wr = _mm512_maskz_loadu_epi8((1ull << (left / 2)) - 1, w + r * rb + 64 * c);
                 const __mmask16 ms = static_cast<__mmask16>((1u << (left / 32)) - 1);
-                __m128i s4 = _mm_maskz_loadu_epi8(ms, s + r * sb + 4 * c);
-                sr = _mm512_broadcastd_epi32(s4);
+                sr = _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8(ms, s + r * sb + 4 * c));
             }
             v[r][0] = (__m512bh)_mm512_permutexvar_epi16(wr, tbl);
             v[r][1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wr, 4), tbl);
@@ -158,9 +149,7 @@ inline void gemv_tile(const uint8_t* w, const uint8_t* s, int64_t K, int64_t Kp,
             v[r][3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wr, 12), tbl);
             sc[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_shuffle_epi8(sr, sctrl), 7));
         }
-        chunk_dot_scaled<R, TB>(v, sc, xs, c * kChunk, Kp, parts, acc);
-    }
-    store_sums<R, TB>(acc, y, yoff);
+    });
 }
 
 // Whether the block scales of rows [r, r + rows) of an FP4 weight fold into bf16 exponents

@@ -207,20 +207,15 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
                  float* const* y, int64_t yoff) {
     if (sr == nullptr) return tile_bf16<R, TB>(w, K, Kp, parts, xs, y, yoff);
     const Decoder dec;
-    __m512 acc[R][TB];
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-    const int64_t nfull = K / kBlk, nchunks = (K + kBlk - 1) / kBlk;
-    for (int64_t c = 0; c < nchunks; ++c) {
-        __m512bh v[R][4];
-        __m512 sc[R];
+    gemv_tile_loop<R, TB>(K, kBlk, Kp, parts, xs, y, yoff, [&](int64_t c, auto full, __m512bh (&v)[R][4],
+                                                                __m512 (&sc)[R]) DSV4_ALWAYS_INLINE {
         for (int r = 0; r < R; ++r) {
             const uint8_t* row = w + r * K + kBlk * c;
             const uint8_t* ahead = row + static_cast<int64_t>(kPfTiles) * R * K;
             prefetch_l2(ahead);
             prefetch_l2(ahead + 64);
             __m512i b0, b1;
-            if (c < nfull) {
+            if constexpr (decltype(full)::value) {
                 b0 = _mm512_loadu_si512(row);
                 b1 = _mm512_loadu_si512(row + 64);
             } else {  // the K tail: masked-off bytes read as 0 (= +0.0), never past the row
@@ -232,11 +227,8 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
             dec(b1, v[r][2], v[r][3]);
             sc[r] = _mm512_set1_ps(sr[r][c]);
         }
-        chunk_dot_scaled<R, TB>(v, sc, xs, c * kBlk, Kp, parts, acc);
-    }
-    store_sums<R, TB>(acc, y, yoff);
+    });
 }
-
 
 // ---- small-batch GEMM (prefill): many tokens against the same rows (bf16_tiles.h). For
 // T >= gemm_min_tokens(), 4 rows at a time are decoded once into a bf16 panel with the block scale

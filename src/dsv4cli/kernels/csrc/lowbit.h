@@ -89,20 +89,16 @@ inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t 
     const int64_t rb = K / 32 * bb, sb = K / 32;
     const __m512i tbl = _mm512_load_si512(B == 3 ? kLowbit.i3 : kLowbit.i2);
     const __m512i sctrl = _mm512_load_si512(kBf16ScaleCtrl);
-    __m512 acc[R][TB];
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-    const int64_t nchunks = (K + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t blocks = std::min<int64_t>(4, K / 32 - 4 * c);
-        __m512bh v[R][4];
-        __m512 sc[R];
+    gemv_tile_loop<R, TB>(K, kChunk, Kp, parts, xs, y, yoff, [&](int64_t c, auto full, __m512bh (&v)[R][4],
+                                                                  __m512 (&sc)[R]) DSV4_ALWAYS_INLINE {
+        constexpr bool kFull = decltype(full)::value;
+        const int64_t blocks = kFull ? 4 : K / 32 - 4 * c;
         for (int r = 0; r < R; ++r) {
             const uint8_t* p = w + r * rb + cb * c;
             _mm_prefetch(reinterpret_cast<const char*>(p + R * rb), PF_HINT);
             if ((c & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + (R + r) * sb + 4 * c), PF_HINT);
             __m512i sr;
-            if (blocks == 4) {
+            if constexpr (kFull) {
                 int64_t s8;
                 std::memcpy(&s8, s + r * sb + 4 * c, 8);
                 sr = _mm512_set1_epi64(s8);
@@ -115,9 +111,7 @@ inline void lowbit_tile(const uint8_t* w, const uint16_t* s, int64_t K, int64_t 
             for (int q = 0; q < 4; ++q)
                 v[r][q] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, B * q), tbl);
         }
-        chunk_dot_scaled<R, TB>(v, sc, xs, c * kChunk, Kp, parts, acc);
-    }
-    store_sums<R, TB>(acc, y, yoff);
+    });
 }
 
 #if DSV4_AMX
