@@ -15,6 +15,9 @@ What it measures, alternating the arms in every round (medians; the load average
 * pp and tg tok/s: `dsv4 bench` against `llama-bench` on the slice;
 * the routed-expert call (dim 4096, inter 2048, top-6) on 1 and 128 tokens: dsv4's native FP4 MoE
   kernel against kt-kernel's on identical expert bytes, routings and inputs.
+Every arm runs pinned to the first --threads cores this process may use (the affinity is inherited by
+the peers' processes): kt-kernel's `CPUInfer(1)` otherwise spreads one call's work over two cores, so
+kt-kernel runs CPUInfer(max(1, threads - 1)) (see kt_workers).
 Neither peer runs in CI: this is a benchmark.
 
     python benchmarks/bench_peers.py --work /tmp/peers [--threads 1] [--experts 64] [--rounds 2] [--json out.json]
@@ -207,6 +210,13 @@ def dsv4_moe(table, inputs, n: int, calls: int) -> list[float]:
     return samples
 
 
+def kt_workers(threads: int) -> int:
+    """kt-kernel's CPUInfer(n) keeps n + 1 threads busy during a call (its n workers and the submitting
+    thread: CPUInfer(1) measured 1.99 CPU-seconds per second): n = threads - 1 fills `threads` cores
+    (CPUInfer(2) pinned to 2 cores ran 2.3x slower than CPUInfer(1) there); on one core, CPUInfer(1)."""
+    return max(1, threads - 1)
+
+
 def kt_line(kt: subprocess.Popen, start: str) -> str:
     """The driver's next line starting with `start` (kt-kernel prints its own banners on stdout too)."""
     for line in kt.stdout:
@@ -220,7 +230,8 @@ def bench_moe(work: Path, experts: int, threads: int, rounds: int) -> dict[str, 
     data = work / f"moe-E{experts}.safetensors"
     table, inputs = moe_data(data, experts, tokens, calls)
     kt = subprocess.Popen([str(kt_python(work)), str(HERE / "peers" / "kt_moe_driver.py"), "--data", str(data),
-                           "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                           "--threads", str(kt_workers(threads))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True)
     try:
         kt_line(kt, "ready")
         cpu.load()
@@ -263,6 +274,15 @@ def bench_e2e(work: Path, checkpoint: Path, model: Path, threads: int, prompt: i
     return results
 
 
+def pin_to_cores(threads: int) -> list[int]:
+    """Restrict this process (and so every arm it starts) to `threads` cores; returns them."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads > len(allowed):
+        raise SystemExit(f"--threads {threads}: only {len(allowed)} cores are available")
+    os.sched_setaffinity(0, allowed[:threads])
+    return allowed[:threads]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="where the peers, venvs and weights go")
@@ -277,6 +297,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    cores = pin_to_cores(args.threads)
     load_before = os.getloadavg()
     results: dict[str, dict[str, list[float]]] = {}
     if "e2e" not in args.skip:
@@ -288,7 +309,8 @@ def main() -> None:
         results |= bench_moe(work, args.experts, args.threads, args.rounds)
     load_after = os.getloadavg()
     print(f"machine: {platform.processor() or platform.machine()} · {os.cpu_count()} cpus · AMX {has_amx()} · "
-          f"{args.threads} thread(s) · load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+          f"{args.threads} thread(s) pinned to cores {cores} · load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after")
     print(f"weights: synthetic Flash slice, 4 layers, {args.experts} experts (FP4 experts: identical bytes in "
           "every arm)\n")
     print("| test | unit | dsv4 | peer | peer value | dsv4 / peer |\n|---|---|---:|---|---:|---:|")
