@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from dsv4cli.kernels import ref
-from dsv4cli.kernels.triton_longctx import _attend
-from dsv4cli.kernels.triton_quant import INTERPRET, cast_rne, dot_dtype, dot_precision, jit, runs_here, tl, triton
+from dsv4cli.kernels.triton_longctx import _attend, _query_start, _store_with_sink
+from dsv4cli.kernels.triton_quant import INTERPRET, dot_dtype, dot_precision, jit, runs_here, tl, triton
 
 
 @jit
@@ -25,24 +25,12 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, S, H, N, K, D
                         DOT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b,s,h] = sum_i p_i kv[b, idx_i] / (sum_i p_i + exp(sink_h - m)), p_i = exp(scale q.kv_i - m)."""
-    b = tl.program_id(0) // S
-    s = tl.program_id(0) % S
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    h_ok, d_ok = h < H, d < D
-    q_rows = q_ptr + b.to(tl.int64) * stride_qb + s.to(tl.int64) * stride_qs + h[:, None] * stride_qh
-    q = tl.load(q_rows + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32).to(DOT)
-    sink = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
-    m = sink  # the running max starts at the sink logit, so an empty list gives exactly 0
-    denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    b, s, h, d, h_ok, d_ok, q, sink, m, denom, acc = _query_start(q_ptr, sink_ptr, S, H, D, stride_qb, stride_qs,
+                                                                  stride_qh, DOT, BLOCK_H, BLOCK_D)
     m, denom, acc = _attend(q, m, denom, acc, kv_ptr + b.to(tl.int64) * stride_kb,
                             idx_ptr + b.to(tl.int64) * stride_ib + s.to(tl.int64) * stride_is, K, N, d,
                             stride_kn, D, D, 0, softmax_scale, 0, DOT, PRECISION, BLOCK_N)  # kind 0: float rows
-    denom += tl.exp(sink - m)
-    out = acc / denom[:, None]
-    o_rows = out_ptr + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h[:, None] * stride_oh
-    tl.store(o_rows + d[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+    _store_with_sink(out_ptr, b, s, h, d, h_ok, d_ok, sink, m, denom, acc, stride_ob, stride_os, stride_oh)
 
 
 def _blocks(h: int, d: int) -> tuple[int, int, int, int]:

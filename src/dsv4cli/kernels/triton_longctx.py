@@ -84,13 +84,11 @@ def _attend(q, m, denom, acc, base, idx_row, K, valid_limit, d, stride_n, D, NOP
 
 
 @jit
-def _cached_attn_kernel(q_ptr, local_ptr, lidx_ptr, pool_ptr, pidx_ptr, sink_ptr, out_ptr,
-                        S, H, D, NOPE, R, W, K, L, P, softmax_scale,
-                        stride_qb, stride_qs, stride_qh, stride_lb, stride_ln, stride_lib, stride_lis,
-                        stride_pb, stride_pn, stride_pib, stride_pis, stride_ob, stride_os, stride_oh,
-                        POOL_KIND: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b,s,h] = softmax-with-sink attention over the listed local rows, then the listed pool rows."""
+def _query_start(q_ptr, sink_ptr, S, H, D, stride_qb, stride_qs, stride_qh,
+                 DOT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch b, token s, heads h, dims d, their masks), its query rows in DOT, the sink
+    logits, and the online softmax's start: the running max at the sink logit (so an empty list gives
+    exactly 0), denominator and accumulator zero."""
     b = tl.program_id(0) // S
     s = tl.program_id(0) % S
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -99,19 +97,37 @@ def _cached_attn_kernel(q_ptr, local_ptr, lidx_ptr, pool_ptr, pidx_ptr, sink_ptr
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + s.to(tl.int64) * stride_qs + h[:, None] * stride_qh
     q = tl.load(q_rows + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32).to(DOT)
     sink = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
-    m = sink  # the running max starts at the sink logit, so an empty list gives exactly 0
     denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    return b, s, h, d, h_ok, d_ok, q, sink, sink, denom, acc
+
+
+@jit
+def _store_with_sink(out_ptr, b, s, h, d, h_ok, d_ok, sink, m, denom, acc, stride_ob, stride_os, stride_oh):
+    """out[b, s, h] = acc / (denom + exp(sink - m)): the sink enters only the denominator."""
+    denom += tl.exp(sink - m)
+    out = acc / denom[:, None]
+    o_rows = out_ptr + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h[:, None] * stride_oh
+    tl.store(o_rows + d[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+
+
+@jit
+def _cached_attn_kernel(q_ptr, local_ptr, lidx_ptr, pool_ptr, pidx_ptr, sink_ptr, out_ptr,
+                        S, H, D, NOPE, R, W, K, L, P, softmax_scale,
+                        stride_qb, stride_qs, stride_qh, stride_lb, stride_ln, stride_lib, stride_lis,
+                        stride_pb, stride_pn, stride_pib, stride_pis, stride_ob, stride_os, stride_oh,
+                        POOL_KIND: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b,s,h] = softmax-with-sink attention over the listed local rows, then the listed pool rows."""
+    b, s, h, d, h_ok, d_ok, q, sink, m, denom, acc = _query_start(q_ptr, sink_ptr, S, H, D, stride_qb, stride_qs,
+                                                                  stride_qh, DOT, BLOCK_H, BLOCK_D)
     m, denom, acc = _attend(q, m, denom, acc, local_ptr + b.to(tl.int64) * stride_lb,
                             lidx_ptr + b.to(tl.int64) * stride_lib + s.to(tl.int64) * stride_lis, W, L, d,
                             stride_ln, D, NOPE, R, softmax_scale, 0, DOT, PRECISION, BLOCK_N)
     m, denom, acc = _attend(q, m, denom, acc, pool_ptr + b.to(tl.int64) * stride_pb,  # K = 0: no pool
                             pidx_ptr + b.to(tl.int64) * stride_pib + s.to(tl.int64) * stride_pis, K, P, d,
                             stride_pn, D, NOPE, R, softmax_scale, POOL_KIND, DOT, PRECISION, BLOCK_N)
-    denom += tl.exp(sink - m)
-    out = acc / denom[:, None]
-    o_rows = out_ptr + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h[:, None] * stride_oh
-    tl.store(o_rows + d[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+    _store_with_sink(out_ptr, b, s, h, d, h_ok, d_ok, sink, m, denom, acc, stride_ob, stride_os, stride_oh)
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
