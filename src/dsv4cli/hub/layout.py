@@ -17,13 +17,13 @@ import functools
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsv4cli import fsutil
 from dsv4cli.errors import DsvError, UsageError
 from dsv4cli.fsutil import atomic_write_text, file_lock
 from dsv4cli.hub.errors import DownloadError, ManifestError, first_line
@@ -101,10 +101,7 @@ def free_bytes(local_dir: Path) -> int:
     fake = os.environ.get(FAKE_FREE_ENV)
     if fake:
         return int(fake)
-    probe = local_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return fsutil.free_bytes(local_dir)
 
 
 # ======================================================================= manifest
