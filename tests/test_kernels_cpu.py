@@ -290,6 +290,58 @@ def test_moe_non_fp4_experts_use_the_reference():
     assert torch.equal(cpu.moe_experts(x, weights, indices, table, 0.0, False), want)
 
 
+# ------------------------------------------------------------------- mHC split + Sinkhorn
+
+
+def sinkhorn_inputs(lead: tuple[int, ...], n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = (2 + n) * n
+    return (torch.randn(*lead, width, generator=g) * 3, torch.randn(3, generator=g),
+            torch.randn(width, generator=g))
+
+
+@native
+@pytest.mark.parametrize(("lead", "n", "iters"), [((1, 1), 4, 20), ((2, 9), 4, 20), ((5,), 3, 7), ((3,), 2, 1),
+                                                  ((4,), 4, 0), ((0,), 4, 20)])
+def test_hc_split_sinkhorn_matches_reference(lib, lead, n, iters):
+    mixes, scale, base = sinkhorn_inputs(lead, n, seed=n * 100 + iters)
+    want = ref.hc_split_sinkhorn(mixes, scale, base, n, iters, 1e-6)
+    width = (2 + n) * n
+    got = lib.hc_split_sinkhorn(mixes.reshape(-1, width), scale, base, n, iters, 1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.view(w.shape), w, rtol=2e-6, atol=1e-7)
+    for g, w in zip(cpu.hc_split_sinkhorn(mixes, scale, base, n, iters, 1e-6), want, strict=True):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-7)
+
+
+@native
+def test_hc_split_sinkhorn_strided_and_bf16_inputs():
+    mixes, scale, base = sinkhorn_inputs((6, 30), 4, seed=3)
+    strided = mixes[:, ::2, :]  # rows 2 * 24 floats apart: copied to rows the kernel reads
+    single = mixes[2:3, 5:6]  # one row, whose stride is not its width
+    for x in (strided, single, mixes.bfloat16(), mixes[..., :24].transpose(0, 1)):
+        want = ref.hc_split_sinkhorn(x, scale.bfloat16(), base, 4, 20, 1e-6)
+        for g, w in zip(cpu.hc_split_sinkhorn(x, scale.bfloat16(), base, 4, 20, 1e-6), want, strict=True):
+            torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-7)
+
+
+def test_hc_split_sinkhorn_falls_back_for_shapes_the_kernel_does_not_take(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the native kernel must not be called")
+
+    monkeypatch.setattr(cpu, "load", boom)
+    mixes, scale, base = sinkhorn_inputs((3,), 4, seed=5)
+    for args in ((mixes.double(), scale, base, 4, 20, 1e-6), (mixes.requires_grad_(), scale, base, 4, 20, 1e-6)):
+        for g, w in zip(cpu.hc_split_sinkhorn(*args), ref.hc_split_sinkhorn(*args), strict=True):
+            assert torch.equal(g, w)
+    wide = torch.randn(3, 30)  # 30 values are no (2 + n) * n split for n = 4
+    with pytest.raises(RuntimeError):
+        ref.hc_split_sinkhorn(wide, scale, base, 4, 20, 1e-6)
+    with pytest.raises(RuntimeError):
+        cpu.hc_split_sinkhorn(wide, scale, base, 4, 20, 1e-6)
+
+
 # ------------------------------------------------------------------ switches and errors
 
 

@@ -314,15 +314,22 @@ def test_native_cpu_kernels_give_the_reference_logits():
         kernels.reset()
         with torch.no_grad():
             reference = tiny_model("tiny", OFFICIAL).full_logits(ids)
+            reference_fp32 = tiny_model("tiny", PLAIN).full_logits(ids)
         kernels.select("cpu")
         assert "cpu" in kernels.active()["moe_experts"]
-        # The attention kernels sum in another order than the reference, so their bf16 outputs differ by an
-        # ulp now and then, which this chaotic random model amplifies (FP8 rounding points downstream);
-        # tests/test_long_context.py checks them call by call on the model's own inputs, and end to end in fp32.
+        assert "cpu" in kernels.active()["hc_split_sinkhorn"]
+        with torch.no_grad():  # every native op, in float32: they differ from the reference by float rounding only
+            native_fp32 = tiny_model("tiny", PLAIN).full_logits(ids)
+        # The attention kernels sum in another order than the reference, and the mHC Sinkhorn's exp and sigmoid
+        # are not torch's, so their bf16 outputs differ by an ulp now and then, which this chaotic random model
+        # amplifies (FP8 rounding points downstream); tests/test_long_context.py and tests/test_kernels_cpu.py
+        # check them call by call, and the float32 run above end to end.
         kernels.use("cached_attn", ref.cached_attn)
         kernels.use("indexer_topk", ref.indexer_topk)
+        kernels.use("hc_split_sinkhorn", ref.hc_split_sinkhorn)
         with torch.no_grad():
             native = tiny_model("tiny", OFFICIAL).full_logits(ids)
     finally:
         kernels.reset()
+    assert (native_fp32 - reference_fp32).abs().max().item() < 1e-5 * reference_fp32.abs().max().item()
     assert (native - reference).abs().max().item() < 1e-3 * reference.abs().max().item()

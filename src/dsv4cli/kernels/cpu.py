@@ -49,7 +49,7 @@ from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operand
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "fp4_cpu.cpp"
 #: translation units compiled into the one library (they share csrc/common.h)
-SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp", CSRC / "attn_cpu.cpp")
+SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp", CSRC / "attn_cpu.cpp", CSRC / "hc_cpu.cpp")
 HEADERS = (CSRC / "common.h", CSRC / "lowbit.h", CSRC / "bf16_tiles.h", CSRC / "amx_tiles.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 #: extra flags of a build without the AMX tile unit (its prefill GEMM runs on vdpbf16ps)
@@ -319,6 +319,8 @@ class NativeKernels:
         lib.dsv4_cached_attn.argtypes = [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _i64,
                                          _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
                                          _f32, _ptr, _int]
+        lib.dsv4_hc_split_sinkhorn.restype = _int
+        lib.dsv4_hc_split_sinkhorn.argtypes = [_ptr, _i64, _i64, _int, _ptr, _ptr, _int, _f32, _ptr, _ptr, _ptr]
         self.isa: str = lib.dsv4_fp4_isa().decode()
         #: code path of the FP8 kernels (the bf16 one also needs AVX-512 VBMI)
         self.fp8_isa: str = lib.dsv4_fp8_isa().decode()
@@ -379,6 +381,20 @@ class NativeKernels:
         rc = self.lib.dsv4_bf16_linear(x.data_ptr(), n, g, k, weight.data_ptr(), r, y.data_ptr(), threads)
         _check(rc, "bf16 linear")
         return y
+
+    def hc_split_sinkhorn(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float32 mixes [T, (2+n)*n] (rows contiguous), scale [3], base [(2+n)*n] (contiguous) -> pre [T, n],
+        post [T, n], comb [T, n, n] (inputs already validated)."""
+        t = mixes.shape[0]
+        pre, post = torch.empty(t, n), torch.empty(t, n)
+        comb = torch.empty(t, n, n)
+        stride = mixes.stride(0) if t > 1 else mixes.shape[1]  # a single row's stride may be anything
+        rc = self.lib.dsv4_hc_split_sinkhorn(mixes.data_ptr(), t, stride, n, scale.data_ptr(),
+                                             base.data_ptr(), iters, float(eps), pre.data_ptr(), post.data_ptr(),
+                                             comb.data_ptr())
+        _check(rc, "hc split sinkhorn")
+        return pre, post, comb
 
     def fp4_moe(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, table: ExpertTable,
                 swiglu_limit: float, act_quant: bool, round_bf16: bool, threads: int) -> torch.Tensor:
@@ -458,17 +474,22 @@ _lock = threading.Lock()
 _loaded: dict[tuple[str, tuple[str, ...]], NativeKernels | KernelBuildError] = {}
 
 
+@functools.lru_cache(maxsize=8)
+def _user_flags(value: str) -> tuple[str, ...]:
+    """$DSV4_CXXFLAGS split like a shell would (parsed once per value: `load` runs on every kernel call)."""
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise KernelBuildError(f"{ENV_CXXFLAGS} is not a valid flag list: {exc}",
+                               f"fix the quoting in {ENV_CXXFLAGS} or unset it") from exc
+
+
 def load(cxx: str | None = None, extra_flags: Sequence[str] = ()) -> NativeKernels:
     """Build (once per compiler/flags; $DSV4_CXXFLAGS first) and load the kernels; raises KernelBuildError.
 
     A failed build is remembered for the process, so it is reported, not retried, on every call.
     """
-    try:
-        user_flags = tuple(shlex.split(os.environ.get(ENV_CXXFLAGS, "")))
-    except ValueError as exc:
-        raise KernelBuildError(f"{ENV_CXXFLAGS} is not a valid flag list: {exc}",
-                               f"fix the quoting in {ENV_CXXFLAGS} or unset it") from exc
-    extra_flags = (*user_flags, *extra_flags)
+    extra_flags = (*_user_flags(os.environ.get(ENV_CXXFLAGS, "")), *extra_flags)
     key = (cxx or os.environ.get(ENV_CXX) or DEFAULT_CXX, tuple(extra_flags))
     with _lock:
         got = _loaded.get(key)
@@ -607,6 +628,21 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2
     return ref.swiglu_with(linear, x, w1, s1, w2, s2, w3, s3, route_weight, swiglu_limit, act_quant)
 
 
+def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int, iters: int,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ref.hc_split_sinkhorn` natively (csrc/hc_cpu.cpp): one call per block instead of ~100 small torch ops,
+    which is most of a small model's decode step; the reference for inputs the kernel does not take."""
+    width = (2 + hc_mult) * hc_mult
+    if (not _native_input(mixes) or mixes.shape[-1] != width or scale.numel() != 3 or base.numel() != width
+            or scale.device.type != "cpu" or base.device.type != "cpu" or not 1 <= hc_mult <= 64 or iters < 0):
+        return ref.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+    lead = mixes.shape[:-1]
+    rows = mixes.reshape(-1, width).to(torch.float32).contiguous()
+    pre, post, comb = load().hc_split_sinkhorn(rows, scale.to(torch.float32).contiguous(),
+                                               base.to(torch.float32).contiguous(), hc_mult, iters, eps)
+    return pre.view(*lead, hc_mult), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
+
+
 moe_experts_ref = ref.moe_experts  # the reference twin of `moe_experts`
 
 
@@ -698,4 +734,5 @@ def implementations() -> dict[str, Callable]:
     if not available():
         return {}
     return {"linear": linear, "grouped_linear": grouped_linear, "swiglu_expert": swiglu_expert,
-            "moe_experts": moe_experts, "indexer_topk": indexer_topk, "cached_attn": cached_attn}
+            "moe_experts": moe_experts, "indexer_topk": indexer_topk, "cached_attn": cached_attn,
+            "hc_split_sinkhorn": hc_split_sinkhorn}
