@@ -45,7 +45,7 @@ def prompt_of(n: int, seed: int = 0) -> list[int]:
 
 @pytest.mark.parametrize("draft", [1, 2, 3])
 def test_greedy_drafting_gives_the_plain_greedy_tokens(model, draft):
-    # the random tiny model's drafts are mostly wrong: every step takes the undo-and-refeed path
+    # the random tiny model's drafts are mostly wrong: most steps keep a prefix of the verified tokens
     plain = Engine(model, max_context=256, prefill_chunk=16)
     spec = Engine(model, max_context=256, prefill_chunk=16, draft=draft)
     for seed in range(2):
@@ -55,6 +55,35 @@ def test_greedy_drafting_gives_the_plain_greedy_tokens(model, draft):
         assert got == want
         assert stats.draft_tokens > 0 and stats.draft_acceptance is not None
         assert spec.cached_ids == plain.cached_ids and spec.cache.pos == plain.cache.pos
+
+
+@pytest.mark.parametrize(("start", "fed", "keep"), [(0, 4, 1), (125, 4, 2), (126, 3, 1), (250, 4, 3), (255, 2, 1),
+                                                   (127, 4, 0), (61, 4, 4)])
+def test_keeping_a_prefix_of_a_recorded_forward_equals_feeding_only_the_prefix(model, start, fed, keep):
+    # windows of 4 (CSA) and 128 (HCA) close at 127 and the 128-row ring wraps: dropped tokens closed
+    # windows and overwrote ring rows that the kept state needs
+    ids = torch.tensor([prompt_of(start + fed + 6, seed=start)])
+    recorded, plain = model.new_cache(1, 512), model.new_cache(1, 512)
+    with torch.inference_mode():
+        if start:
+            model.streams(ids[:, :start], recorded)
+            model.streams(ids[:, :start], plain)
+        before = recorded.snapshot()
+        with recorded.recording() as journal:
+            model.streams(ids[:, start:start + fed], recorded)
+        assert journal.tokens == fed and journal.writes
+        recorded.keep_prefix(before, journal, keep)
+        if keep:
+            model.streams(ids[:, start:start + keep], plain)
+        assert recorded.pos == plain.pos == start + keep
+        for got, want in zip(recorded.snapshot(pools=True).tensors + recorded.snapshot(pools=True).pools,
+                             plain.snapshot(pools=True).tensors + plain.snapshot(pools=True).pools, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        after = ids[:, start + fed:start + fed + 6]  # and decoding goes on from there alike
+        torch.testing.assert_close(model(after, recorded, last_only=False), model(after, plain, last_only=False),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot keep"):
+        recorded.keep_prefix(before, journal, fed + 1)
 
 
 @pytest.fixture(scope="module")

@@ -249,16 +249,17 @@ class Engine:
             cache.restore_mtp(real)
         burst = _Burst(cache.snapshot(), self._last_stream, [token, *drafts])
         fed = torch.tensor([[token, *drafts]], device=model.device)
-        streams = model.streams(fed, cache)
+        with cache.recording() as journal:
+            streams = model.streams(fed, cache)
         target = check_finite(model.logits(streams)[0], index)
         kept, after = drafter.verify(drafts, draft_probs, target)
         stats.draft_tokens += k
         stats.accepted_draft_tokens += kept
-        if kept == k:
-            self._follow_with_mtp(streams, fed)
-            self.cached_ids.extend(burst.fed)
-        else:  # causal: feeding only what was kept gives the states the forward computed for it
-            self._rewind(burst, kept + 1)
+        keep = kept + 1  # `token` and the drafts kept
+        if keep < len(fed[0]):  # causal: the forward's cache writes for the kept tokens are the cache after them
+            cache.keep_prefix(burst.before, journal, keep)
+        self._follow_with_mtp(streams[:, :keep], fed[:, :keep])
+        self.cached_ids.extend(burst.fed[:keep])
         return [*drafts[:kept], after], burst
 
     def _rewind(self, burst: _Burst, keep: int) -> None:

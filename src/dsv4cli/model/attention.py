@@ -52,11 +52,22 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, rotary: Rotary) -> int:
         """Feed tokens x [B,S,D] at positions start_pos.. ; write every window they close into
         `state.pool`. Returns the number of entries now in the pool."""
-        batch, seq, _ = x.shape
-        m, d = self.ratio, self.head_dim
+        seq = x.shape[1]
         positions = torch.arange(start_pos, start_pos + seq, device=x.device)
         kv = self.wkv(x.float())
-        score = self.wgate(x.float()) + self.ape[positions % m]
+        score = self.wgate(x.float()) + self.ape[positions % self.ratio]
+        if state.journal is not None:
+            state.journal.note(lambda keep: self.absorb(kv[:, :keep], score[:, :keep], start_pos, state, rotary,
+                                                        x.dtype))
+        return self.absorb(kv, score, start_pos, state, rotary, x.dtype)
+
+    def absorb(self, kv: torch.Tensor, score: torch.Tensor, start_pos: int, state: CompressorState, rotary: Rotary,
+               dtype: torch.dtype) -> int:
+        """The state update of `forward` from the tokens' projections kv, score [B,S,c*d] (float32): pool the
+        windows they close into `state.pool` (entries in `dtype`), keep the open one's rows; returns the
+        number of entries now in the pool."""
+        m, d = self.ratio, self.head_dim
+        batch = kv.shape[0]
         n_pending = start_pos % m
         kv = torch.cat([state.pending_kv[:, :n_pending], kv], dim=1)
         score = torch.cat([state.pending_score[:, :n_pending], score], dim=1)
@@ -78,8 +89,8 @@ class Compressor(nn.Module):
             kv = torch.cat([prev_kv, kv[..., d:]], dim=2)
             score = torch.cat([prev_score, score[..., d:]], dim=2)
         entries = (kv * score.softmax(dim=2)).sum(dim=2)
-        entries = self.norm(entries.to(x.dtype))
-        cos, sin = rotary.at((first + torch.arange(n_windows, device=x.device)) * m)
+        entries = self.norm(entries.to(dtype))
+        cos, sin = rotary.at((first + torch.arange(n_windows, device=kv.device)) * m)
         entries = apply_rope(entries, cos, sin)
         if self.rotate and self.numerics.indexer_fp4_quant:
             entries = kernels.indexer_fp4_quant(entries)
@@ -181,6 +192,8 @@ class Attention(nn.Module):
         there); updates the ring."""
         win = self.args.window_size
         seq = kv.shape[1]
+        if cache.journal is not None:
+            cache.journal.note(lambda keep: self._write_ring(kv[:, :keep], start_pos, cache))
         if seq == 1:  # decode: the new row goes into the ring first, then the ring itself is read in place
             cache.window[:, start_pos % win] = kv[:, 0].to(cache.window.dtype)
             key_pos = torch.arange(start_pos - win + 1, start_pos + 1, device=kv.device)
@@ -189,13 +202,18 @@ class Attention(nn.Module):
         first = start_pos - n_prev
         earlier = torch.arange(first, start_pos, device=kv.device)
         local = torch.cat([cache.window[:, earlier % win].to(kv.dtype), kv], dim=1)
-        keep = min(seq, win)
-        written = torch.arange(start_pos + seq - keep, start_pos + seq, device=kv.device)
-        cache.window[:, written % win] = kv[:, -keep:].to(cache.window.dtype)
+        self._write_ring(kv, start_pos, cache)
         query_pos = torch.arange(start_pos, start_pos + seq, device=kv.device)
         key_pos = query_pos[:, None] - win + 1 + torch.arange(win, device=kv.device)
         index = torch.where(key_pos >= first, key_pos - first, -1)
         return local, index[None]
+
+    def _write_ring(self, kv: torch.Tensor, start_pos: int, cache: LayerCache) -> None:
+        """Store the rows kv [B,S,hd] of positions start_pos.. in the ring (the last window_size of them)."""
+        win, seq = self.args.window_size, kv.shape[1]
+        keep = min(seq, win)
+        written = torch.arange(start_pos + seq - keep, start_pos + seq, device=kv.device)
+        cache.window[:, written % win] = kv[:, seq - keep:].to(cache.window.dtype)
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection (spec §2.3 step 7)."""

@@ -14,6 +14,8 @@ same values; otherwise in the activation dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +70,26 @@ class CacheLayout:
         return head_dim * dtype_bytes
 
 
+class CacheJournal:
+    """The cache writes of one recorded forward (`ModelCache.recording`), each kept as a function of how
+    many of the forward's tokens to write, so that the state after only its first tokens can be rebuilt
+    without running the model again: speculative decoding keeps a verified prefix of the drafts this way.
+    Sound because the model is causal: a token's cache rows do not depend on the tokens after it."""
+
+    def __init__(self, start: int, tokens: int = 0):
+        self.start = start  # the cache position the recorded forward started at
+        self.tokens = tokens  # tokens it fed (set when the recording ends)
+        self.writes: list[Callable[[int], None]] = []
+
+    def note(self, write: Callable[[int], None]) -> None:
+        """Keep `write(keep)`: the call's cache write for its first `keep` tokens."""
+        self.writes.append(write)
+
+    def replay(self, keep: int) -> None:
+        for write in self.writes:
+            write(keep)
+
+
 @dataclass
 class CompressorState:
     """Running state of one compressor (main or indexer) and the pool it fills."""
@@ -82,6 +104,7 @@ class CompressorState:
     head_dim: int = 0
     rope_dim: int = 0
     dtype: torch.dtype = torch.bfloat16  # the activation dtype entries are written and read in
+    journal: CacheJournal | None = None  # set while a forward is recorded
 
     @classmethod
     def allocate(cls, ratio: int, head_dim: int, batch: int, max_len: int, dtype: torch.dtype,
@@ -138,6 +161,7 @@ class LayerCache:
     window: torch.Tensor  # [B, window_size, head_dim] ring buffer of KV rows
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
+    journal: CacheJournal | None = None  # set while a forward is recorded
 
     @classmethod
     def allocate(cls, args: ModelArgs, layer_id: int, batch: int, max_len: int, dtype: torch.dtype,
@@ -249,6 +273,34 @@ class ModelCache:
         for tensor, saved in zip(live, snap.tensors, strict=True):
             tensor.copy_(saved)
         self.mtp_pos = snap.mtp_pos
+
+    @contextmanager
+    def recording(self) -> Iterator[CacheJournal]:
+        """Record the trunk layers' cache writes of the forward run inside the block (one forward), for
+        `keep_prefix`."""
+        journal = CacheJournal(self.pos)
+        owners = [*self.layers, *(c for layer in self.layers for c in (layer.compressor, layer.indexer)
+                                  if c is not None)]
+        for owner in owners:
+            owner.journal = journal
+        try:
+            yield journal
+        finally:
+            for owner in owners:
+                owner.journal = None
+            journal.tokens = self.pos - journal.start
+
+    def keep_prefix(self, before: CacheSnapshot, journal: CacheJournal, keep: int) -> None:
+        """The state after only the first `keep` tokens of a recorded forward: `before` (a snapshot taken
+        right before it), then the forward's own writes for those tokens again, without running the model.
+        Pool rows the dropped tokens wrote lie past the new position, where nothing reads them before they
+        are written again."""
+        if before.pos != journal.start or not 0 <= keep <= journal.tokens:
+            raise ValueError(f"cannot keep {keep} of {journal.tokens} tokens recorded at position {journal.start} "
+                             f"from a snapshot at {before.pos}")
+        self.restore(before)
+        journal.replay(keep)
+        self.pos = before.pos + keep
 
     def reset(self) -> None:
         """Back to an empty context (pool contents are rewritten before they are read again)."""
