@@ -211,13 +211,16 @@ def test_chat_stop_cuts_the_reply_before_the_stop_sequence(xdg):
     assert bad.returncode == 2 and "--stop: a stop sequence must be a non-empty string" in bad.stderr
 
 
-def test_chat_draft_gives_the_plain_greedy_reply_and_reports_its_drafts(xdg):
+def test_chat_drafts_by_default_on_the_cpu_and_gives_the_plain_greedy_reply(xdg):
+    # the tests run on the CPU alone, where a model with its MTP layer drafts one token per step by default
     args = ("chat", "-p", "What is 12 + 30?", "--mode", "non-think", "--temperature", "0", "-n", "16", "--json")
-    plain = dsv4(*args, env=xdg)
-    drafted = dsv4(*args, "--draft", "1", env=xdg)
-    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
-    a, b = json.loads(plain.stdout), json.loads(drafted.stdout)
-    assert b["content"] == a["content"] and "draft_tokens" not in a["usage"]
+    plain = dsv4(*args, "--no-draft", env=xdg)
+    drafted = dsv4(*args, env=xdg)
+    zero = dsv4(*args, "--draft", "0", env=xdg)
+    assert plain.returncode == 0 and drafted.returncode == 0 and zero.returncode == 0, drafted.stderr
+    a, b, c = json.loads(plain.stdout), json.loads(drafted.stdout), json.loads(zero.stdout)
+    assert b["content"] == a["content"] == c["content"]
+    assert "draft_tokens" not in a["usage"] and "draft_tokens" not in c["usage"]
     assert b["usage"]["draft_tokens"] > 0 and 0 <= b["usage"]["accepted_draft_tokens"] <= b["usage"]["draft_tokens"]
     for bad, message in ((("--draft", "4"), "--draft must be 0 to 3"),
                          (("--draft", "2", "--no-draft"), "contradict each other")):

@@ -530,7 +530,9 @@ def test_serve_refuses_an_open_host_without_a_key_and_a_taken_port(capsys):
         code, _, err = run_cli(capsys, "serve", "--port", str(port))
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}: it is already in use" in err
     for argv, message in ((["--queue", "-1"], "--queue must be at least 0"), (["--timeout", "0"], "--timeout"),
-                          (["--cache-memory", "lots"], "invalid size"), (["--name", " "], "--name is empty")):
+                          (["--cache-memory", "lots"], "invalid size"), (["--name", " "], "--name is empty"),
+                          (["--draft", "4"], "--draft must be 0 to 3"),
+                          (["--draft", "1", "--no-draft"], "contradict each other")):
         code, _, err = run_cli(capsys, "serve", *argv)
         assert code == 2 and message in err
 

@@ -158,3 +158,10 @@ def test_drafting_needs_the_mtp_layer(model):
         Engine(without, max_context=64, draft=1)
     with pytest.raises(UsageError, match="0 to 3"):
         Engine(model, max_context=64, draft=4)
+
+
+def test_the_default_draft_length_drafts_only_on_the_cpu_with_an_mtp_layer():
+    from dsv4cli.engine.speculative import AUTO_DRAFT, auto_draft
+
+    assert AUTO_DRAFT == 1 and auto_draft(True, True) == AUTO_DRAFT
+    assert auto_draft(True, False) == auto_draft(False, True) == auto_draft(False, False) == 0

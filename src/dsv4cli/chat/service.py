@@ -15,7 +15,20 @@ from dsv4cli.chat.session import ChatSession, ChatSettings
 from dsv4cli.demo.model import DEMO_TEMPERATURE
 from dsv4cli.engine.engine import Engine
 from dsv4cli.engine.events import TurnResult
+from dsv4cli.engine.speculative import auto_draft
+from dsv4cli.errors import UsageError
 from dsv4cli.runtime.open import OpenModel
+
+
+def resolve_draft(opened: OpenModel, draft: int | None, auto: bool) -> int:
+    """The draft length to decode `opened` with: --draft as given (the checkpoint must have its MTP layer), or,
+    when neither --draft nor --no-draft is given (`auto`), `auto_draft`'s default for where the model runs."""
+    if draft and not opened.model.mtp:
+        raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop {opt:draft}")
+    if not auto:
+        return draft or 0
+    cpu_only = opened.placement.offload is None and opened.model.device.type == "cpu"
+    return auto_draft(bool(opened.model.mtp), cpu_only)
 
 
 def sampling_defaults(opened: OpenModel) -> tuple[float, float]:

@@ -76,10 +76,12 @@ def chat(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No banner or notices on stderr (warnings and errors "
                                                             "still show)."),
     no_history: bool = typer.Option(False, "--no-history", help="REPL: do not read or write the history file."),
-    draft: int = typer.Option(0, "--draft", help="Speculative decoding: draft N tokens (1-3) per step with the "
-                              "checkpoint's MTP layer; same greedy output, same sampling distribution. Default 0 "
-                              "(off: on the demo it measured slower, docs/performance.md)."),
-    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, without drafts (the default)."),
+    draft: int | None = typer.Option(None, "--draft", show_default=False,
+                                     help="Speculative decoding: draft N tokens (0-3) per step with the "
+                                     "checkpoint's MTP layer; same greedy output, same sampling distribution. "
+                                     "Default: 1 when the model runs on the CPU alone, else 0 "
+                                     "(docs/performance.md)."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, without drafts."),
     api: ApiUrl = None,
     api_key: ApiKey = None,
     api_model: ApiModel = None,
@@ -104,7 +106,7 @@ def chat(
         raise UsageError(f"--threads must be at least 1, got {threads}")
     from dsv4cli.engine.speculative import MAX_DRAFT
 
-    if not 0 <= draft <= MAX_DRAFT:
+    if draft is not None and not 0 <= draft <= MAX_DRAFT:
         raise UsageError(f"--draft must be 0 to {MAX_DRAFT}, got {draft}",
                          f"draft 1 to {MAX_DRAFT} tokens per step, or 0 to turn drafting off")
     if draft and no_draft:
@@ -149,9 +151,12 @@ def chat(
                                  counts=counts)
     from dsv4cli.runtime.threads import thread_count
 
-    with thread_count(threads), open_model(model, placement=placement, context=ctx, with_mtp=draft > 0) as opened:
-        if draft and not opened.model.mtp:
-            raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop --draft")
+    auto = draft is None and not no_draft
+    with thread_count(threads), open_model(model, placement=placement, context=ctx,
+                                           with_mtp=bool(draft) or (auto and placement.cpu_only)) as opened:
+        from dsv4cli.chat.service import resolve_draft
+
+        draft = resolve_draft(opened, draft, auto)
         raise typer.Exit(_converse(opened, text, asked, view, ctx, draft, _Log(log, log_fields, resumed)))
 
 

@@ -51,7 +51,10 @@ def serve(
     ctx: int = typer.Option(16384, "--ctx", help="Context size in tokens."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for torch and the native kernels "
                                        "(default: torch's)."),
-    draft: int = typer.Option(0, "--draft", help="Speculative decoding with the MTP layer: N draft tokens (1-3)."),
+    draft: int | None = typer.Option(None, "--draft", show_default=False,
+                                     help="Speculative decoding with the MTP layer: N draft tokens (0-3) per step. "
+                                     "Default: 1 when the model runs on the CPU alone, else 0."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, without drafts."),
     queue_size: int = typer.Option(16, "--queue", help="Requests that may wait; more get 429."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds a request may take, waiting included."),
     cache_memory: str = typer.Option("2GB", "--cache-memory", help="Memory for cached prompt prefixes (0: "
@@ -71,8 +74,10 @@ def serve(
     _check_limits(ctx, max_tokens, reasoning_budget)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    if not 0 <= draft <= 3:
+    if draft is not None and not 0 <= draft <= 3:
         raise UsageError(f"--draft must be 0 to 3, got {draft}")
+    if draft and no_draft:
+        raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
     if queue_size < 0:
         raise UsageError(f"--queue must be at least 0, got {queue_size}")
     if not timeout > 0:
@@ -96,17 +101,19 @@ def serve(
     sock = bind(host, port)  # before the model loads: a taken port fails in a second, not after minutes
     try:
         _serve_on(sock, model, key, names, think, sampling, temperature, top_p, max_tokens, reasoning_budget, ctx,
-                  threads, draft, queue_size, timeout, cache_bytes, body_bytes, quiet, host, no_auth,
+                  threads, draft, draft is None and not no_draft, queue_size, timeout, cache_bytes, body_bytes, quiet,
+                  host, no_auth,
                   dict(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan, counts=counts))
     finally:
         sock.close()
 
 
 def _serve_on(sock, model, key, names, think, sampling, temperature, top_p, max_tokens, reasoning_budget, ctx,
-              threads, draft, queue_size, timeout, cache_bytes, body_bytes, quiet, host, no_auth, placed) -> None:
+              threads, draft, auto_draft, queue_size, timeout, cache_bytes, body_bytes, quiet, host, no_auth,
+              placed) -> None:
     import dataclasses
 
-    from dsv4cli.chat.service import sampling_defaults
+    from dsv4cli.chat.service import resolve_draft, sampling_defaults
     from dsv4cli.engine.engine import ContextTooLarge, Engine
     from dsv4cli.runtime.open import open_model
     from dsv4cli.runtime.options import PlacementOptions
@@ -116,10 +123,10 @@ def _serve_on(sock, model, key, names, think, sampling, temperature, top_p, max_
     from dsv4cli.serve.server import ApiServer, address_of
     from dsv4cli.serve.worker import Worker
 
-    with thread_count(threads), open_model(model, placement=PlacementOptions(**placed), context=ctx,
-                                           with_mtp=draft > 0) as opened:
-        if draft and not opened.model.mtp:
-            raise UsageError("this checkpoint has no MTP layer (mtp.* tensors) to draft with", "drop --draft")
+    placement = PlacementOptions(**placed)
+    with thread_count(threads), open_model(model, placement=placement, context=ctx,
+                                           with_mtp=bool(draft) or (auto_draft and placement.cpu_only)) as opened:
+        draft = resolve_draft(opened, draft, auto_draft)
         default_temperature, default_top_p = sampling_defaults(opened)
         sampling = dataclasses.replace(sampling, temperature=default_temperature if temperature is None
                                        else temperature, top_p=default_top_p if top_p is None else top_p)

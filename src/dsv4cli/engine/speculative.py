@@ -21,6 +21,16 @@ from dsv4cli.engine.sampling import SamplingParams, filter_logits
 
 #: most draft tokens per step (the MTP layer is chained on its own streams beyond the first)
 MAX_DRAFT = 3
+#: draft tokens per step when neither --draft nor --no-draft is given, for a model that runs wholly on the
+#: CPU with its MTP layer (docs/performance.md, "MTP speculative decoding": the rule and its measurements)
+AUTO_DRAFT = 1
+
+
+def auto_draft(has_mtp: bool, cpu_only: bool) -> int:
+    """The default draft length: AUTO_DRAFT where drafting pays (every weight read from host memory, where a
+    2-token verify costs little more than a plain step), else 0 (on a GPU it is not measured yet; with routed
+    experts on the CPU behind a GPU each verified token reads more distinct experts)."""
+    return AUTO_DRAFT if has_mtp and cpu_only else 0
 
 
 class DraftSampler:

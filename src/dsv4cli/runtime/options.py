@@ -57,6 +57,13 @@ class PlacementOptions:
     def given(self) -> bool:
         return self.plan is not None or self.planning_flags_given
 
+    @property
+    def cpu_only(self) -> bool:
+        """Whether the model will run on the CPU alone: --device cpu, or no placement flags and no GPU."""
+        import torch
+
+        return self.device == "cpu" or (not self.given and not torch.cuda.is_available())
+
 
 def resolve_plan(args: ModelArgs, options: PlacementOptions, context: int,
                  routing_counts: dict[int, list[int]] | None = None, calculation: bool = False) -> PlacementPlan:
