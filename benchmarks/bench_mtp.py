@@ -28,7 +28,7 @@ from dsv4cli.engine.sampling import SamplingParams
 from dsv4cli.kernels import cpu
 from dsv4cli.runtime.open import open_model
 
-from bench_peers import gguf, llama_bench, pin_to_cores
+from bench_peers import gguf, link_files, llama_bench, pin_to_cores
 from timing import load_average
 
 QUESTIONS = ("What is 487 + 356?", "What is 29 * 14?", "What is 1000 - 387?", "What is 56 + 78 + 91?")
@@ -40,13 +40,8 @@ def decode(engine: Engine, prompt: list[int], gen: int) -> tuple[list[int], Gene
 
 
 def llama_tg(work: Path, checkpoint: Path, threads: int, gen: int, repetitions: int) -> list[float]:
-    view = work / "ckpt" / checkpoint.name  # the converter wants a directory of its own beside the others
-    view.mkdir(parents=True, exist_ok=True)
-    for item in checkpoint.iterdir():
-        link = view / item.name
-        if not link.exists():
-            link.symlink_to(item.resolve())
-    model = gguf(work, view)
+    # a view under --work: the converter's tokenizer files go beside it, not beside the user's checkpoint
+    model = gguf(work, link_files(checkpoint, work / "ckpt" / checkpoint.name))
     out = subprocess.run([str(llama_bench(work)), "-m", str(model), "-p", "0", "-n", str(gen), "-r", str(repetitions),
                           "-t", str(threads), "-o", "json"], capture_output=True, text=True, check=True)
     return [s for result in json.loads(out.stdout) for s in result["samples_ts"]]

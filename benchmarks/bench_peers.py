@@ -142,17 +142,22 @@ def gguf(work: Path, checkpoint: Path) -> Path:
     return out
 
 
+def link_files(source: Path, into: Path) -> Path:
+    """`into` (created) with a symlink to each file of `source` it lacks; returns `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        link = into / item.name
+        if not link.exists():
+            link.symlink_to(item.resolve())
+    return into
+
+
 def hf_view(checkpoint: Path) -> Path:
     """The checkpoint's files (symlinked) with dsv4's tokenizer.json / tokenizer_config.json beside them: the
     converter reads the vocabulary from there (synth checkpoints have none)."""
     import dsv4cli
 
-    view = checkpoint.with_name(checkpoint.name + ".hfview")
-    view.mkdir(exist_ok=True)
-    for item in checkpoint.iterdir():
-        link = view / item.name
-        if not link.exists():
-            link.symlink_to(item.resolve())
+    view = link_files(checkpoint, checkpoint.with_name(checkpoint.name + ".hfview"))
     tokenizer = Path(dsv4cli.__file__).parent / "data" / "tokenizer"
     if not (view / "tokenizer.json").exists():
         (view / "tokenizer.json").write_bytes(lzma.decompress((tokenizer / "tokenizer.json.xz").read_bytes()))

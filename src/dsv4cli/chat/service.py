@@ -18,6 +18,13 @@ from dsv4cli.engine.events import TurnResult
 from dsv4cli.engine.speculative import auto_draft
 from dsv4cli.errors import UsageError
 from dsv4cli.runtime.open import OpenModel
+from dsv4cli.runtime.options import PlacementOptions
+
+
+def loads_mtp(draft: int | None, auto: bool, placement: PlacementOptions) -> bool:
+    """Whether to load the MTP layer: drafts were asked for, or the default may draft (the model runs on the CPU
+    alone, see `resolve_draft`)."""
+    return bool(draft) or (auto and placement.cpu_only)
 
 
 def resolve_draft(opened: OpenModel, draft: int | None, auto: bool) -> int:

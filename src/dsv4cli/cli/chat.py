@@ -104,13 +104,7 @@ def chat(
     _check_limits(ctx, max_tokens, reasoning_budget)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    from dsv4cli.engine.speculative import MAX_DRAFT
-
-    if draft is not None and not 0 <= draft <= MAX_DRAFT:
-        raise UsageError(f"--draft must be 0 to {MAX_DRAFT}, got {draft}",
-                         f"draft 1 to {MAX_DRAFT} tokens per step, or 0 to turn drafting off")
-    if draft and no_draft:
-        raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
+    auto = _check_draft(draft, no_draft)
     if quiet and verbose:
         raise UsageError("--quiet and --verbose contradict each other", "give one of them")
     from dsv4cli.chat.logs import find_log, log_extra, new_log_path
@@ -149,11 +143,11 @@ def chat(
 
     placement = PlacementOptions(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan,
                                  counts=counts)
+    from dsv4cli.chat.service import loads_mtp
     from dsv4cli.runtime.threads import thread_count
 
-    auto = draft is None and not no_draft
     with thread_count(threads), open_model(model, placement=placement, context=ctx,
-                                           with_mtp=bool(draft) or (auto and placement.cpu_only)) as opened:
+                                           with_mtp=loads_mtp(draft, auto, placement)) as opened:
         from dsv4cli.chat.service import resolve_draft
 
         draft = resolve_draft(opened, draft, auto)
@@ -261,6 +255,18 @@ def _talk(session, text: str | None, view: _View, resumed, *, label: str, model_
     if placed and not (view.as_json or quiet):
         renderer.notice(placed)
     return _one_shot(session, text, renderer, view.as_json)
+
+
+def _check_draft(draft: int | None, no_draft: bool) -> bool:
+    """Check --draft / --no-draft (chat and serve); True when neither is given (the default draft length)."""
+    from dsv4cli.engine.speculative import MAX_DRAFT
+
+    if draft is not None and not 0 <= draft <= MAX_DRAFT:
+        raise UsageError(f"--draft must be 0 to {MAX_DRAFT}, got {draft}",
+                         f"draft 1 to {MAX_DRAFT} tokens per step, or 0 to turn drafting off")
+    if draft and no_draft:
+        raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
+    return draft is None and not no_draft
 
 
 def _refuse_local_flags(api: str | None, model: str | None, **flags) -> None:

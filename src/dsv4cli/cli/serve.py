@@ -10,7 +10,14 @@ import sys
 
 import typer
 
-from dsv4cli.cli.chat import DEFAULT_MAX_TOKENS, DEMO_MAX_TOKENS, _chat_mode, _check_limits, _sampling_flags
+from dsv4cli.cli.chat import (
+    DEFAULT_MAX_TOKENS,
+    DEMO_MAX_TOKENS,
+    _chat_mode,
+    _check_draft,
+    _check_limits,
+    _sampling_flags,
+)
 from dsv4cli.cli.options import FLAG_NAMES, CpuMemory, Device, GpuMemory, RoutingCounts, SavedPlan
 from dsv4cli.errors import OutOfMemory, UsageError, render
 from dsv4cli.runtime.resolve import WITH_WEIGHTS
@@ -74,10 +81,7 @@ def serve(
     _check_limits(ctx, max_tokens, reasoning_budget)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    if draft is not None and not 0 <= draft <= 3:
-        raise UsageError(f"--draft must be 0 to 3, got {draft}")
-    if draft and no_draft:
-        raise UsageError(f"--draft {draft} and --no-draft contradict each other", "give one of them")
+    auto = _check_draft(draft, no_draft)
     if queue_size < 0:
         raise UsageError(f"--queue must be at least 0, got {queue_size}")
     if not timeout > 0:
@@ -101,7 +105,7 @@ def serve(
     sock = bind(host, port)  # before the model loads: a taken port fails in a second, not after minutes
     try:
         _serve_on(sock, model, key, names, think, sampling, temperature, top_p, max_tokens, reasoning_budget, ctx,
-                  threads, draft, draft is None and not no_draft, queue_size, timeout, cache_bytes, body_bytes, quiet,
+                  threads, draft, auto, queue_size, timeout, cache_bytes, body_bytes, quiet,
                   host, no_auth,
                   dict(device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory, plan=plan, counts=counts))
     finally:
@@ -113,7 +117,7 @@ def _serve_on(sock, model, key, names, think, sampling, temperature, top_p, max_
               placed) -> None:
     import dataclasses
 
-    from dsv4cli.chat.service import resolve_draft, sampling_defaults
+    from dsv4cli.chat.service import loads_mtp, resolve_draft, sampling_defaults
     from dsv4cli.engine.engine import ContextTooLarge, Engine
     from dsv4cli.runtime.open import open_model
     from dsv4cli.runtime.options import PlacementOptions
@@ -125,7 +129,7 @@ def _serve_on(sock, model, key, names, think, sampling, temperature, top_p, max_
 
     placement = PlacementOptions(**placed)
     with thread_count(threads), open_model(model, placement=placement, context=ctx,
-                                           with_mtp=bool(draft) or (auto_draft and placement.cpu_only)) as opened:
+                                           with_mtp=loads_mtp(draft, auto_draft, placement)) as opened:
         draft = resolve_draft(opened, draft, auto_draft)
         default_temperature, default_top_p = sampling_defaults(opened)
         sampling = dataclasses.replace(sampling, temperature=default_temperature if temperature is None
