@@ -17,7 +17,7 @@ import torch
 
 from dsv4cli import kernels
 from dsv4cli.errors import DsvError
-from dsv4cli.formats.official import fake_quant_fp8, quantize_fp4_rows
+from dsv4cli.formats.official import fake_quant_fp4, fake_quant_fp8, quantize_fp4_rows
 from dsv4cli.io.safetensors_file import SafetensorsFile
 from dsv4cli.io.writer import write_safetensors
 from dsv4cli.kernels import cpu, ref
@@ -340,6 +340,114 @@ def test_hc_split_sinkhorn_falls_back_for_shapes_the_kernel_does_not_take(monkey
         ref.hc_split_sinkhorn(wide, scale, base, 4, 20, 1e-6)
     with pytest.raises(RuntimeError):
         cpu.hc_split_sinkhorn(wide, scale, base, 4, 20, 1e-6)
+
+
+# ------------------------------------------------------------------ cache fake-quants
+
+
+def quant_edge_rows(d: int, seed: int) -> torch.Tensor:
+    """Random rows at many scales, plus exact e2m1 / e4m3 midpoints, zeros, -0.0 and tiny blocks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, d, generator=g) * torch.logspace(-30, 8, 7)[:, None]
+    x[1, :32] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0,
+                              6.0, -6.0, 0.0, -0.0, 3.0, 0.5] + [1.0] * 12)
+    x[2, :64] = 0.0
+    x[3, 32:64] = -0.0
+    x[4, :32] = 1e-39  # subnormal block: the amax floors
+    return x
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_fp8_quant_matches_reference_bit_for_bit(lib, dtype):
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for d, rope in ((128, 64), (512, 64), (96, 32), (64, 64)):
+        x = quant_edge_rows(d, seed=d + rope).to(dtype)
+        want = ref.kv_fp8_quant(x, rope)
+        got = lib.kv_fp8_quant(x.contiguous(), rope)
+        assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_fp4_matches_reference_bit_for_bit(lib, dtype):
+    for d in (32, 128, 512):
+        x = quant_edge_rows(d, seed=d).to(dtype)
+        want = fake_quant_fp4(x, 32)
+        got = lib.fake_quant_fp4(x.contiguous())
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))
+
+
+@native
+def test_cache_quant_ops_match_reference_on_model_shapes():
+    g = torch.Generator().manual_seed(21)
+    kv = torch.randn(1, 3, 512, generator=g).bfloat16()
+    assert torch.equal(cpu.kv_fp8_quant(kv, 64), ref.kv_fp8_quant(kv, 64))
+    assert torch.equal(cpu.kv_fp8_quant(kv[:, :, ::2], 32), ref.kv_fp8_quant(kv[:, :, ::2], 32))  # strided rows
+    q = torch.randn(1, 2, 8, 128, generator=g).bfloat16()
+    assert torch.equal(cpu.indexer_fp4_quant(q), ref.indexer_fp4_quant(q))
+    assert torch.equal(cpu.indexer_fp4_quant(q.float()), ref.indexer_fp4_quant(q.float()))
+
+
+def test_cache_quant_ops_fall_back_for_inputs_the_kernels_do_not_take(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the native kernel must not be called")
+
+    monkeypatch.setattr(cpu, "load", boom)
+    x = torch.randn(2, 96, dtype=torch.float64)
+    assert torch.equal(cpu.kv_fp8_quant(x, 32), ref.kv_fp8_quant(x, 32))
+    x32 = x.float()
+    assert torch.equal(cpu.kv_fp8_quant(x32, 0), ref.kv_fp8_quant(x32, 0))  # no RoPE dims: as the reference
+    odd = torch.randn(2, 48)  # no power-of-two Hadamard size
+    with pytest.raises(ValueError):
+        cpu.indexer_fp4_quant(odd)
+    assert torch.equal(cpu.indexer_fp4_quant(x[:, :64]), ref.indexer_fp4_quant(x[:, :64]))
+
+
+def rope_angles(seq: int, half: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(seq, half, generator=g) * 1e4  # large positions: cos / sin of every size and sign
+    return angles.cos(), angles.sin()
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_reference_bit_for_bit(lib, dtype):
+    g = torch.Generator().manual_seed(4)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for b, s, h, d, half in ((1, 1, 4, 64, 32), (2, 5, 3, 96, 16), (1, 3, 1, 64, 32), (2, 2, 2, 40, 0)):
+        x = (torch.randn(b, s, h, d, generator=g) * 30).to(dtype)
+        cos, sin = rope_angles(s, max(half, 1), seed=d)
+        cos, sin = cos[:, :half].contiguous(), sin[:, :half].contiguous()
+        for inverse in (False, True):
+            want = ref.rope(x, cos[:, None], sin[:, None], inverse) if half else x
+            got = lib.rope(x, cos, sin, inverse)
+            assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))
+
+
+@native
+def test_rope_op_takes_the_model_layouts_and_falls_back_otherwise():
+    g = torch.Generator().manual_seed(8)
+    cos, sin = rope_angles(3, 8, seed=1)
+    q = torch.randn(2, 3, 4, 32, generator=g).bfloat16()  # [B, S, H, D] with cos[:, None]
+    kv = torch.randn(2, 3, 32, generator=g).bfloat16()  # [B, S, D] with cos
+    for x, c, s_ in ((q, cos[:, None], sin[:, None]), (kv, cos, sin), (q.float(), cos[:, None], sin[:, None]),
+                     (q, cos[:, None].expand(3, 4, 8), sin[:, None].expand(3, 4, 8)),  # per-head angles: reference
+                     (q[..., ::2], cos[:, None, :4], sin[:, None, :4])):  # strided rows, fewer pairs
+        for inverse in (False, True):
+            assert torch.equal(cpu.rope(x, c, s_, inverse), ref.rope(x, c, s_, inverse))
+    assert torch.equal(kernels_rope_fallback := cpu.rope(q.double(), cos[:, None], sin[:, None]),
+                       ref.rope(q.double(), cos[:, None], sin[:, None]))
+    assert kernels_rope_fallback.dtype == torch.float64
+
+
+def test_native_kernels_are_registered_for_the_cache_quants():
+    if not cpu.available():
+        pytest.skip("no native kernels")
+    ops = cpu.implementations()
+    assert ops["kv_fp8_quant"] is cpu.kv_fp8_quant and ops["indexer_fp4_quant"] is cpu.indexer_fp4_quant
+    assert ops["rope"] is cpu.rope
 
 
 # ------------------------------------------------------------------ switches and errors

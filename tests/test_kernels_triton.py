@@ -148,6 +148,26 @@ def check_kv_and_indexer_quant_ops():
     assert torch.equal(bits(tq.indexer_fp4_quant(x)), bits(ref.indexer_fp4_quant(x)))
 
 
+@check
+def check_rope():
+    from dsv4cli.kernels import triton_rope
+
+    g = torch.Generator().manual_seed(9)
+    angles = torch.rand(3, 8, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    for x, c, s in ((torch.randn(2, 3, 4, 48, generator=g).to(torch.bfloat16), cos[:, None], sin[:, None]),
+                    (torch.randn(2, 3, 16, generator=g), cos, sin),  # RoPE on every dim
+                    (torch.randn(1, 3, 40, generator=g).to(torch.bfloat16), cos, sin)):
+        for inverse in (False, True):
+            got, want = triton_rope.rope(x, c, s, inverse), ref.rope(x, c, s, inverse)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            ulp = 2.0**-7 if x.dtype == torch.bfloat16 else 1e-6  # the last bit of a rounding (or a fused add)
+            torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
+    odd = torch.randn(2, 3, 4, 48, generator=g)  # 4-D angles: the reference's broadcasting
+    assert torch.equal(triton_rope.rope(odd, cos[None, :, None], sin[None, :, None]),
+                       ref.rope(odd, cos[None, :, None], sin[None, :, None]))
+
+
 # ----------------------------------------------------------------------------- GEMMs
 
 
@@ -433,6 +453,13 @@ def compile_launches() -> dict[str, str | None]:
         triton_attn.sparse_attn(torch.randn(1, 2, 64, d).to(dtype), torch.randn(1, 100, d).to(dtype), torch.randn(64),
                                 torch.randint(0, 100, (1, 2, 64)), d**-0.5)
     triton_hc.hc_split_sinkhorn(torch.randn(5, 24), torch.randn(3), torch.randn(24), 4, 20, 1e-6)
+    from dsv4cli.kernels import triton_rope
+
+    triton_rope.runs_here = lambda *tensors: True
+    angles = torch.rand(4, 32)
+    for x in (torch.randn(1, 4, 64, 512).to(bf16), torch.randn(1, 4, 128)):
+        triton_rope.rope(x, angles.cos()[:, None] if x.dim() == 4 else angles.cos(),
+                         angles.sin()[:, None] if x.dim() == 4 else angles.sin(), True)
     from dsv4cli.formats.kvcache import encode_index_rows, encode_kv_rows
 
     q, local = torch.randn(1, 1, 64, 512).to(bf16), torch.randn(1, 129, 512).to(bf16)

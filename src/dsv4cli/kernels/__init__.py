@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dsv4cli.kernels import ref
 
 OPS = ("linear", "grouped_linear", "swiglu_expert", "moe_experts", "hc_split_sinkhorn", "sparse_attn",
-       "kv_fp8_quant", "indexer_fp4_quant", "indexer_topk", "cached_attn")
+       "kv_fp8_quant", "indexer_fp4_quant", "indexer_topk", "cached_attn", "rope")
 MODES = ("auto", "ref", "cpu", "triton")
 
 _active: dict[str, Callable] = {}
@@ -145,6 +145,10 @@ def kv_fp8_quant(*args, **kwargs):
 
 def indexer_fp4_quant(*args, **kwargs):
     return _active["indexer_fp4_quant"](*args, **kwargs)
+
+
+def rope(*args, **kwargs):
+    return _active["rope"](*args, **kwargs)
 
 
 reset()

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ from dsv4cli.kernels.experts import ExpertTable, fp4_operands_ok, lowbit_operand
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "fp4_cpu.cpp"
 #: translation units compiled into the one library (they share csrc/common.h)
-SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp", CSRC / "attn_cpu.cpp", CSRC / "hc_cpu.cpp")
+SOURCES = (SOURCE, CSRC / "fp8_cpu.cpp", CSRC / "attn_cpu.cpp", CSRC / "hc_cpu.cpp", CSRC / "act_quant_cpu.cpp",
+           CSRC / "rope_cpu.cpp")
 HEADERS = (CSRC / "common.h", CSRC / "lowbit.h", CSRC / "bf16_tiles.h", CSRC / "amx_tiles.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 #: extra flags of a build without the AMX tile unit (its prefill GEMM runs on vdpbf16ps)
@@ -321,6 +323,12 @@ class NativeKernels:
                                          _f32, _ptr, _int]
         lib.dsv4_hc_split_sinkhorn.restype = _int
         lib.dsv4_hc_split_sinkhorn.argtypes = [_ptr, _i64, _i64, _int, _ptr, _ptr, _int, _f32, _ptr, _ptr, _ptr]
+        lib.dsv4_kv_fp8_quant.restype = _int
+        lib.dsv4_kv_fp8_quant.argtypes = [_ptr, _i64, _i64, _i64, _int, _ptr]
+        lib.dsv4_fake_quant_fp4.restype = _int
+        lib.dsv4_fake_quant_fp4.argtypes = [_ptr, _i64, _i64, _int, _ptr]
+        lib.dsv4_rope.restype = _int
+        lib.dsv4_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _int, _ptr]
         self.isa: str = lib.dsv4_fp4_isa().decode()
         #: code path of the FP8 kernels (the bf16 one also needs AVX-512 VBMI)
         self.fp8_isa: str = lib.dsv4_fp8_isa().decode()
@@ -395,6 +403,33 @@ class NativeKernels:
                                              comb.data_ptr())
         _check(rc, "hc split sinkhorn")
         return pre, post, comb
+
+    def kv_fp8_quant(self, rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
+        """`ref.kv_fp8_quant` of contiguous float32 / bf16 rows [n, d] (validated by the caller), same dtype."""
+        out = torch.empty_like(rows)
+        n, d = rows.shape
+        rc = self.lib.dsv4_kv_fp8_quant(rows.data_ptr(), n, d, rope_dim, int(rows.dtype == torch.bfloat16),
+                                        out.data_ptr())
+        _check(rc, "kv fp8 quant")
+        return out
+
+    def fake_quant_fp4(self, rows: torch.Tensor) -> torch.Tensor:
+        """`formats.fake_quant_fp4(rows, 32)` of contiguous float32 / bf16 rows [n, d] (d % 32 == 0), same dtype."""
+        out = torch.empty_like(rows)
+        n, d = rows.shape
+        rc = self.lib.dsv4_fake_quant_fp4(rows.data_ptr(), n, d, int(rows.dtype == torch.bfloat16), out.data_ptr())
+        _check(rc, "fp4 fake quant")
+        return out
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """`ref.rope` of contiguous float32 / bf16 x [B, S, H, D] with contiguous float32 cos / sin [S, half]
+        (validated by the caller), same dtype."""
+        out = torch.empty_like(x)
+        b, s, h, d = x.shape
+        rc = self.lib.dsv4_rope(x.data_ptr(), b, s, h, d, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], int(inverse),
+                                int(x.dtype == torch.bfloat16), out.data_ptr())
+        _check(rc, "rope")
+        return out
 
     def fp4_moe(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, table: ExpertTable,
                 swiglu_limit: float, act_quant: bool, round_bf16: bool, threads: int) -> torch.Tensor:
@@ -566,6 +601,101 @@ def _fp8_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32).contiguous()
 
 
+@dataclass(frozen=True)
+class _LinearPlan:
+    """How one weight (and its scale) runs natively, worked out once: a decode step calls every linear of
+    the model once, and re-validating its operands each time cost more than the small kernels themselves.
+
+    Valid while `weight` / `scale` are the same live tensors over the same memory (checked per call)."""
+
+    weight: Any  # weakref.ref to the weight
+    scale: Any  # weakref.ref to the scale, or None
+    weight_ptr: int
+    scale_ptr: int
+    run: Callable[..., torch.Tensor]  # (float32 x [N, G, K] contiguous, act_quant, weight) -> [N, G, R]
+
+    def holds(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+        return (self.weight() is weight and weight.data_ptr() == self.weight_ptr
+                and (self.scale() is scale if scale is not None else self.scale is None)
+                and (scale is None or scale.data_ptr() == self.scale_ptr))
+
+
+_plans: dict[tuple[int, int, int], _LinearPlan | None] = {}
+
+
+def _make_plan(weight: torch.Tensor, scale: torch.Tensor | None, k: int, groups: int):
+    """The native call for these operands (None: the kernels do not take them), as run(x, act_quant, weight).
+
+    The call never holds the weight itself (the plan is dropped when the weight dies): only a copy
+    where the weight is not contiguous, its pointer otherwise."""
+    lib = load()
+    w = weight.contiguous()
+    copy = None if w is weight else w
+    if groups == 1 and fp4_operands_ok(weight, scale, k):
+        s = scale.contiguous().view(torch.uint8)
+        return lambda x, aq, weight: lib.fp4_linear(x.view(-1, k), copy if copy is not None else weight, s, aq,
+                                                    threads()).view(x.shape[0], 1, -1)
+    if groups == 1 and (bits := lowbit_operands_ok(weight, scale, k)):
+        s = scale.contiguous()
+        return lambda x, aq, weight: lib.lowbit_linear(x.view(-1, k), copy if copy is not None else weight, s, bits,
+                                                       aq, threads()).view(x.shape[0], 1, -1)
+    if fp8_operands_ok(weight, scale, k, groups):
+        return _dense_runner(lib, w.data_ptr(), weight.shape[0] // groups, copy, _fp8_scale(scale), groups, k)
+    if bf16_operands_ok(weight, k, groups):
+        return _dense_runner(lib, w.data_ptr(), weight.shape[0] // groups, copy, None, groups, k)
+    return None
+
+
+def _dense_runner(lib: NativeKernels, w_ptr: int, r: int, copy: torch.Tensor | None, scale: torch.Tensor | None,
+                  groups: int, k: int):
+    """`NativeKernels.fp8_linear` (scale given) / `bf16_linear` with the weight's pointer and sizes bound
+    (`copy`: the contiguous copy `w_ptr` points into, kept alive here)."""
+    if scale is None:
+        call = lib.lib.dsv4_bf16_linear
+
+        def run(x: torch.Tensor, act_quant: bool, weight: torch.Tensor, copy=copy) -> torch.Tensor:
+            y = torch.empty(x.shape[0], groups, r, dtype=torch.float32)
+            _check(call(x.data_ptr(), x.shape[0], groups, k, w_ptr, r, y.data_ptr(), threads()), "bf16 linear")
+            return y
+        return run
+    call, s_ptr, s_f32 = lib.lib.dsv4_fp8_linear, scale.data_ptr(), int(scale.dtype == torch.float32)
+
+    def run(x: torch.Tensor, act_quant: bool, weight: torch.Tensor, keep=(copy, scale)) -> torch.Tensor:
+        y = torch.empty(x.shape[0], groups, r, dtype=torch.float32)
+        _check(call(x.data_ptr(), x.shape[0], groups, k, w_ptr, s_ptr, s_f32, r, y.data_ptr(), int(act_quant),
+                    threads()), "fp8 linear")
+        return y
+    return run
+
+
+def _plan(weight: torch.Tensor, scale: torch.Tensor | None, k: int, groups: int) -> _LinearPlan | None:
+    """The cached plan of (weight, scale) for inputs of width k in `groups` groups; None if not native."""
+    key = (id(weight), k, groups)
+    plan = _plans.get(key)
+    if plan is not None and plan.holds(weight, scale):
+        return plan
+    run = _make_plan(weight, scale, k, groups)
+    if run is None:
+        return None
+
+    def forget(_ref, key=key):
+        if _plans.get(key) is plan:
+            del _plans[key]
+
+    plan = _LinearPlan(weakref.ref(weight, forget), None if scale is None else weakref.ref(scale),
+                       weight.data_ptr(), 0 if scale is None else scale.data_ptr(), run)
+    _plans[key] = plan
+    return plan
+
+
+def _float_rows(x: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    """x as the contiguous float32 [N, groups, k] the kernels take."""
+    x3 = x.reshape(-1, groups, k)
+    if x3.dtype != torch.float32:
+        return x3.float().contiguous()
+    return x3 if x3.is_contiguous() else x3.contiguous()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            act_quant: bool = False) -> torch.Tensor:
     """`ref.linear` with the native kernels for FP4, int3/int2, FP8 and bf16 weights on CPU; the reference for the rest.
@@ -576,19 +706,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if not _native_input(x):
         return ref.linear(x, weight, scale, act_quant)
     k = x.shape[-1]
-    if fp4_operands_ok(weight, scale, k):
-        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-        y = load().fp4_linear(x2, weight.contiguous(), scale.contiguous().view(torch.uint8), act_quant, threads())
-    elif bits := lowbit_operands_ok(weight, scale, k):
-        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-        y = load().lowbit_linear(x2, weight.contiguous(), scale.contiguous(), bits, act_quant, threads())
-    elif fp8_operands_ok(weight, scale, k):
-        x2 = x.reshape(-1, 1, k).to(torch.float32).contiguous()
-        y = load().fp8_linear(x2, weight.contiguous(), _fp8_scale(scale), act_quant, threads())
-    elif bf16_operands_ok(weight, k):
-        y = load().bf16_linear(x.reshape(-1, 1, k).to(torch.float32).contiguous(), weight.contiguous(), threads())
-    else:
+    plan = _plan(weight, scale, k, 1)
+    if plan is None:
         return ref.linear(x, weight, scale, act_quant)
+    y = plan.run(_float_rows(x, 1, k), act_quant, weight)
     return y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
@@ -610,13 +731,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
         lib = load()
         y = torch.stack([lib.fp4_linear(x3[:, i].contiguous(), w[i * r:(i + 1) * r], s[i * r:(i + 1) * r], False,
                                         threads()) for i in range(g)], dim=1)
-    elif fp8_operands_ok(weight, scale, k, g):
-        x3 = x.reshape(-1, g, k).to(torch.float32).contiguous()
-        y = load().fp8_linear(x3, weight.contiguous(), _fp8_scale(scale), False, threads())
-    elif bf16_operands_ok(weight, k, g):
-        y = load().bf16_linear(x.reshape(-1, g, k).to(torch.float32).contiguous(), weight.contiguous(), threads())
     else:
-        return ref.grouped_linear(x, weight, scale)
+        plan = _plan(weight, scale, k, g)
+        if plan is None:
+            return ref.grouped_linear(x, weight, scale)
+        y = plan.run(_float_rows(x, g, k), False, weight)
     return y.view(*x.shape[:-1], weight.shape[0] // g).to(x.dtype)
 
 
@@ -641,6 +760,36 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
     pre, post, comb = load().hc_split_sinkhorn(rows, scale.to(torch.float32).contiguous(),
                                                base.to(torch.float32).contiguous(), hc_mult, iters, eps)
     return pre.view(*lead, hc_mult), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
+
+
+def kv_fp8_quant(x: torch.Tensor, rope_head_dim: int) -> torch.Tensor:
+    """`ref.kv_fp8_quant` natively (csrc/act_quant_cpu.cpp, bit for bit): one call instead of ~20 torch ops."""
+    if not _native_input(x) or x.dim() < 1 or not 0 < rope_head_dim <= x.shape[-1]:
+        return ref.kv_fp8_quant(x, rope_head_dim)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return load().kv_fp8_quant(rows, rope_head_dim).view(x.shape)
+
+
+def indexer_fp4_quant(x: torch.Tensor) -> torch.Tensor:
+    """`ref.indexer_fp4_quant`: the same Hadamard rotation (a torch matmul), then the FP4 fake-quant natively
+    (csrc/act_quant_cpu.cpp, bit for bit) instead of ~40 torch ops."""
+    d = x.shape[-1] if x.dim() else 0
+    if not _native_input(x) or d % 32 or d & (d - 1):
+        return ref.indexer_fp4_quant(x)
+    rotated = (x.float() @ ref.hadamard(d)).to(x.dtype)
+    return load().fake_quant_fp4(rotated.reshape(-1, d).contiguous()).view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """`ref.rope` natively (csrc/rope_cpu.cpp, bit for bit) for the model's layouts (`ref.rope_heads`);
+    the reference for anything else."""
+    heads = ref.rope_heads(x, cos, sin) if _native_input(x) else 0
+    if not heads:
+        return ref.rope(x, cos, sin, inverse)
+    seq, half, d = cos.shape[0], cos.shape[-1], x.shape[-1]
+    rows = x.contiguous().view(-1, seq, heads, d)
+    out = load().rope(rows, cos.reshape(seq, half).contiguous(), sin.reshape(seq, half).contiguous(), inverse)
+    return out.view(x.shape)
 
 
 moe_experts_ref = ref.moe_experts  # the reference twin of `moe_experts`
@@ -735,4 +884,5 @@ def implementations() -> dict[str, Callable]:
         return {}
     return {"linear": linear, "grouped_linear": grouped_linear, "swiglu_expert": swiglu_expert,
             "moe_experts": moe_experts, "indexer_topk": indexer_topk, "cached_attn": cached_attn,
-            "hc_split_sinkhorn": hc_split_sinkhorn}
+            "hc_split_sinkhorn": hc_split_sinkhorn, "kv_fp8_quant": kv_fp8_quant,
+            "indexer_fp4_quant": indexer_fp4_quant, "rope": rope}

@@ -8,6 +8,8 @@ stored weight, optionally fake-quantize the activation exactly like the official
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -168,16 +170,54 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     return torch.cat(out, dim=1)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate the last 2*len(cos) dims of x in interleaved pairs (x[2i], x[2i+1]) (spec §2.6).
+
+    cos/sin [..., rd/2] (float32) must broadcast against x's leading dims. `inverse` applies the
+    conjugate rotation (used to de-rotate the attention output, spec §2.3 step 6).
+    """
+    rd = 2 * cos.shape[-1]
+    if inverse:
+        sin = -sin
+    pairs = x[..., -rd:].float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).to(x.dtype)
+    return torch.cat([x[..., :-rd], rotated], dim=-1)
+
+
+def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
+    """Heads per position when (x, cos, sin) is one of the model's RoPE layouts, which the fast kernels take:
+    x [..., S, H, D] with cos / sin [S, 1, half] (H heads), or x [..., S, D] with cos / sin [S, half] (1);
+    float32 angles on x's device, 0 < 2 * half <= D. 0 for anything else (left to `rope`)."""
+    if (x.dim() < 2 or cos.dim() not in (2, 3) or sin.shape != cos.shape or cos.dtype != torch.float32
+            or sin.dtype != torch.float32 or cos.device != x.device or sin.device != x.device
+            or not 0 < 2 * cos.shape[-1] <= x.shape[-1]):
+        return 0
+    if cos.dim() == 2:
+        return 1 if x.shape[-2] == cos.shape[0] else 0
+    return x.shape[-2] if cos.shape[1] == 1 and x.dim() >= 3 and x.shape[-3] == cos.shape[0] else 0
+
+
 def kv_fp8_quant(x: torch.Tensor, rope_head_dim: int) -> torch.Tensor:
     """FP8 fake-quant of the non-RoPE dims of KV rows (block 64); RoPE dims stay as they are."""
     nope = fake_quant_fp8(x[..., :-rope_head_dim], 64)
     return torch.cat([nope, x[..., -rope_head_dim:]], dim=-1)
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_on(n: int, device: str) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+        return hadamard_matrix(n, device=device)
+
+
+def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`hadamard_matrix(n)` on `device`, built once per size and device (read-only: callers must not modify it)."""
+    return _hadamard_on(n, str(device))
+
+
 def indexer_fp4_quant(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Hadamard rotation of the last dim, then FP4 fake-quant (block 32) (spec §2.5)."""
-    h = hadamard_matrix(x.shape[-1], device=x.device)
-    return fake_quant_fp4((x.float() @ h).to(x.dtype), 32)
+    return fake_quant_fp4((x.float() @ hadamard(x.shape[-1], x.device)).to(x.dtype), 32)
 
 
 def kv_rows(pool: torch.Tensor, rows: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:

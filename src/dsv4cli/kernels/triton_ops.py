@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsv4cli.kernels import ref, triton_attn, triton_gemm, triton_hc, triton_longctx, triton_quant
+from dsv4cli.kernels import ref, triton_attn, triton_gemm, triton_hc, triton_longctx, triton_quant, triton_rope
 
 
 def implementations() -> dict[str, Callable]:
@@ -28,6 +28,7 @@ def implementations() -> dict[str, Callable]:
         "indexer_fp4_quant": triton_quant.indexer_fp4_quant,
         "indexer_topk": triton_longctx.indexer_topk,
         "cached_attn": triton_longctx.cached_attn,
+        "rope": triton_rope.rope,
     }
 
 

@@ -284,5 +284,4 @@ def indexer_fp4_quant(x: torch.Tensor) -> torch.Tensor:
     """Registry op (twin of `ref.indexer_fp4_quant`): Hadamard rotation (torch) then Triton FP4 fake-quant."""
     if not runs_here(x):
         return ref.indexer_fp4_quant(x)
-    h = formats.hadamard_matrix(x.shape[-1], device=x.device)
-    return fake_quant_fp4((x.float() @ h).to(x.dtype), formats.FP4_BLOCK)
+    return fake_quant_fp4((x.float() @ ref.hadamard(x.shape[-1], x.device)).to(x.dtype), formats.FP4_BLOCK)

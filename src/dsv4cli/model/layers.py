@@ -135,18 +135,9 @@ class Rotary:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the last 2*len(cos) dims of x in interleaved pairs (x[2i], x[2i+1]).
-
-    cos/sin [..., rd/2] must broadcast against x's leading dims. `inverse` applies the
-    conjugate rotation (used to de-rotate the attention output, spec §2.3 step 6).
-    """
-    rd = 2 * cos.shape[-1]
-    if inverse:
-        sin = -sin
-    pairs = x[..., -rd:].float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).to(x.dtype)
-    return torch.cat([x[..., :-rd], rotated], dim=-1)
+    """Rotate the last 2*len(cos) dims of x in interleaved pairs (x[2i], x[2i+1]); `kernels.rope`, whose
+    reference twin `ref.rope` holds the maths (spec §2.6; `inverse`: the conjugate rotation of §2.3 step 6)."""
+    return kernels.rope(x, cos, sin, inverse)
 
 
 def softmax_scale(head_dim: int) -> float:
