@@ -422,7 +422,7 @@ def test_rope_matches_reference_bit_for_bit(lib, dtype):
         cos, sin = cos[:, :half].contiguous(), sin[:, :half].contiguous()
         for inverse in (False, True):
             want = ref.rope(x, cos[:, None], sin[:, None], inverse) if half else x
-            got = lib.rope(x, cos, sin, inverse)
+            got = lib.rope(x, cos, sin, h, inverse)
             assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))
 
 

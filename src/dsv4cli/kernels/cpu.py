@@ -421,13 +421,14 @@ class NativeKernels:
         _check(rc, "fp4 fake quant")
         return out
 
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-        """`ref.rope` of contiguous float32 / bf16 x [B, S, H, D] with contiguous float32 cos / sin [S, half]
-        (validated by the caller), same dtype."""
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, inverse: bool) -> torch.Tensor:
+        """`ref.rope` of contiguous float32 / bf16 x [..., S, heads, D] (or [..., S, D], heads 1) with contiguous
+        float32 cos / sin of S x half values (validated by the caller), same shape and dtype."""
         out = torch.empty_like(x)
-        b, s, h, d = x.shape
-        rc = self.lib.dsv4_rope(x.data_ptr(), b, s, h, d, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], int(inverse),
-                                int(x.dtype == torch.bfloat16), out.data_ptr())
+        seq, half, d = cos.shape[0], cos.shape[-1], x.shape[-1]
+        batch = x.numel() // max(1, seq * heads * d)
+        rc = self.lib.dsv4_rope(x.data_ptr(), batch, seq, heads, d, cos.data_ptr(), sin.data_ptr(), half,
+                                int(inverse), int(x.dtype == torch.bfloat16), out.data_ptr())
         _check(rc, "rope")
         return out
 
@@ -690,10 +691,7 @@ def _plan(weight: torch.Tensor, scale: torch.Tensor | None, k: int, groups: int)
 
 def _float_rows(x: torch.Tensor, groups: int, k: int) -> torch.Tensor:
     """x as the contiguous float32 [N, groups, k] the kernels take."""
-    x3 = x.reshape(-1, groups, k)
-    if x3.dtype != torch.float32:
-        return x3.float().contiguous()
-    return x3 if x3.is_contiguous() else x3.contiguous()
+    return _dense(_as_float(x.reshape(-1, groups, k)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -756,10 +754,16 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
             or scale.device.type != "cpu" or base.device.type != "cpu" or not 1 <= hc_mult <= 64 or iters < 0):
         return ref.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
     lead = mixes.shape[:-1]
-    rows = mixes.reshape(-1, width).to(torch.float32).contiguous()
-    pre, post, comb = load().hc_split_sinkhorn(rows, scale.to(torch.float32).contiguous(),
-                                               base.to(torch.float32).contiguous(), hc_mult, iters, eps)
+    rows = _dense(_as_float(mixes.reshape(-1, width)))
+    pre, post, comb = load().hc_split_sinkhorn(rows, _dense(_as_float(scale)), _dense(_as_float(base)), hc_mult,
+                                               iters, eps)
+    if len(lead) == 1:
+        return pre, post, comb
     return pre.view(*lead, hc_mult), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def kv_fp8_quant(x: torch.Tensor, rope_head_dim: int) -> torch.Tensor:
@@ -786,10 +790,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
     heads = ref.rope_heads(x, cos, sin) if _native_input(x) else 0
     if not heads:
         return ref.rope(x, cos, sin, inverse)
-    seq, half, d = cos.shape[0], cos.shape[-1], x.shape[-1]
-    rows = x.contiguous().view(-1, seq, heads, d)
-    out = load().rope(rows, cos.reshape(seq, half).contiguous(), sin.reshape(seq, half).contiguous(), inverse)
-    return out.view(x.shape)
+    return load().rope(_dense(x), _dense(cos), _dense(sin), heads, inverse)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 moe_experts_ref = ref.moe_experts  # the reference twin of `moe_experts`
