@@ -333,3 +333,19 @@ def test_native_cpu_kernels_give_the_reference_logits():
         kernels.reset()
     assert (native_fp32 - reference_fp32).abs().max().item() < 1e-5 * reference_fp32.abs().max().item()
     assert (native - reference).abs().max().item() < 1e-3 * reference.abs().max().item()
+
+
+def test_output_head_keeps_its_chunk_views_until_the_weight_changes(monkeypatch):
+    from dsv4cli.model import transformer
+
+    monkeypatch.setattr(transformer, "HEAD_CHUNK_ROWS", 16)
+    head = transformer.OutputHead(40, 8)
+    g = torch.Generator().manual_seed(2)
+    head.weight.data.copy_(torch.randn(40, 8, generator=g).bfloat16())
+    y = torch.randn(3, 8, generator=g).bfloat16()
+    first = head.chunks()
+    assert [c.shape[0] for c in first] == [16, 16, 8] and head.chunks() is first
+    torch.testing.assert_close(head(y), y.float() @ head.weight.float().T, rtol=1e-5, atol=1e-5)
+    head.weight = torch.nn.Parameter(torch.randn(40, 8, generator=g).bfloat16(), requires_grad=False)
+    assert head.chunks() is not first  # a new weight: new views, the logits follow it
+    torch.testing.assert_close(head(y), y.float() @ head.weight.float().T, rtol=1e-5, atol=1e-5)

@@ -50,11 +50,20 @@ class OutputHead(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.weight = _frozen(vocab_size, dim, dtype=torch.bfloat16)
+        self._chunks: tuple[tuple, list[torch.Tensor]] = ((), [])
+
+    def chunks(self) -> list[torch.Tensor]:
+        """The weight's row chunks, the same view objects while the weight's memory stays (so the kernels'
+        per-weight state carries over from step to step); rebuilt when the weight is replaced or moved."""
+        w = self.weight
+        key = (w.data_ptr(), tuple(w.shape), w.dtype, w.device)
+        if self._chunks[0] != key:
+            self._chunks = (key, [w[i:i + HEAD_CHUNK_ROWS] for i in range(0, w.shape[0], HEAD_CHUNK_ROWS)])
+        return self._chunks[1]
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        w, yf = self.weight, y.float()
-        return torch.cat([kernels.linear(yf, w[i:i + HEAD_CHUNK_ROWS]) for i in range(0, w.shape[0], HEAD_CHUNK_ROWS)],
-                         dim=-1)
+        yf = y.float()
+        return torch.cat([kernels.linear(yf, chunk) for chunk in self.chunks()], dim=-1)
 
 
 def collapse_streams(owner: nn.Module, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
