@@ -342,6 +342,24 @@ def test_hc_split_sinkhorn_falls_back_for_shapes_the_kernel_does_not_take(monkey
         cpu.hc_split_sinkhorn(wide, scale, base, 4, 20, 1e-6)
 
 
+# ------------------------------------------------------------------ linear plans
+
+
+@native
+def test_linear_plans_are_reused_and_follow_their_weight():
+    g = torch.Generator().manual_seed(14)
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    x = torch.randn(3, 64, generator=g)
+    first = cpu._plan(w, None, 64, 1)
+    assert first is not None and cpu._plan(w, None, 64, 1) is first
+    torch.testing.assert_close(cpu.linear(x, w), ref.linear(x, w), rtol=1e-5, atol=1e-5)
+    scale = torch.ones(48, 2)  # the same weight with a scale: a plan of its own, not the scale-less one
+    assert cpu._plan(w, scale, 64, 1) is not first
+    w.data = torch.randn(32, 64, generator=g).bfloat16()  # new memory and shape under the same tensor
+    torch.testing.assert_close(cpu.linear(x, w), ref.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert cpu.linear(x, w).shape == (3, 32)
+
+
 # ------------------------------------------------------------------ cache fake-quants
 
 

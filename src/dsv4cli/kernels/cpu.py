@@ -373,21 +373,26 @@ class NativeKernels:
         """float32 x [N, G, K] x FP8 weight [G*R, K] -> float32 [N, G, R]: group g uses rows
         g*R..(g+1)*R-1 (G = 1 is a plain linear). scale: UE8M0 bytes (uint8) or float32
         [ceil(G*R/128), ceil(K/128)]. Inputs already validated and contiguous."""
-        n, g, k = x.shape
-        r = weight.shape[0] // max(g, 1)
-        y = torch.empty(n, g, r, dtype=torch.float32)
-        rc = self.lib.dsv4_fp8_linear(x.data_ptr(), n, g, k, weight.data_ptr(), scale.data_ptr(),
-                                      int(scale.dtype == torch.float32), r, y.data_ptr(), int(act_quant), threads)
-        _check(rc, "fp8 linear")
-        return y
+        return self.dense_linear(x, weight.data_ptr(), weight.shape[0] // max(x.shape[1], 1), scale.data_ptr(),
+                                 scale.dtype == torch.float32, act_quant, threads)
 
     def bf16_linear(self, x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
         """float32 x [N, G, K] x bf16 weight [G*R, K] -> float32 [N, G, R] (grouped like `fp8_linear`)."""
+        return self.dense_linear(x, weight.data_ptr(), weight.shape[0] // max(x.shape[1], 1), None, False, False,
+                                 threads)
+
+    def dense_linear(self, x: torch.Tensor, weight_ptr: int, rows: int, scale_ptr: int | None, scale_f32: bool,
+                     act_quant: bool, threads: int) -> torch.Tensor:
+        """`fp8_linear` (scale_ptr given) or `bf16_linear` (None) by the weight's address and its rows per group:
+        the call the linear plans make, with everything about the weight worked out beforehand."""
         n, g, k = x.shape
-        r = weight.shape[0] // max(g, 1)
-        y = torch.empty(n, g, r, dtype=torch.float32)
-        rc = self.lib.dsv4_bf16_linear(x.data_ptr(), n, g, k, weight.data_ptr(), r, y.data_ptr(), threads)
-        _check(rc, "bf16 linear")
+        y = torch.empty(n, g, rows, dtype=torch.float32)
+        if scale_ptr is None:
+            rc = self.lib.dsv4_bf16_linear(x.data_ptr(), n, g, k, weight_ptr, rows, y.data_ptr(), threads)
+        else:
+            rc = self.lib.dsv4_fp8_linear(x.data_ptr(), n, g, k, weight_ptr, scale_ptr, int(scale_f32), rows,
+                                          y.data_ptr(), int(act_quant), threads)
+        _check(rc, "bf16 linear" if scale_ptr is None else "fp8 linear")
         return y
 
     def hc_split_sinkhorn(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
@@ -616,12 +621,14 @@ class _LinearPlan:
     run: Callable[..., torch.Tensor]  # (float32 x [N, G, K] contiguous, act_quant, weight) -> [N, G, R]
 
     def holds(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
-        return (self.weight() is weight and weight.data_ptr() == self.weight_ptr
-                and (self.scale() is scale if scale is not None else self.scale is None)
-                and (scale is None or scale.data_ptr() == self.scale_ptr))
+        if self.weight() is not weight or weight.data_ptr() != self.weight_ptr:
+            return False
+        if scale is None or self.scale is None:
+            return scale is None and self.scale is None
+        return self.scale() is scale and scale.data_ptr() == self.scale_ptr
 
 
-_plans: dict[tuple[int, int, int], _LinearPlan | None] = {}
+_plans: dict[tuple[int, int, int], _LinearPlan] = {}  # (id(weight), k, groups) -> plan
 
 
 def _make_plan(weight: torch.Tensor, scale: torch.Tensor | None, k: int, groups: int):
@@ -641,31 +648,20 @@ def _make_plan(weight: torch.Tensor, scale: torch.Tensor | None, k: int, groups:
         return lambda x, aq, weight: lib.lowbit_linear(x.view(-1, k), copy if copy is not None else weight, s, bits,
                                                        aq, threads()).view(x.shape[0], 1, -1)
     if fp8_operands_ok(weight, scale, k, groups):
-        return _dense_runner(lib, w.data_ptr(), weight.shape[0] // groups, copy, _fp8_scale(scale), groups, k)
+        return _dense_runner(lib, w.data_ptr(), weight.shape[0] // groups, copy, _fp8_scale(scale))
     if bf16_operands_ok(weight, k, groups):
-        return _dense_runner(lib, w.data_ptr(), weight.shape[0] // groups, copy, None, groups, k)
+        return _dense_runner(lib, w.data_ptr(), weight.shape[0] // groups, copy, None)
     return None
 
 
-def _dense_runner(lib: NativeKernels, w_ptr: int, r: int, copy: torch.Tensor | None, scale: torch.Tensor | None,
-                  groups: int, k: int):
-    """`NativeKernels.fp8_linear` (scale given) / `bf16_linear` with the weight's pointer and sizes bound
-    (`copy`: the contiguous copy `w_ptr` points into, kept alive here)."""
-    if scale is None:
-        call = lib.lib.dsv4_bf16_linear
-
-        def run(x: torch.Tensor, act_quant: bool, weight: torch.Tensor, copy=copy) -> torch.Tensor:
-            y = torch.empty(x.shape[0], groups, r, dtype=torch.float32)
-            _check(call(x.data_ptr(), x.shape[0], groups, k, w_ptr, r, y.data_ptr(), threads()), "bf16 linear")
-            return y
-        return run
-    call, s_ptr, s_f32 = lib.lib.dsv4_fp8_linear, scale.data_ptr(), int(scale.dtype == torch.float32)
+def _dense_runner(lib: NativeKernels, w_ptr: int, r: int, copy: torch.Tensor | None, scale: torch.Tensor | None):
+    """`NativeKernels.dense_linear` with the weight's pointer, rows and scales bound (`copy`: the contiguous copy
+    `w_ptr` points into, and `scale`, kept alive here)."""
+    s_ptr = None if scale is None else scale.data_ptr()
+    s_f32 = scale is not None and scale.dtype == torch.float32
 
     def run(x: torch.Tensor, act_quant: bool, weight: torch.Tensor, keep=(copy, scale)) -> torch.Tensor:
-        y = torch.empty(x.shape[0], groups, r, dtype=torch.float32)
-        _check(call(x.data_ptr(), x.shape[0], groups, k, w_ptr, s_ptr, s_f32, r, y.data_ptr(), int(act_quant),
-                    threads()), "fp8 linear")
-        return y
+        return lib.dense_linear(x, w_ptr, r, s_ptr, s_f32, act_quant, threads())
     return run
 
 
