@@ -10,19 +10,6 @@
 
 namespace {
 
-inline float value_at(const void* p, int64_t i, bool bf16) {
-    if (bf16) return u2f(static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16);
-    return static_cast<const float*>(p)[i];
-}
-
-inline void store_at(void* p, int64_t i, float v, bool bf16) {
-    if (bf16) {
-        static_cast<uint16_t*>(p)[i] = bf16_bits(v);
-    } else {
-        static_cast<float*>(p)[i] = v;
-    }
-}
-
 // formats.pow2_scale(amax, 6, floor=6 * 2^-126): 2^ceil(log2(max(amax, floor) / 6)), at least 2^-127.
 inline float fp4_block_scale(float amax) {
     const float floor = 6.0f * 0x1p-126f;

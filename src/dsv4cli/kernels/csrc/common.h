@@ -71,6 +71,20 @@ inline uint16_t bf16_bits(float f) {
 }
 inline float bf16_round(float f) { return u2f(static_cast<uint32_t>(bf16_bits(f)) << 16); }
 
+// Element i of a float32 or bf16 array (`bf16` says which), as float; and storing one (bf16: rounded to nearest even).
+inline float value_at(const void* p, int64_t i, bool bf16) {
+    if (bf16) return u2f(static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16);
+    return static_cast<const float*>(p)[i];
+}
+
+inline void store_at(void* p, int64_t i, float v, bool bf16) {
+    if (bf16) {
+        static_cast<uint16_t*>(p)[i] = bf16_bits(v);
+    } else {
+        static_cast<float*>(p)[i] = v;
+    }
+}
+
 #if DSV4_PATH_BF16
 // The prepared activations of the bf16 paths: 128 floats, each as `parts` bf16 words whose sum
 // approximates it ever closer (each part rounds what the earlier ones left; 3 parts are exact).

@@ -14,19 +14,6 @@ inline float product(float a, float b) {
     return p;
 }
 
-inline float value_at(const void* p, int64_t i, bool bf16) {
-    if (bf16) return u2f(static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16);
-    return static_cast<const float*>(p)[i];
-}
-
-inline void store_at(void* p, int64_t i, float v, bool bf16) {
-    if (bf16) {
-        static_cast<uint16_t*>(p)[i] = bf16_bits(v);
-    } else {
-        static_cast<float*>(p)[i] = v;
-    }
-}
-
 }  // namespace
 
 extern "C" {
@@ -36,20 +23,15 @@ extern "C" {
 int dsv4_rope(const void* x, int64_t batch, int64_t seq, int64_t heads, int64_t d, const float* cos,
               const float* sin, int64_t half, int inverse, int bf16, void* out) {
     if (batch < 0 || seq < 0 || heads < 0 || half < 0 || 2 * half > d) return -1;
-    const int64_t nope = d - 2 * half;
+    const int64_t nope = d - 2 * half, esz = bf16 ? 2 : 4;
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t s = 0; s < seq; ++s) {
             const float* c = cos + s * half;
             const float* sn = sin + s * half;
             for (int64_t h = 0; h < heads; ++h) {
                 const int64_t row = ((b * seq + s) * heads + h) * d;
-                if (bf16) {
-                    std::memcpy(static_cast<uint16_t*>(out) + row, static_cast<const uint16_t*>(x) + row,
-                                static_cast<size_t>(nope) * 2);
-                } else {
-                    std::memcpy(static_cast<float*>(out) + row, static_cast<const float*>(x) + row,
-                                static_cast<size_t>(nope) * 4);
-                }
+                std::memcpy(static_cast<char*>(out) + row * esz, static_cast<const char*>(x) + row * esz,
+                            static_cast<size_t>(nope * esz));
                 for (int64_t i = 0; i < half; ++i) {
                     const float a = value_at(x, row + nope + 2 * i, bf16);
                     const float v = value_at(x, row + nope + 2 * i + 1, bf16);
