@@ -46,11 +46,11 @@ inline void chunk_dot_scaled(const __m512bh (&v)[R][4], const __m512 (&sc)[R], c
     }
 }
 
-// y[t][yoff + r] = the sum of acc[r][t]'s lanes.
+// y[t][yoff + r * ys] = the sum of acc[r][t]'s lanes.
 template <int R, int TB>
-inline void store_sums(const __m512 (&acc)[R][TB], float* const* y, int64_t yoff) {
+inline void store_sums(const __m512 (&acc)[R][TB], float* const* y, int64_t yoff, int64_t ys = 1) {
     for (int t = 0; t < TB; ++t)
-        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int r = 0; r < R; ++r) y[t][yoff + r * ys] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
 // The loop of a decode-on-the-fly GEMV tile: R rows x TB tokens over K inputs, `chunk` inputs at a time.
@@ -59,11 +59,12 @@ inline void store_sums(const __m512 (&acc)[R][TB], float* const* y, int64_t yoff
 // std::false_type for the K tail (masked loads). The whole chunks have a loop of their own: with the
 // tail test inside it, every chunk computed the tail's masks. Activations that are exactly bf16
 // (parts == 1, the usual case) get a copy of the loop with the loop over copies unrolled away.
-// (One token on Sapphire Rapids, FP4: +10% streaming from DRAM, +17% from L2.)
+// (One token on Sapphire Rapids, FP4: +10% streaming from DRAM, +17% from L2.) Row r's sums go to
+// y[t][yoff + r * ys].
 template <int R, int TB, class Decode>
 DSV4_ALWAYS_INLINE inline void gemv_tile_loop(int64_t K, int64_t chunk, int64_t Kp, int parts,
                                               const uint16_t* const* xs, float* const* y, int64_t yoff,
-                                              Decode&& decode) {
+                                              Decode&& decode, int64_t ys = 1) {
     const auto run = [&](auto copies) DSV4_ALWAYS_INLINE {
         constexpr int kCopies = decltype(copies)::value;
         __m512 acc[R][TB];
@@ -80,7 +81,7 @@ DSV4_ALWAYS_INLINE inline void gemv_tile_loop(int64_t K, int64_t chunk, int64_t 
             decode(nfull, std::false_type{}, v, sc);
             chunk_dot_scaled<R, TB, kCopies>(v, sc, xs, nfull * chunk, Kp, parts, acc);
         }
-        store_sums<R, TB>(acc, y, yoff);
+        store_sums<R, TB>(acc, y, yoff, ys);
     };
     if (parts == 1) {
         run(std::integral_constant<int, 1>{});

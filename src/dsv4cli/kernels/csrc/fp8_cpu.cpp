@@ -170,7 +170,7 @@ inline __mmask32 word_mask(int64_t n) {
 // bf16 weights: 256 bytes (128 inputs) per row and chunk, accumulated straight into acc.
 template <int R, int TB>
 inline void tile_bf16(const uint8_t* w, int64_t K, int64_t Kp, int parts, const XT* const* xs, float* const* y,
-                      int64_t yoff) {
+                      int64_t yoff, int64_t rs) {
     __m512 acc[R][TB];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -178,8 +178,8 @@ inline void tile_bf16(const uint8_t* w, int64_t K, int64_t Kp, int parts, const 
     for (int64_t c = 0; c < nchunks; ++c) {
         __m512bh v[R][4];
         for (int r = 0; r < R; ++r) {
-            const uint16_t* row = reinterpret_cast<const uint16_t*>(w) + r * K + kBlk * c;
-            const uint16_t* ahead = row + static_cast<int64_t>(kPfTiles) * R * K;
+            const uint16_t* row = reinterpret_cast<const uint16_t*>(w) + r * rs * K + kBlk * c;
+            const uint16_t* ahead = row + static_cast<int64_t>(kPfTiles) * (rs == 1 ? R : 1) * K;
             for (int i = 0; i < 4; ++i) prefetch_l2(ahead + 32 * i);
             if (c < nfull) {
                 for (int i = 0; i < 4; ++i) v[r][i] = (__m512bh)_mm512_loadu_si512(row + 32 * i);
@@ -199,19 +199,20 @@ inline void tile_bf16(const uint8_t* w, int64_t K, int64_t Kp, int parts, const 
             }
     }
     for (int t = 0; t < TB; ++t)
-        for (int r = 0; r < R; ++r) y[t][yoff + r] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int r = 0; r < R; ++r) y[t][yoff + r * rs] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+// The tile's R rows are `rs` rows apart (rs = 1: adjacent), and so are their outputs.
 template <int R, int TB>
 inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp, int parts, const XT* const* xs,
-                 float* const* y, int64_t yoff) {
-    if (sr == nullptr) return tile_bf16<R, TB>(w, K, Kp, parts, xs, y, yoff);
+                 float* const* y, int64_t yoff, int64_t rs = 1) {
+    if (sr == nullptr) return tile_bf16<R, TB>(w, K, Kp, parts, xs, y, yoff, rs);
     const Decoder dec;
     gemv_tile_loop<R, TB>(K, kBlk, Kp, parts, xs, y, yoff, [&](int64_t c, auto full, __m512bh (&v)[R][4],
                                                                 __m512 (&sc)[R]) DSV4_ALWAYS_INLINE {
         for (int r = 0; r < R; ++r) {
-            const uint8_t* row = w + r * K + kBlk * c;
-            const uint8_t* ahead = row + static_cast<int64_t>(kPfTiles) * R * K;
+            const uint8_t* row = w + r * rs * K + kBlk * c;
+            const uint8_t* ahead = row + static_cast<int64_t>(kPfTiles) * (rs == 1 ? R : 1) * K;
             prefetch_l2(ahead);
             prefetch_l2(ahead + 64);
             __m512i b0, b1;
@@ -227,7 +228,7 @@ inline void tile(const uint8_t* w, const float* const* sr, int64_t K, int64_t Kp
             dec(b1, v[r][2], v[r][3]);
             sc[r] = _mm512_set1_ps(sr[r][c]);
         }
-    });
+    }, rs);
 }
 
 // ---- small-batch GEMM (prefill): many tokens against the same rows (bf16_tiles.h). For
@@ -529,6 +530,22 @@ void rows_r(const uint8_t* W, const float* sf, int64_t SK, int64_t K, int64_t r,
 void fp8_rows(const uint8_t* W, const float* sf, int64_t SK, int64_t K, int64_t r0, int64_t r1, int parts,
               const XT* const* xs, int T, float* const* y) {
     int64_t r = r0;
+#if DSV4_PATH_BF16
+    // One token against rows under 4 KB (FP8 wq_b: 1 KB): 4 adjacent rows are one stream of memory,
+    // and one core reads 4 streams ~1.4x faster than one (benchmarks/read_streams.cpp), so a tile
+    // takes its 4 rows from the 4 quarters of the range. Each row's sum is the same as before.
+    const int64_t row_bytes = K * (sf ? 1 : 2);
+    if (T == 1 && row_bytes < 4096 && (r1 - r0) % 16 == 0) {
+        const int64_t q = (r1 - r0) / 4;
+        for (int64_t i = 0; i < q; ++i) {
+            const int64_t ri = r0 + i;
+            const float* srb[4];
+            for (int k = 0; k < 4; ++k) srb[k] = sf ? sf + ((ri + k * q) / kBlk) * SK : nullptr;
+            tile<4, 1>(W + ri * row_bytes, sf ? srb : nullptr, K, padded8(K), parts, xs, y, i, q);
+        }
+        return;
+    }
+#endif
     if (T == 1) {
         for (; r + 4 <= r1; r += 4) rows_r<4>(W, sf, SK, K, r, parts, xs, T, y, r - r0);
     } else {
