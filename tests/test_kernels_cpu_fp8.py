@@ -53,9 +53,10 @@ def kernel_linear(lib: cpu.NativeKernels, x: torch.Tensor, w: torch.Tensor, s: t
 #: (N, in, out): non-multiples of 128 in both dims, N = 1..40 (tiles of 4, 2 and 1 tokens and
 #: rows; from FP8_GEMM_MIN tokens the panel GEMM: on AMX, panels of 32 rows and one of 12 against token
 #: blocks of 16 + 16 + 8, and one of 16 rows against 16 + 5); (1, 4096, 1031) is big enough
-#: (> 1 MB of weights) to run on several threads
+#: (> 1 MB of weights) to run on several threads; (1, 1024, 4096): one token against rows under 4 KB, whose
+#: 256-row work items take each tile's 4 rows a quarter apart, from two 128-row scale blocks
 LINEAR_SHAPES = [(1, 256, 64), (2, 200, 130), (3, 77, 5), (5, 1000, 257), (7, 129, 300), (33, 384, 33),
-                 (1, 4096, 1031), (17, 64, 1), (40, 200, 300), (21, 129, 16)]
+                 (1, 4096, 1031), (17, 64, 1), (40, 200, 300), (21, 129, 16), (1, 1024, 4096)]
 
 
 @native
