@@ -507,6 +507,15 @@ int parts8(const float* x, int64_t n) {
     return 1;
 }
 
+// The block-scale rows (of sf: float scales [ceil(rows/128), SK]) of weight rows r, r + rs, ...,
+// r + (R-1) rs, written to out; nullptr for bf16 weights (sf == nullptr).
+template <int R>
+inline const float* const* row_scales(const float* sf, int64_t SK, int64_t r, int64_t rs, const float* (&out)[R]) {
+    if (sf == nullptr) return nullptr;
+    for (int i = 0; i < R; ++i) out[i] = sf + ((r + i * rs) / kBlk) * SK;
+    return out;
+}
+
 // Rows [r0, r1) (absolute weight rows) against T tokens: y[t][r - r0]. sf: float scales
 // [ceil(rows/128), SK] of FP8 weights; nullptr for bf16 weights.
 template <int R>
@@ -514,8 +523,7 @@ void rows_r(const uint8_t* W, const float* sf, int64_t SK, int64_t K, int64_t r,
             int T, float* const* y, int64_t yoff) {
     const uint8_t* w = W + r * K * (sf ? 1 : 2);
     const float* srb[R];
-    for (int i = 0; i < R; ++i) srb[i] = sf ? sf + ((r + i) / kBlk) * SK : nullptr;
-    const float* const* sr = sf ? srb : nullptr;
+    const float* const* sr = row_scales<R>(sf, SK, r, 1, srb);
     const int64_t Kp = padded8(K);
     int t = 0;
     for (; t + 4 <= T; t += 4) tile<R, 4>(w, sr, K, Kp, parts, xs + t, y + t, yoff);
@@ -538,10 +546,9 @@ void fp8_rows(const uint8_t* W, const float* sf, int64_t SK, int64_t K, int64_t 
     if (T == 1 && row_bytes < 4096 && (r1 - r0) % 16 == 0) {
         const int64_t q = (r1 - r0) / 4;
         for (int64_t i = 0; i < q; ++i) {
-            const int64_t ri = r0 + i;
             const float* srb[4];
-            for (int k = 0; k < 4; ++k) srb[k] = sf ? sf + ((ri + k * q) / kBlk) * SK : nullptr;
-            tile<4, 1>(W + ri * row_bytes, sf ? srb : nullptr, K, padded8(K), parts, xs, y, i, q);
+            tile<4, 1>(W + (r0 + i) * row_bytes, row_scales<4>(sf, SK, r0 + i, q, srb), K, padded8(K), parts, xs, y,
+                       i, q);
         }
         return;
     }
